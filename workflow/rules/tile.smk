@@ -1,0 +1,30 @@
+"""Stage 1: tissue detection and tiling into results/<cohort>/tiles/{slide}.zarr."""
+
+
+rule tile:
+    input:
+        slide_path,
+    output:
+        tiles=directory(f"{RESULTS}/tiles/{{slide}}.zarr"),
+        qc=report(
+            f"{RESULTS}/qc/{{slide}}.png",
+            caption="../report/tile_qc.rst",
+            category="1. Tiling",
+            labels={"slide": "{slide}"},
+        ),
+    params:
+        settings=cli_args({k: v for k, v in config["tiling"].items() if k != "threads"}),
+        mpp=slide_mpp_arg,
+    log:
+        f"{LOGS}/tile/{{slide}}.log",
+    benchmark:
+        f"{BENCH}/tile/{{slide}}.tsv"
+    threads: config["tiling"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "dirl tile {input:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
+        "--qc {output.qc:q} --threads {threads} {params.settings} > {log:q} 2>&1"
