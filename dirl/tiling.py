@@ -172,6 +172,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tissue", type=float, default=d.min_tissue)
     p.add_argument("--codec", choices=["zstd", "jpeg"], default=d.codec)
     p.add_argument("--quality", type=int, default=d.quality)
+    p.add_argument("--on-error", choices=["fail", "empty"], default="fail",
+                   help="empty: a slide that cannot be read gets an empty store marked `failed` (and "
+                        "the error in its QC image), so cohort-level stages go on without it")
     for name, value in asdict(t).items():
         flag = "--tissue-" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -187,5 +190,33 @@ def main(args: argparse.Namespace) -> None:
     s = TileSettings(args.mpp, args.tile_px, args.overlap, args.min_tissue, args.codec, args.quality, tissue)
     if not 0 <= s.overlap < 1:
         raise ConfigError(f"tiling.overlap must be in [0, 1), got {s.overlap}")
-    with Slide.open(args.slide, args.slide_id, args.slide_mpp) as slide:
-        tile_slide(slide, args.out, s, threads=args.threads, qc_png=args.qc)
+    from dirl.errors import SlideError
+
+    try:
+        with Slide.open(args.slide, args.slide_id, args.slide_mpp) as slide:
+            tile_slide(slide, args.out, s, threads=args.threads, qc_png=args.qc)
+    except SlideError as e:
+        if args.on_error == "fail":
+            raise
+        log.error("%s -- writing an empty store marked failed (allow_failed_slides)", e)
+        write_failed(args.out, args.qc, args.slide_id or Path(args.slide).stem, str(args.slide), s, str(e))
+
+
+def write_failed(out: str | Path, qc_png: str | Path | None, slide_id: str, source: str, s: TileSettings,
+                 error: str) -> None:
+    """An empty tile store that records why the slide failed; downstream stages see N = 0."""
+    from PIL import Image, ImageDraw
+
+    from dirl import store
+
+    attrs = {"slide_id": slide_id, "source": source, "mpp": s.mpp, "slide_mpp": None, "tile_px": s.tile_px,
+             "tile_px_level0": None, "read_level": None, "level0_width": None, "level0_height": None,
+             "failed": error}
+    with store.tile_store_writer(out, coords=np.zeros((0, 2)), tissue=np.zeros(0), tile_px=s.tile_px,
+                                 attrs=attrs, codec=s.codec, quality=s.quality):
+        pass
+    if qc_png:
+        img = Image.new("RGB", (640, 80), "white")
+        ImageDraw.Draw(img).multiline_text((4, 4), f"FAILED: {slide_id}\n{error[:300]}", fill="red")
+        with store.atomic_path(qc_png) as tmp:
+            img.save(tmp, format="PNG")

