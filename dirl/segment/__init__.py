@@ -1,0 +1,11 @@
+"""Nuclei segmentation, cell classes and per-pixel prior maps (issue #3).
+
+- `base`: the backend interface and registry (`watershed`, `cellpose`, or "package.module:Class").
+- `watershed`: classical CPU segmenter; `cellpose_backend`: Cellpose 4, batched and pipelined on GPU.
+- `features`: stain optical densities and the per-nucleus table.
+- `run`: `dirl segment` (tiles store -> cells store).
+- `phenotype`: `dirl phenotype` (cells stores -> cohort cell classes, model.json + gallery).
+- `priors`: `dirl priors` (tiles + cells + model.json -> priors store + overlay).
+
+Nothing heavy is imported here: `dirl segment --backend watershed` never loads torch.
+"""

@@ -1,0 +1,223 @@
+"""Stain optical densities and the per-nucleus table of `cells/{slide}.zarr`.
+
+The table is the group `cells` inside the cells store, one 1-D array per column (readable with zarr
+alone, no pandas), one row per nucleus, rows sorted by (tile, label):
+
+| column | dtype | meaning |
+| --- | --- | --- |
+| `tile` | int64 | row of the nucleus's tile in `tiles/{slide}.zarr` (and in `labels`) |
+| `label` | uint32 | its instance id in `labels[tile]` (1..n within the tile) |
+| `x`, `y` | float64 | centroid, level-0 px (tile pixel i is centred at coord + (i + 0.5) * scale) |
+| `cx`, `cy` | float32 | centroid in tile pixels (column, row) |
+| `area_um2` | float32 | area, µm² |
+| `perimeter_um` | float32 | perimeter, µm (pixel-centre contour + π px, i.e. the pixel boundary of a convex blob) |
+| `major_um`, `minor_um` | float32 | axis lengths of the ellipse with the same second moments, µm |
+| `eccentricity` | float32 | of that ellipse: 0 round, → 1 elongated |
+| `solidity` | float32 | area / convex hull area (pixel-corner hull) |
+| `circularity` | float32 | 4π area / perimeter², 1 for a disc |
+| `h_od`, `e_od` | float32 | mean hematoxylin / eosin optical density in the nucleus (Ruifrok-Johnston unmixing) |
+| `h_od_std` | float32 | standard deviation of hematoxylin OD inside the nucleus (chromatin texture) |
+| `h_od_ring` | float32 | mean hematoxylin OD in a ring ~1.5 µm wide just outside the nucleus (context) |
+| `border` | uint8 | 1 if the nucleus touches the tile edge (its shape is truncated) |
+
+`dirl.segment.phenotype` reads these columns; a new backend only produces label images, never rows.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Ruifrok & Johnston (2001) H&E optical-density vectors (as in scikit-image / QuPath's "H&E default").
+_H = np.array([0.650, 0.704, 0.286])
+_E = np.array([0.072, 0.990, 0.105])
+
+
+def _stain_matrix() -> np.ndarray:
+    h, e = _H / np.linalg.norm(_H), _E / np.linalg.norm(_E)
+    r = np.cross(h, e)
+    r /= np.linalg.norm(r)
+    return np.linalg.inv(np.stack([h, e, r])).astype(np.float32)  # OD (.., 3) @ inv -> (h, e, residual)
+
+
+_UNMIX = _stain_matrix()
+_OD_LUT = (-np.log10(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)).astype(np.float32)
+
+COLUMNS: dict[str, str] = {
+    "tile": "int64", "label": "uint32", "x": "float64", "y": "float64", "cx": "float32", "cy": "float32",
+    "area_um2": "float32", "perimeter_um": "float32", "major_um": "float32", "minor_um": "float32",
+    "eccentricity": "float32", "solidity": "float32", "circularity": "float32", "h_od": "float32",
+    "e_od": "float32", "h_od_std": "float32", "h_od_ring": "float32", "border": "uint8",
+}
+TABLE = "cells"
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Per-channel optical density -log10(I / 255) of an RGB uint8 image, float32 (.., 3)."""
+    return _OD_LUT[rgb]
+
+
+def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hematoxylin and eosin optical density maps (float32, clipped at 0) of an RGB uint8 image."""
+    od = optical_density(rgb)
+    he = od.reshape(-1, 3) @ _UNMIX[:, :2]
+    he = np.maximum(he, 0, out=he).reshape(*rgb.shape[:-1], 2)
+    return np.ascontiguousarray(he[..., 0]), np.ascontiguousarray(he[..., 1])
+
+
+def empty_columns() -> dict[str, np.ndarray]:
+    return {k: np.zeros(0, dtype=v) for k, v in COLUMNS.items()}
+
+
+def tile_features(image: np.ndarray, labels: np.ndarray, mpp: float, *, tile: int = 0,
+                  origin: tuple[float, float] = (0.0, 0.0), scale: float = 1.0,
+                  od: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Table rows of the nuclei in one tile.
+
+    labels: (T, T) instance ids 1..n (0 background), as written by `base.Backend.finish`.
+    origin: level-0 (x, y) of the tile's top-left corner; scale: level-0 px per tile px.
+    """
+    import cv2
+    from scipy import ndimage
+
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return empty_columns()
+    h, e = od if od is not None else stain_od(image)
+    lab = labels.astype(np.int32, copy=False)
+    fgi = np.flatnonzero(lab)              # nuclei cover a small part of a tile: work on those pixels
+    ids = lab.ravel()[fgi]
+    rows = (fgi // lab.shape[1]).astype(np.float64)
+    cols = (fgi % lab.shape[1]).astype(np.float64)
+    cnt = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
+    safe = np.maximum(cnt, 1)
+
+    def mean(v: np.ndarray) -> np.ndarray:
+        return np.bincount(ids, weights=v, minlength=n + 1)[1:] / safe
+
+    hv, ev = h.ravel()[fgi].astype(np.float64), e.ravel()[fgi].astype(np.float64)
+    cy, cx = mean(rows), mean(cols)
+    # central second moments -> equivalent ellipse (as skimage.measure.regionprops; the variance of
+    # a unit square is added so one-pixel-wide objects are not degenerate)
+    myy = mean(rows * rows) - cy ** 2 + 1 / 12
+    mxx = mean(cols * cols) - cx ** 2 + 1 / 12
+    mxy = mean(rows * cols) - cx * cy
+    tr, det = mxx + myy, mxx * myy - mxy ** 2
+    disc = np.sqrt(np.maximum(tr ** 2 / 4 - det, 0))
+    l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 0)
+    ecc = np.sqrt(np.clip(1 - l2 / np.maximum(l1, 1e-12), 0, 1))
+    h_mean, e_mean = mean(hv), mean(ev)
+    h_std = np.sqrt(np.maximum(mean(hv * hv) - h_mean ** 2, 0))
+
+    # ring of ~1.5 µm just outside each nucleus, outside every nucleus (where two rings meet, the
+    # higher id wins: this is context, not geometry)
+    ring_px = max(1, round(1.5 / mpp))
+    grown = cv2.dilate(lab.astype(np.float32), cv2.getStructuringElement(
+        cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1)))
+    ri = np.flatnonzero((lab == 0) & (grown > 0))
+    rid = grown.ravel()[ri].astype(np.int64)
+    rcnt = np.bincount(rid, minlength=n + 1)[1:]
+    h_ring = np.bincount(rid, weights=h.ravel()[ri], minlength=n + 1)[1:] / np.maximum(rcnt, 1)
+    h_ring = np.where(rcnt > 0, h_ring, h_mean)
+
+    perim = np.zeros(n)
+    hull = np.zeros(n)
+    border = np.zeros(n, dtype=np.uint8)
+    T0, T1 = lab.shape
+    for i, sl in enumerate(ndimage.find_objects(lab)):
+        if sl is None:
+            continue
+        m = (lab[sl] == i + 1).astype(np.uint8)
+        border[i] = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == T0 or sl[1].stop == T1
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        pts = np.concatenate(contours)
+        perim[i] = sum(cv2.arcLength(c, True) for c in contours)
+        hp = cv2.convexHull(pts)
+        hull[i] = cv2.contourArea(hp) + cv2.arcLength(hp, True) / 2 + 1  # hull of pixel corners
+    perim = perim + np.pi  # pixel-centre contour -> pixel boundary
+    present = cnt > 0
+    a_um2 = cnt * mpp * mpp
+    out = {
+        "tile": np.full(n, tile, dtype=np.int64),
+        "label": np.arange(1, n + 1, dtype=np.uint32),
+        "x": origin[0] + (cx + 0.5) * scale,
+        "y": origin[1] + (cy + 0.5) * scale,
+        "cx": cx, "cy": cy,
+        "area_um2": a_um2,
+        "perimeter_um": perim * mpp,
+        "major_um": 4 * np.sqrt(l1) * mpp,
+        "minor_um": 4 * np.sqrt(l2) * mpp,
+        "eccentricity": ecc,
+        "solidity": np.clip(cnt / np.maximum(hull, 1), 0, 1),
+        "circularity": np.clip(4 * np.pi * cnt / np.maximum(perim, 1e-6) ** 2, 0, 1),
+        "h_od": h_mean, "e_od": e_mean, "h_od_std": h_std, "h_od_ring": h_ring,
+        "border": border,
+    }
+    out = {k: np.asarray(v, dtype=COLUMNS[k]) for k, v in out.items()}
+    if not present.all():  # labels were not consecutive: drop the ids that have no pixels
+        out = {k: v[present] for k, v in out.items()}
+    return out
+
+
+def concat(parts: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not parts:
+        return empty_columns()
+    return {k: np.concatenate([p[k] for p in parts]).astype(COLUMNS[k], copy=False) for k in COLUMNS}
+
+
+# --------------------------------------------------------------------------------------------------
+# the table inside a cells store
+class TableWriter:
+    """Append rows to the column arrays of the `cells` group, block by block."""
+
+    CHUNK = 65536
+
+    def __init__(self, root: Any, attrs: Mapping[str, Any] | None = None):
+        self.group = root.create_group(TABLE)
+        self.arrays = {k: self.group.create_array(k, shape=(0,), dtype=v, chunks=(self.CHUNK,))
+                       for k, v in COLUMNS.items()}
+        self.n = 0
+        self.group.attrs.update({"columns": list(COLUMNS), **(attrs or {})})
+
+    def append(self, cols: Mapping[str, np.ndarray]) -> None:
+        m = len(cols["tile"])
+        if m == 0:
+            return
+        for k, a in self.arrays.items():
+            a.resize((self.n + m,))
+            a[self.n:] = np.asarray(cols[k], dtype=COLUMNS[k])
+        self.n += m
+
+    def close(self) -> None:
+        self.group.attrs["n"] = self.n
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Columns of the nuclei table of a cells store (all by default)."""
+    import zarr
+
+    from dirl.errors import StoreError
+
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"cells store {path} does not exist: run `dirl segment` first")
+    g = zarr.open_group(str(path), mode="r")
+    if TABLE not in g:
+        raise StoreError(f"cells store {path} has no {TABLE!r} table; delete it and rerun `dirl segment`")
+    t = g[TABLE]
+    want = list(COLUMNS) if columns is None else columns
+    missing = [c for c in want if c not in t]
+    if missing:
+        raise StoreError(f"cells store {path} lacks columns {missing} (written by an older dirl?); "
+                         "rerun `dirl segment`")
+    return {c: np.asarray(t[c][:]) for c in want}
+
+
+def table_length(path: str | os.PathLike) -> int:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    return int(g[TABLE]["tile"].shape[0])

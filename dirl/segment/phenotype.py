@@ -1,0 +1,293 @@
+"""`dirl phenotype`: cohort-level cell classes from the nuclei of all slides.
+
+The paper typed nuclei with HoVer-Net's five PanNuke classes; without a typed segmenter, unsupervised
+classes stand in for them. K-means (`k` classes, fixed `n_init`, `random_state=seed`) on standardised
+morphology and stain features of a bounded random sample of nuclei (`sample`, drawn uniformly over all
+nuclei of all slides with `seed`; nuclei cut by a tile edge are left out of the fit because their shape
+is truncated). Classes are ordered by mean area, so class 0 is the smallest nuclei; the prior value of
+class c is c + 2 (0 background, 1 non-nuclear tissue).
+
+model.json holds everything needed to classify any nucleus later (feature names and transforms, mean,
+std, centroids in standardised space) and, to make the classes interpretable, per-class summaries and
+an automatic description. The gallery PNG shows example nuclei of each class with the class means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dirl.errors import DirlError
+from dirl.segment import features
+
+log = logging.getLogger(__name__)
+
+# (name in model.json, table column, transform)
+FEATURES: tuple[tuple[str, str, str], ...] = (
+    ("log_area_um2", "area_um2", "log"),
+    ("eccentricity", "eccentricity", "identity"),
+    ("solidity", "solidity", "identity"),
+    ("h_od", "h_od", "identity"),
+    ("e_od", "e_od", "identity"),
+    ("h_od_std", "h_od_std", "identity"),
+)
+SUMMARY = ("area_um2", "major_um", "minor_um", "eccentricity", "solidity", "circularity", "h_od", "e_od",
+           "h_od_std", "h_od_ring")
+VERSION = 1
+
+
+def feature_matrix(table: dict[str, np.ndarray], spec: list[list[str]] | tuple = FEATURES) -> np.ndarray:
+    cols = []
+    for _, col, tr in spec:
+        v = np.asarray(table[col], dtype=np.float64)
+        if tr == "log":
+            v = np.log(np.maximum(v, 1e-6))
+        elif tr != "identity":
+            raise DirlError(f"unknown feature transform {tr!r} in the phenotype model")
+        cols.append(v)
+    return np.stack(cols, 1) if cols else np.zeros((0, 0))
+
+
+@dataclass
+class PhenotypeModel:
+    k: int
+    spec: list[list[str]]
+    mean: np.ndarray
+    std: np.ndarray
+    centroids: np.ndarray   # (k, F) in standardised units
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PhenotypeModel:
+        path = Path(path)
+        if not path.exists():
+            raise DirlError(f"phenotype model {path} does not exist: run `dirl phenotype` first")
+        try:
+            d = json.loads(path.read_text())
+            return cls(int(d["k"]), [list(f) for f in d["features"]], np.asarray(d["mean"], float),
+                       np.asarray(d["std"], float), np.asarray(d["centroids"], float), d)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DirlError(f"phenotype model {path} is not a dirl model.json ({e}); rerun `dirl phenotype`") from e
+
+    def standardise(self, table: dict[str, np.ndarray]) -> np.ndarray:
+        return (feature_matrix(table, self.spec) - self.mean) / self.std
+
+    def predict(self, table: dict[str, np.ndarray]) -> np.ndarray:
+        """Class 0..k-1 of every row (nearest centroid in standardised space)."""
+        z = self.standardise(table)
+        if len(z) == 0:
+            return np.zeros(0, dtype=np.int64)
+        d = ((z[:, None, :] - self.centroids[None]) ** 2).sum(-1)
+        return d.argmin(1)
+
+
+def _describe(means: dict[str, float], all_means: dict[str, float], all_sd: dict[str, float]) -> str:
+    """Words for a class from where its means sit relative to the whole sample (±0.5 sd)."""
+    def z(k: str) -> float:
+        return (means[k] - all_means[k]) / max(all_sd[k], 1e-9)
+
+    size = "small" if z("area_um2") < -0.5 else "large" if z("area_um2") > 0.5 else "medium"
+    tone = "dark" if z("h_od") > 0.5 else "pale" if z("h_od") < -0.5 else "mid-dark"
+    shape = "elongated" if z("eccentricity") > 0.5 else "round" if z("eccentricity") < -0.5 else "oval"
+    return f"{size} {tone} {shape}"
+
+
+def sample_nuclei(cells: list[Path], n: int, seed: int, columns: list[str]
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """A uniform random sample of at most n nuclei over all stores; nuclei cut by a tile edge are left
+    out while at least min(n, a quarter of all nuclei) others exist. Returns the columns, the store index
+    of each row, and the total number of nuclei. Memory: one slide's columns at a time."""
+    rng = np.random.default_rng(seed)
+    n_all, n_inner = [], []
+    for p in cells:  # pass 1: counts only
+        b = features.read_table(p, ["border"])["border"]
+        n_all.append(len(b))
+        n_inner.append(int((b == 0).sum()))
+    total = int(sum(n_all))
+    inner_only = sum(n_inner) >= min(n, max(total // 4, 1))
+    counts = np.array(n_inner if inner_only else n_all, dtype=np.int64)
+    pool = int(counts.sum())
+    pick = np.sort(rng.choice(pool, size=min(n, pool), replace=False)) if pool else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    parts: list[dict[str, np.ndarray]] = []
+    src = []
+    for i, p in enumerate(cells):  # pass 2: the sampled rows of each slide
+        sel = pick[(pick >= offsets[i]) & (pick < offsets[i + 1])] - offsets[i]
+        if len(sel) == 0:
+            continue
+        t = features.read_table(p, sorted(set(columns) | {"border"}))
+        rows = np.flatnonzero(t["border"] == 0)[sel] if inner_only else sel
+        parts.append({c: t[c][rows] for c in columns})
+        src.append(np.full(len(rows), i))
+    if not parts:
+        return {c: np.zeros(0) for c in columns}, np.zeros(0, int), total
+    return ({c: np.concatenate([q[c] for q in parts]) for c in columns}, np.concatenate(src), total)
+
+
+def fit(cells: list[Path], *, k: int = 4, sample: int = 50000, seed: int = 0, n_init: int = 10
+        ) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Fit the classes. Returns (model dict, sampled table, store index per row, class per row)."""
+    from sklearn.cluster import KMeans
+
+    if k < 1:
+        raise DirlError(f"phenotypes.k must be at least 1, got {k}")
+    columns = sorted(set(["tile", "label", "cx", "cy", "border"] + [c for _, c, _ in FEATURES] + list(SUMMARY)))
+    tab, src, total = sample_nuclei(cells, sample, seed, columns)
+    m = len(tab["tile"])
+    if m < k:
+        raise DirlError(f"only {m} nuclei in {len(cells)} cells store(s), fewer than phenotypes.k={k}: "
+                        "check the segmentation (overlays) or lower k")
+    x = feature_matrix(tab)
+    mean, std = x.mean(0), x.std(0)
+    std = np.where(std > 1e-9, std, 1.0)
+    z = (x - mean) / std
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(z)
+    # stable class ids: order by mean area (then mean H OD for ties)
+    raw_area = np.array([tab["area_um2"][km.labels_ == c].mean() for c in range(k)])
+    raw_h = np.array([tab["h_od"][km.labels_ == c].mean() for c in range(k)])
+    order = np.lexsort((raw_h, raw_area))
+    centroids = km.cluster_centers_[order]
+    remap = np.empty(k, int)
+    remap[order] = np.arange(k)
+    cls = remap[km.labels_]
+    all_means = {c: float(tab[c].mean()) for c in SUMMARY}
+    all_sd = {c: float(tab[c].std()) for c in SUMMARY}
+    classes = []
+    for c in range(k):
+        sel = cls == c
+        means = {f: float(tab[f][sel].mean()) for f in SUMMARY}
+        classes.append({"id": c, "prior_value": c + 2, "n": int(sel.sum()), "fraction": float(sel.mean()),
+                        "description": _describe(means, all_means, all_sd), "mean": means,
+                        "sd": {f: float(tab[f][sel].std()) for f in SUMMARY}})
+    model = {
+        "version": VERSION, "method": "kmeans", "k": k, "seed": seed, "n_init": n_init,
+        "features": [list(f) for f in FEATURES], "mean": mean.tolist(), "std": std.tolist(),
+        "centroids": centroids.tolist(), "classes": classes,
+        "prior_values": {"0": "background (glass)", "1": "non-nuclear tissue",
+                         **{str(c + 2): f"class {c}: {classes[c]['description']}" for c in range(k)}},
+        "sample": {"requested": sample, "used": m, "total_nuclei": total, "slides": len(cells),
+                   "excluded": "nuclei touching a tile edge, unless too few others"},
+        "cells": [str(p) for p in cells],
+        "inertia": float(km.inertia_),
+    }
+    return model, tab, src, cls
+
+
+def write_gallery(path: str | os.PathLike, model: dict[str, Any], tab: dict[str, np.ndarray],
+                  src: np.ndarray, cls: np.ndarray, cells: list[Path], tiles: list[Path | None], *,
+                  per_class: int = 10, crop_um: float = 24.0, seed: int = 0) -> None:
+    """A grid of example nuclei per class (rows), with their contour, titled with the class means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    from dirl import store
+    from dirl.store import atomic_path
+
+    rng = np.random.default_rng(seed)
+    k = int(model["k"])
+    opened: dict[int, tuple[Any, Any, float]] = {}
+
+    def crop(row: int) -> np.ndarray | None:
+        i = int(src[row])
+        if tiles[i] is None:
+            return None
+        if i not in opened:
+            ts = store.open_tiles(tiles[i])
+            opened[i] = (ts, store.open_map(cells[i], "labels", len(ts)), ts.mpp)
+        ts, labels, mpp = opened[i]
+        t = int(tab["tile"][row])
+        img = np.asarray(ts.images[t])
+        lab = np.asarray(labels[t])
+        half = max(4, round(crop_um / mpp / 2))
+        cy, cx = round(float(tab["cy"][row])), round(float(tab["cx"][row]))
+        pad = ((half, half), (half, half))
+        img = np.stack([np.pad(img[..., c], pad, constant_values=255) for c in range(3)], -1)
+        lab = np.pad(lab, pad)
+        win = (slice(cy, cy + 2 * half), slice(cx, cx + 2 * half))
+        im, lb = img[win].copy(), lab[win] == int(tab["label"][row])
+        im[find_boundaries(lb, mode="inner")] = (0, 255, 0)
+        return im
+
+    fig, axes = plt.subplots(k, per_class, figsize=(per_class * 1.1, k * 1.35 + 0.4), squeeze=False)
+    for c in range(k):
+        rows = np.flatnonzero(cls == c)
+        rows = rng.choice(rows, size=min(per_class, len(rows)), replace=False) if len(rows) else rows
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j < len(rows):
+                im = crop(int(rows[j]))
+                if im is not None:
+                    ax.imshow(im, interpolation="nearest")
+        info = model["classes"][c]
+        mu = info["mean"]
+        axes[c, 0].set_title(
+            f"class {c} (prior {c + 2}): {info['description']} - n={info['n']}, "
+            f"area {mu['area_um2']:.0f} µm², ecc {mu['eccentricity']:.2f}, sol {mu['solidity']:.2f}, "
+            f"H {mu['h_od']:.2f}, E {mu['e_od']:.2f}", loc="left", fontsize=8)
+    fig.suptitle(f"nucleus classes: k-means k={k} on {model['sample']['used']} nuclei "
+                 f"of {model['sample']['slides']} slide(s), seed {model['seed']}", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / fig.get_figheight(), hspace=0.35,
+                        wspace=0.05)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def _match_tiles(cells: list[Path], tiles: list[str] | None) -> list[Path | None]:
+    """The tile store of each cells store: by slide_id, else by position, else the `tiles` attr."""
+    import zarr
+
+    ids = []
+    for p in cells:
+        g = zarr.open_group(str(p), mode="r")
+        ids.append((g.attrs.get("slide_id"), g.attrs.get("tiles")))
+    if not tiles:
+        return [Path(t) if t and Path(t).exists() else None for _, t in ids]
+    by_id = {}
+    for t in tiles:
+        try:
+            by_id[str(zarr.open_group(str(t), mode="r").attrs.get("slide_id"))] = Path(t)
+        except Exception as e:
+            raise DirlError(f"tile store {t} cannot be opened ({e})") from e
+    out = [by_id.get(str(sid)) for sid, _ in ids]
+    if any(o is None for o in out) and len(tiles) == len(cells):
+        out = [Path(t) for t in tiles]
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cells", nargs="+", help="cells stores of all slides (results/<cohort>/cells/*.zarr)")
+    p.add_argument("--tiles", nargs="*", help="their tile stores (for the gallery), matched by slide_id")
+    p.add_argument("--out", required=True, help="model.json to write")
+    p.add_argument("--gallery", help="PNG of example nuclei per class")
+    p.add_argument("--k", type=int, default=4, help="number of classes")
+    p.add_argument("--sample", type=int, default=50000, help="nuclei sampled for the fit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-init", type=int, default=10)
+
+
+def main(args: argparse.Namespace) -> None:
+    from dirl.store import atomic_path
+
+    cells = [Path(c) for c in args.cells]
+    model, tab, src, cls = fit(cells, k=args.k, sample=args.sample, seed=args.seed, n_init=args.n_init)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(model, indent=1))
+    for c in model["classes"]:
+        log.info("class %d (prior %d): %-26s n=%d area %.0f µm² H %.2f", c["id"], c["prior_value"],
+                 c["description"], c["n"], c["mean"]["area_um2"], c["mean"]["h_od"])
+    if args.gallery:
+        write_gallery(args.gallery, model, tab, src, cls, cells, _match_tiles(cells, args.tiles), seed=args.seed)
