@@ -106,7 +106,7 @@ def make_priors(tiles_path: str | Path, cells_path: str | Path, model_path: str 
     cls = model.predict(tab)
     values = (cls + 2).astype(np.uint8)
     luts = _luts(tab, values, n)
-    attrs = {"slide_id": tiles.slide_id, "mpp": mpp, "tile_px": tp, "k": model.k,
+    attrs = {"slide_id": tiles.slide_id, "mpp": mpp, "tile_px": tp, "k": model.k, "n_classes": model.k + 2,
              "model": str(Path(model_path)), "cells": str(Path(cells_path)), "settings": asdict(s),
              "values": model.raw.get("prior_values", {})}
     counts = np.zeros(model.k + 2, dtype=np.int64)

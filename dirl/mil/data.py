@@ -1,0 +1,145 @@
+"""Bags for MIL: the sample sheet's labels and patients, and each slide's tile features.
+
+A bag is one slide: its (N, D) feature matrix from `features/{method}/{slide}.h5` and its class index.
+Bags keep their natural size (no padding). They are held in memory when the cohort fits in
+`memory_gb`, else read from disk per step (an HDF5 read of a 20 000 x 768 bag is ~60 MB, tens of ms).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dirl import store
+from dirl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cohort:
+    """Labelled slides of a sample sheet, in sheet order."""
+
+    slide_ids: list[str]
+    patient_ids: list[str]
+    labels: list[str]              # class name per slide
+    classes: list[str]             # sorted class names; class index = position here
+
+    @property
+    def y(self) -> np.ndarray:
+        idx = {c: i for i, c in enumerate(self.classes)}
+        return np.array([idx[label] for label in self.labels], dtype=np.int64)
+
+    def subset(self, keep: list[str]) -> "Cohort":
+        pos = {s: i for i, s in enumerate(self.slide_ids)}
+        ii = [pos[s] for s in keep]
+        return Cohort([self.slide_ids[i] for i in ii], [self.patient_ids[i] for i in ii],
+                      [self.labels[i] for i in ii], self.classes)
+
+
+def read_sample_sheet(path: str | Path, label_column: str = "label") -> Cohort:
+    """`slide_id`, `label` (strings), optional `patient_id` (defaults to the slide id).
+
+    Rows with an empty label are left out (a sheet may list unlabelled slides for pretraining) and
+    counted in the log."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sample sheet {path} does not exist")
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment=None)
+    for col in ("slide_id", label_column):
+        if col not in df.columns:
+            raise ConfigError(f"sample sheet {path} has no {col!r} column (columns: {list(df.columns)})")
+    df["slide_id"] = df["slide_id"].str.strip()
+    dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
+    if dup:
+        raise ConfigError(f"sample sheet {path}: duplicate slide_id {dup[:5]}")
+    if "patient_id" not in df.columns:
+        df["patient_id"] = df["slide_id"]
+    df["patient_id"] = [p.strip() or s for p, s in zip(df["patient_id"], df["slide_id"])]
+    df[label_column] = df[label_column].str.strip()
+    unlabelled = df[df[label_column] == ""]
+    if len(unlabelled):
+        log.warning("%d slide(s) without a %s are left out of MIL: %s", len(unlabelled), label_column,
+                    ", ".join(unlabelled["slide_id"].tolist()[:10]))
+    df = df[df[label_column] != ""]
+    if df.empty:
+        raise ConfigError(f"sample sheet {path} has no labelled slides (column {label_column!r})")
+    classes = sorted(df[label_column].unique().tolist())
+    if len(classes) < 2:
+        raise ConfigError(f"sample sheet {path}: MIL needs at least two classes, found {classes}")
+    return Cohort(df["slide_id"].tolist(), df["patient_id"].tolist(), df[label_column].tolist(), classes)
+
+
+@dataclass
+class Bags:
+    """Feature matrices of a cohort's slides, in memory or read on demand."""
+
+    paths: dict[str, Path]
+    n_tiles: dict[str, int]
+    dim: int
+    encoder: str
+    _cache: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def features(self, slide_id: str) -> np.ndarray:
+        x = self._cache.get(slide_id)
+        if x is None:
+            x, _, _ = store.read_features(self.paths[slide_id])
+        return x
+
+    def coords(self, slide_id: str) -> np.ndarray:
+        return store.read_features(self.paths[slide_id])[1]
+
+    def preload(self, slide_ids: list[str], memory_gb: float) -> bool:
+        slide_ids = [s for s in slide_ids if s in self.paths]
+        need = sum(self.n_tiles[s] for s in slide_ids) * self.dim * 4 / 2**30
+        if need > memory_gb:
+            log.info("bags need %.1f GB > %.1f GB: read from disk each step", need, memory_gb)
+            return False
+        for s in slide_ids:
+            if s not in self._cache:
+                self._cache[s] = store.read_features(self.paths[s])[0]
+        return True
+
+
+def open_bags(features_dir: str | Path, slide_ids: list[str]) -> tuple[Bags, list[str]]:
+    """Check every slide's feature file; return the bags and the slides left out (no tiles).
+
+    A missing file is an error (run extract first); files from different encoders or dimensions in one
+    directory are an error (a mixed cohort is never what was meant)."""
+    import h5py
+
+    features_dir = Path(features_dir)
+    paths, n_tiles, empty, missing = {}, {}, [], []
+    dims, encoders = {}, {}
+    for s in slide_ids:
+        p = features_dir / f"{s}.h5"
+        if not p.exists():
+            missing.append(s)
+            continue
+        try:
+            with h5py.File(p, "r") as h:
+                shape = h["features"].shape
+                enc = h["features"].attrs.get("encoder", "")
+        except (OSError, KeyError) as e:
+            raise ConfigError(f"feature file {p} cannot be read ({e}); delete it and rerun extract") from e
+        if shape[0] == 0:
+            empty.append(s)
+            continue
+        paths[s], n_tiles[s] = p, int(shape[0])
+        dims.setdefault(int(shape[1]), s)
+        encoders.setdefault(str(enc), s)
+    if missing:
+        raise ConfigError(f"{len(missing)} slide(s) of the sample sheet have no feature file in "
+                          f"{features_dir}: {', '.join(missing[:10])}; run `dirl extract` for them")
+    if len(dims) > 1 or len(encoders) > 1:
+        raise ConfigError(f"{features_dir} mixes feature files of different encoders/dimensions "
+                          f"({dict(list(encoders.items())[:3])}, dims {sorted(dims)}); re-extract them")
+    if empty:
+        log.warning("%d slide(s) have no tiles and are left out of MIL: %s", len(empty), ", ".join(empty))
+    if not paths:
+        raise ConfigError(f"no slide in {features_dir} has any tiles")
+    return Bags(paths, n_tiles, next(iter(dims)), next(iter(encoders))), empty

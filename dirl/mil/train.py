@@ -1,0 +1,453 @@
+"""`dirl mil`: patient-level cross-validated MIL on one feature source.
+
+For each fold of `splits.json` (see splits.py): train one model on the training bags (one bag per step,
+or a few bags per step with gradient accumulation — never padded), class-weighted cross-entropy, AdamW,
+early stopping on the validation split's loss, keep the best epoch. Then predict the fold's test slides.
+
+Outputs in `--out` (= `mil/{method}/{model}/`):
+  splits.json            the splits used (reused from `--splits` when given and matching)
+  fold{i}/model.pt       best checkpoint: state dict, model name/options, classes, epoch, val loss
+  predictions.csv        out-of-fold: slide_id, patient_id, label, fold, pred, prob_<class>...
+  metrics.json           per fold and mean ± sd (ddof 1): auc (macro one-vs-rest; binary: plain),
+                         balanced_accuracy, f1_macro; plus pooled out-of-fold values
+  roc.png                out-of-fold ROC curves
+  heatmaps/{slide}.png   tile attention painted on a thumbnail built from the tile store itself
+                         (no slide file needed) for a few confidently, correctly classified slides
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dirl import store
+from dirl.errors import ConfigError
+from dirl.mil.data import Bags, Cohort, open_bags, read_sample_sheet
+from dirl.mil.splits import load_or_make, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    patience: int = 10
+    min_epochs: int = 5
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    bags_per_step: int = 1
+    max_tiles: int = 0          # random subset of a training bag above this size (0: whole bags)
+    standardize: bool = True    # per-dimension feature standardisation from the training tiles
+    hidden: int = 256
+    dropout: float = 0.25
+    attention: str = "exact"    # TransMIL: exact (SDPA) or nystrom
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+def _binary_auc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def compute_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """auc: binary AUC of class 1 for two classes, else the macro mean of one-vs-rest AUCs over the
+    classes present (with positives and negatives) in `y`; balanced accuracy; macro F1."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    k = prob.shape[1]
+    if k == 2:
+        auc = _binary_auc(y, prob[:, 1])
+    else:
+        aucs = [_binary_auc((y == c).astype(int), prob[:, c]) for c in range(k)]
+        aucs = [a for a in aucs if not np.isnan(a)]
+        auc = float(np.mean(aucs)) if aucs else float("nan")
+    pred = prob.argmax(1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ba = float(balanced_accuracy_score(y, pred))
+        f1 = float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0))
+    return {"auc": auc, "balanced_accuracy": ba, "f1_macro": f1}
+
+
+def _mean_sd(rows: list[dict[str, float]], keys) -> tuple[dict[str, float], dict[str, float]]:
+    mean, sd = {}, {}
+    for key in keys:
+        v = np.array([r[key] for r in rows], dtype=float)
+        v = v[~np.isnan(v)]
+        mean[key] = float(v.mean()) if len(v) else float("nan")
+        sd[key] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    return mean, sd
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+class _DeviceBags:
+    """Bags as float32 tensors, cached on the device when they fit in `cache_gb`."""
+
+    def __init__(self, bags: Bags, ids: list[str], device, cache_gb: float):
+        import torch
+
+        self.bags, self.device = bags, device
+        need = sum(bags.n_tiles[s] for s in ids) * bags.dim * 4 / 2**30
+        self.cache: dict[str, Any] = {}
+        if need <= cache_gb:
+            for s in ids:
+                self.cache[s] = torch.from_numpy(bags.features(s)).to(device)
+
+    def __call__(self, s: str):
+        import torch
+
+        x = self.cache.get(s)
+        if x is None:
+            t = torch.from_numpy(self.bags.features(s))
+            if self.device.type == "cuda":
+                t = t.pin_memory()
+            x = t.to(self.device, non_blocking=True)
+        return x
+
+
+def model_options(cfg: TrainConfig) -> dict[str, Any]:
+    return {"hidden": cfg.hidden, "dropout": cfg.dropout, "attention": cfg.attention}
+
+
+def _feature_stats(bags: Bags, ids: list[str]):
+    import torch
+
+    s = s2 = None
+    n = 0
+    for sid in ids:
+        x = bags.features(sid).astype(np.float64)
+        s = x.sum(0) if s is None else s + x.sum(0)
+        s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
+        n += len(x)
+    mean = s / n
+    var = np.maximum(s2 / n - mean * mean, 0.0)
+    return torch.from_numpy(mean), torch.from_numpy(np.sqrt(var))
+
+
+def _class_weights(y: np.ndarray, k: int):
+    import torch
+
+    counts = np.bincount(y, minlength=k).astype(float)
+    w = np.where(counts > 0, len(y) / (k * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _evaluate(model, get, ids: list[str], y: dict[str, int], loss_fn, device, want_attention=False):
+    import torch
+
+    model.eval()
+    probs, losses, attn = [], [], {}
+    with torch.inference_mode():
+        for s in ids:
+            logits, a = model(get(s))
+            probs.append(torch.softmax(logits.float(), -1).cpu().numpy())
+            losses.append(float(loss_fn(logits.float()[None], torch.tensor([y[s]], device=device))))
+            if want_attention and a is not None:
+                attn[s] = a.float().cpu().numpy()
+    return np.array(probs), (float(np.mean(losses)) if losses else float("nan")), attn
+
+
+def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[str], y: dict[str, int],
+               n_classes: int, cfg: TrainConfig, device, fold: int = 0, cache_gb: float = 4.0,
+               get=None) -> tuple[Any, dict[str, Any]]:
+    """Train one model; returns (best model, info). `get(slide) -> tensor` can be shared across folds."""
+    import torch
+
+    from dirl.mil.models import Standardized, build
+
+    torch.manual_seed(cfg.seed * 1000 + fold)
+    rng = np.random.default_rng(cfg.seed * 1000 + fold)
+    get = get or _DeviceBags(bags, train_ids + val_ids, device, cache_gb)
+    core = build(model_name, bags.dim, n_classes, **model_options(cfg))
+    if cfg.standardize:
+        mean, std = _feature_stats(bags, train_ids)
+    else:
+        mean, std = torch.zeros(bags.dim), torch.ones(bags.dim)
+    model = Standardized(core, mean, std).to(device)
+    ytr = np.array([y[s] for s in train_ids])
+    weight = _class_weights(ytr, n_classes).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best = {"loss": float("inf"), "epoch": -1, "state": None}
+    history = []
+    t0 = time.perf_counter()
+    steps = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(len(train_ids))
+        opt.zero_grad(set_to_none=True)
+        total, in_step = 0.0, 0
+        for j, i in enumerate(order):
+            s = train_ids[i]
+            x = get(s)
+            if cfg.max_tiles and x.shape[0] > cfg.max_tiles:
+                keep = torch.from_numpy(rng.choice(x.shape[0], cfg.max_tiles, replace=False)).to(x.device)
+                x = x[keep]
+            logits, _ = model(x)
+            loss = loss_fn(logits[None].float(), torch.tensor([y[s]], device=device))
+            (loss / cfg.bags_per_step).backward()
+            total += float(loss.detach())
+            in_step += 1
+            if in_step == cfg.bags_per_step or j == len(order) - 1:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                in_step = 0
+                steps += 1
+        train_loss = total / max(1, len(order))
+        if val_ids:
+            _, val_loss, _ = _evaluate(model, get, val_ids, y, loss_fn, device)
+        else:
+            val_loss = float("nan")
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        improved = (not val_ids) or val_loss < best["loss"] - 1e-6
+        if improved:
+            best = {"loss": val_loss, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        elif epoch + 1 >= cfg.min_epochs and epoch - best["epoch"] >= cfg.patience:
+            break
+    model.load_state_dict(best["state"])
+    info = {"best_epoch": best["epoch"], "val_loss": best["loss"], "epochs_run": len(history),
+            "seconds": time.perf_counter() - t0, "steps": steps, "history": history}
+    return model, info
+
+
+# --------------------------------------------------------------------------------------------------
+def run_cv(cohort: Cohort, bags: Bags, splits: dict[str, Any], model_name: str, out: Path, cfg: TrainConfig,
+           device, *, excluded: list[str] = (), source: str = "", tiles_dir: Path | None = None,
+           n_heatmaps: int = 4, cache_gb: float = 4.0) -> dict[str, Any]:
+    import torch
+
+    from dirl.mil.models import MODELS
+
+    if model_name not in MODELS:
+        raise ConfigError(f"unknown MIL model {model_name!r}: choose one of {sorted(MODELS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    classes = cohort.classes
+    y = dict(zip(cohort.slide_ids, cohort.y.tolist()))
+    patient = dict(zip(cohort.slide_ids, cohort.patient_ids))
+    drop = set(excluded)
+    usable = [s for s in cohort.slide_ids if s not in drop]
+    get = _DeviceBags(bags, usable, device, cache_gb)
+    rows, fold_metrics, attention = [], [], {}
+    for i, f in enumerate(splits["splits"]):
+        tr, va, te = ([s for s in f[k] if s not in drop] for k in ("train", "val", "test"))
+        if not tr or not te:
+            raise ConfigError(f"fold {i} has no usable training or test slides after leaving out "
+                              f"{len(drop)} slide(s) without tiles")
+        model, info = train_fold(model_name, bags, tr, va, y, len(classes), cfg, device, fold=i, get=get)
+        ckpt = {"model": model_name, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                "options": model_options(cfg), "in_dim": bags.dim,
+                "classes": classes, "fold": i, "encoder": bags.encoder,
+                **{k: info[k] for k in ("best_epoch", "val_loss", "epochs_run")}}
+        with store.atomic_path(out / f"fold{i}" / "model.pt") as tmp:
+            torch.save(ckpt, tmp)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        prob, _, att = _evaluate(model, get, te, y, loss_fn, device, want_attention=True)
+        attention.update(att)
+        yt = np.array([y[s] for s in te])
+        m = compute_metrics(yt, prob)
+        fold_metrics.append({"fold": i, "n_train": len(tr), "n_val": len(va), "n_test": len(te), **m,
+                             **{k: info[k] for k in ("best_epoch", "val_loss", "epochs_run", "seconds",
+                                                    "steps")}})
+        log.info("fold %d: auc %.3f  bacc %.3f  f1 %.3f  (best epoch %d of %d, %.1f s)", i, m["auc"],
+                 m["balanced_accuracy"], m["f1_macro"], info["best_epoch"], info["epochs_run"],
+                 info["seconds"])
+        for s, p in zip(te, prob):
+            rows.append({"slide_id": s, "patient_id": patient[s], "label": classes[y[s]], "fold": i,
+                         "pred": classes[int(p.argmax())], **{f"prob_{c}": float(v) for c, v in zip(classes, p)}})
+    _write_predictions(out / "predictions.csv", rows, classes)
+    yy = np.array([classes.index(r["label"]) for r in rows])
+    pp = np.array([[r[f"prob_{c}"] for c in classes] for r in rows])
+    keys = ("auc", "balanced_accuracy", "f1_macro")
+    mean, sd = _mean_sd(fold_metrics, keys)
+    metrics = {"feature_source": source, "model": model_name, "encoder": bags.encoder, "classes": classes,
+               "n_slides": len(rows), "n_patients": len({r["patient_id"] for r in rows}),
+               "excluded_slides": sorted(drop), "folds": fold_metrics, "mean": mean, "sd": sd,
+               "pooled": compute_metrics(yy, pp), "config": asdict(cfg),
+               "splits": {k: splits[k] for k in ("folds", "val_fraction", "seed")}}
+    plot_roc(out / "roc.png", rows, classes, title=f"{source or 'features'} / {model_name}")
+    if n_heatmaps and model_name != "meanpool":
+        from dirl.mil.heatmap import pick_slides, render
+
+        for s in pick_slides(rows, classes, n_heatmaps):
+            if s not in attention:
+                continue
+            tiles = tiles_dir / f"{s}.zarr" if tiles_dir else None
+            if tiles is not None and not tiles.exists():
+                log.warning("no tile store %s: heatmap of %s drawn without the thumbnail", tiles, s)
+                tiles = None
+            render(out / "heatmaps" / f"{s}.png", bags.coords(s), attention[s], tiles=tiles,
+                   tile_px_level0=_tile_size_level0(bags, s),
+                   title=f"{s}: {rows[[r['slide_id'] for r in rows].index(s)]['label']} ({model_name})")
+    elif n_heatmaps:
+        log.info("meanpool attention is uniform: no heatmaps")
+    write_json(out / "metrics.json", _json_safe(metrics))
+    log.info("%s/%s: AUC %.3f ± %.3f, balanced accuracy %.3f ± %.3f, F1 %.3f ± %.3f over %d folds",
+             source, model_name, mean["auc"], sd["auc"], mean["balanced_accuracy"], sd["balanced_accuracy"],
+             mean["f1_macro"], sd["f1_macro"], len(fold_metrics))
+    return metrics
+
+
+def _tile_size_level0(bags: Bags, s: str) -> int:
+    attrs = store.read_features(bags.paths[s])[2]
+    return int(attrs.get("patch_size_level0") or attrs.get("patch_size") or 256)
+
+
+def _json_safe(o):
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, float) and not np.isfinite(o):
+        return None  # JSON has no NaN
+    if isinstance(o, np.generic):
+        return _json_safe(o.item())
+    return o
+
+
+def _write_predictions(path: Path, rows: list[dict], classes: list[str]) -> None:
+    cols = ["slide_id", "patient_id", "label", "fold", "pred"] + [f"prob_{c}" for c in classes]
+    with store.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def plot_roc(path: Path, rows: list[dict], classes: list[str], title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    y = np.array([classes.index(r["label"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    targets = [1] if len(classes) == 2 else range(len(classes))
+    for c in targets:
+        yc = (y == c).astype(int)
+        if yc.min() == yc.max():
+            continue
+        p = np.array([r[f"prob_{classes[c]}"] for r in rows])
+        fpr, tpr, _ = roc_curve(yc, p)
+        auc = _binary_auc(yc, p)
+        name = classes[c] if len(classes) > 2 else f"{classes[1]} vs {classes[0]}"
+        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {auc:.3f})")
+        if len(classes) == 2:  # per fold, thin
+            folds = np.array([r["fold"] for r in rows])
+            for f in np.unique(folds):
+                m = folds == f
+                if yc[m].min() != yc[m].max():
+                    a, b, _ = roc_curve(yc[m], p[m])
+                    ax.plot(a, b, lw=0.8, alpha=0.4, color="grey")
+    ax.plot([0, 1], [0, 1], ls="--", color="k", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"out-of-fold ROC {title}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with store.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+def _flag(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, label, [patient_id])")
+    p.add_argument("--features", help="feature directory (features/{method}); required unless --splits-only")
+    p.add_argument("--model", default="abmil", help="MIL model: abmil, transmil, meanpool")
+    p.add_argument("--out", help="output directory (mil/{method}/{model}); required unless --splits-only")
+    p.add_argument("--source", help="feature source name for tables (default: the feature directory name)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of each training fold's patients held out for early stopping (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", help="splits file to reuse or create, shared across feature sources "
+                   "(default: OUT/splits.json); a copy is always written to OUT/splits.json")
+    p.add_argument("--splits-only", action="store_true",
+                   help="only make (or check) the --splits file and stop: a workflow rule of its own, so "
+                        "every feature source and model then reuses it")
+    p.add_argument("--resplit", action="store_true",
+                   help="recompute splits when the existing file was made for other slides/settings")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--patience", type=int, default=TrainConfig.patience)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument("--bags-per-step", type=int, default=TrainConfig.bags_per_step)
+    p.add_argument("--max-tiles", type=int, default=TrainConfig.max_tiles,
+                   help="random subset of larger training bags (0: whole bags)")
+    p.add_argument("--hidden", type=int, default=TrainConfig.hidden)
+    p.add_argument("--dropout", type=float, default=TrainConfig.dropout)
+    p.add_argument("--transmil-attention", choices=["exact", "nystrom"], default="exact",
+                   help="TransMIL attention: exact softmax (SDPA kernels) or the paper's Nyström approximation")
+    p.add_argument("--no-standardize", nargs="?", const=True, default=False, type=_flag,
+                   help="feed raw features (no per-dim z-score); also takes an explicit true/false")
+    p.add_argument("--tiles", help="tile store directory (tiles/) for heatmap thumbnails")
+    p.add_argument("--heatmaps", type=int, default=4, help="number of attention heatmaps (0: none)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default; 1 is fastest for small bags on a busy "
+                        "machine)")
+    p.add_argument("--memory-gb", type=float, default=16.0, help="hold bags in RAM up to this size")
+    p.add_argument("--device-cache-gb", type=float, default=4.0, help="hold bags on the device up to this")
+
+
+def main(args: argparse.Namespace) -> None:
+    from dirl.extract import torch_threads
+
+    with torch_threads(args.threads):
+        _main(args)
+
+
+def _main(args: argparse.Namespace) -> None:
+    from dirl.extract import resolve_device
+
+    cohort = read_sample_sheet(args.samples, args.label_column)
+    if args.splits_only:
+        if not args.splits:
+            raise ConfigError("--splits-only needs --splits PATH")
+        _, reused = load_or_make(args.splits, cohort, args.folds, args.val_fraction, args.seed, args.resplit)
+        log.info("%s splits %s", "checked" if reused else "wrote", args.splits)
+        return
+    if not args.features or not args.out:
+        raise ConfigError("dirl mil needs --features and --out (or --splits-only)")
+    out = Path(args.out)
+    splits_path = Path(args.splits) if args.splits else out / "splits.json"
+    splits, _ = load_or_make(splits_path, cohort, args.folds, args.val_fraction, args.seed, args.resplit)
+    if splits_path != out / "splits.json":
+        write_json(out / "splits.json", splits)
+    bags, empty = open_bags(args.features, cohort.slide_ids)
+    bags.preload([s for s in cohort.slide_ids if s not in set(empty)], args.memory_gb)
+    cfg = TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
+                      bags_per_step=args.bags_per_step, max_tiles=args.max_tiles,
+                      standardize=not args.no_standardize, hidden=args.hidden, dropout=args.dropout,
+                      attention=args.transmil_attention, seed=args.seed)
+    device = resolve_device(args.device)
+    source = args.source or Path(args.features.rstrip("/")).name
+    run_cv(cohort, bags, splits, args.model, out, cfg, device, excluded=empty, source=source,
+           tiles_dir=Path(args.tiles) if args.tiles else None, n_heatmaps=args.heatmaps,
+           cache_gb=args.device_cache_gb)
