@@ -12,9 +12,20 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/tile.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/attention.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/mil.smk"
 
 
 rule all:
     input:
-        expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
+        expand(f"{RESULTS}/qc/{{slide}}.png", slide=SLIDES),
+        expand(f"{RESULTS}/priors/{{slide}}.png", slide=SLIDES),
+        f"{RESULTS}/phenotypes/gallery.png",
+        expand(f"{RESULTS}/pretrain/{{method}}/loss_curves.png", method=config["pretrain"]["methods"]),
+        rules.attention.output,
+        expand(f"{RESULTS}/features/{{source}}/{{slide}}.h5", source=feature_sources(), slide=SLIDES),
+        f"{RESULTS}/summary.tsv",
     default_target: True

@@ -53,7 +53,8 @@ def make_splits(cohort: Cohort, folds: int, val_fraction: float = 0.2, seed: int
         val = np.array([], dtype=int)
         if val_fraction > 0:
             n_inner = max(2, int(round(1.0 / val_fraction)))
-            n_inner = min(n_inner, len(set(groups[tr])))
+            # StratifiedGroupKFold needs at least n_inner patients in every class
+            n_inner = min(n_inner, min(len(set(groups[tr][y[tr] == k])) for k in np.unique(y[tr])))
             if n_inner >= 2:
                 itr, iva = _sgkf(n_inner, seed + 1000 + i, y[tr], groups[tr])[0]
                 val, tr = tr[iva], tr[itr]

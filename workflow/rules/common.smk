@@ -69,10 +69,15 @@ wildcard_constraints:
 
 
 def cli_args(section, prefix=""):
-    """Config section -> `--key value` flags (nested dicts become --section-key)."""
+    """Config section -> `--key value` flags (nested dicts become --section-key). None means "the
+    command's own default" and is left out; booleans are passed as true/false."""
     out = []
     for key, value in section.items():
         flag = f"--{prefix}{key.replace('_', '-')}"
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
         if isinstance(value, dict):
             out.append(cli_args(value, prefix=f"{prefix}{key.replace('_', '-')}-"))
         elif isinstance(value, list):

@@ -3,7 +3,7 @@
 
 def segment_gpu(wildcards=None):
     seg = config["segmentation"]
-    return 1 if seg["backend"] == "cellpose" and seg["gpu"] != "false" else 0
+    return 1 if seg["backend"] == "cellpose" and str(seg["gpu"]).lower() != "false" else 0
 
 
 rule segment:
@@ -40,7 +40,7 @@ rule phenotype:
             category="2. Nuclei and cell classes",
         ),
     params:
-        settings=cli_args({k: v for k, v in config["phenotypes"].items() if k != "dilate_um"}),
+        settings=cli_args({k: config["phenotypes"][k] for k in ("k", "sample", "seed", "n_init")}),
     log:
         f"{LOGS}/phenotype.log",
     benchmark:
@@ -69,11 +69,12 @@ rule priors:
             labels={"slide": "{slide}"},
         ),
     params:
-        dilate=config["phenotypes"]["dilate_um"],
+        settings=cli_args({k: config["phenotypes"][k] for k in ("dilate_um", "glass_sat", "glass_value", "smooth_um")}),
     log:
         f"{LOGS}/priors/{{slide}}.log",
     benchmark:
         f"{BENCH}/priors/{{slide}}.tsv"
+    threads: config["segmentation"]["threads"]
     resources:
         mem_mb=4000,
         runtime=60,
@@ -81,4 +82,4 @@ rule priors:
         ENV
     shell:
         "dirl priors {input.tiles:q} {input.cells:q} {input.model:q} {output.priors:q} "
-        "--dilate-um {params.dilate} --overlay {output.overlay:q} > {log:q} 2>&1"
+        "--overlay {output.overlay:q} --threads {threads} {params.settings} > {log:q} 2>&1"

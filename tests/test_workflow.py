@@ -1,0 +1,168 @@
+"""End to end: the real `snakemake` command through every rule on a small synthetic cohort.
+
+One module-scoped run (a few minutes on 2 CPU cores), then checks on what users rely on: the data
+contracts, a second run doing nothing, a changed MIL setting rerunning only MIL and what follows, and
+clear start-up errors for a bad sample sheet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dirl import store
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT = ROOT.parent / "shared" / "tools" / "contract.py"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+CONFIG = {
+    "cohort": "e2e",
+    "samples": "samples.tsv",
+    "synth": {
+        "a1": {"populations": ["lymphocyte"], "width": 1024, "height": 1024, "seed": 1, "tissue": "full"},
+        "a2": {"populations": ["lymphocyte"], "width": 1024, "height": 1024, "seed": 2, "tissue": "full"},
+        "b1": {"populations": ["tumour"], "width": 1024, "height": 1024, "seed": 3, "tissue": "full"},
+        "b2": {"populations": ["tumour"], "width": 1024, "height": 1024, "seed": 4, "tissue": "full"},
+    },
+    "tiling": {"mpp": 1.0, "tile_px": 64, "threads": 1},
+    "segmentation": {"threads": 1},
+    "phenotypes": {"k": 2, "sample": 5000},
+    "pretrain": {"arch": "vit_tiny_patch16_224", "img_size": 32, "out_dim": 256, "dense_out_dim": 128,
+                 "head_hidden_dim": 128, "head_bottleneck_dim": 64, "epochs": 1, "warmup_epochs": 0,
+                 "batch_size": 32, "num_workers": 0, "threads": 1, "tiles_per_slide": 32},
+    "attention": {"n_tiles": 8, "n_overlays": 2},
+    "extract": {"batch_size": 64, "threads": 1},
+    "mil": {"models": ["meanpool", "abmil"], "folds": 2, "epochs": 3},
+}
+SAMPLES = ("slide_id\tpath\tpatient_id\tlabel\n"
+           "a1\tresources/synth/a1.svs\tpa1\tA\n" "a2\tresources/synth/a2.svs\tpa2\tA\n"
+           "b1\tresources/synth/b1.svs\tpb1\tB\n" "b2\tresources/synth/b2.svs\tpb2\tB\n")
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile",
+           str(workdir / "config.yaml"), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """The 'Job stats' table of a dry run, as {rule: count}."""
+    out = proc.stdout + proc.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def write_cohort(workdir: Path, config: dict, samples: str = SAMPLES) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    (workdir / "samples.tsv").write_text(samples)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    write_cohort(workdir, CONFIG)
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_every_stage_output_meets_the_contracts(cohort: Path) -> None:
+    res = cohort / "results" / "e2e"
+    for sid in ("a1", "a2", "b1", "b2"):
+        t = store.open_tiles(res / "tiles" / f"{sid}.zarr")
+        assert len(t) == 64  # 1024 px of tissue at 0.5 µm/px = 512 µm; 64 px tiles at 1 µm/px: 8 x 8
+        priors = store.open_map(res / "priors" / f"{sid}.zarr", "priors", len(t))
+        values = np.unique(priors[:8])
+        assert {1}.issubset(values) and values.max() >= 2  # tissue and at least one cell class
+        assert (res / "features" / "dirl" / f"{sid}.h5").exists()
+    for method in ("dirl", "dino"):
+        log = [json.loads(line) for line in (res / "pretrain" / method / "log.jsonl").read_text().splitlines()]
+        assert log and all(np.isfinite(r["loss"]) for r in log)
+        assert (log[-1]["loss_dense"] > 0) == (method == "dirl")
+    metrics = json.loads((res / "mil" / "dirl" / "abmil" / "metrics.json").read_text())
+    assert "auc" in json.dumps(metrics)
+    summary = (res / "summary.tsv").read_text()
+    assert "dirl" in summary and "dino" in summary
+    assert json.loads((res / "analysis" / "attention_dirl.json").read_text())
+    if CONTRACT.exists():
+        proc = subprocess.run([sys.executable, str(CONTRACT), str(res)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+    assert (cohort / "logs" / "e2e" / "tile" / "a1.log").read_text()
+
+
+@pytest.mark.slow
+def test_second_run_does_nothing(cohort: Path) -> None:
+    assert planned_jobs(snakemake(cohort, "-n")) == {}
+
+
+@pytest.mark.slow
+def test_changed_mil_setting_reruns_only_mil(cohort: Path, tmp_path: Path) -> None:
+    config = json.loads(json.dumps(CONFIG))
+    config["mil"]["epochs"] = 4
+    (cohort / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(snakemake(cohort, "-n"))
+    finally:
+        (cohort / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    assert set(jobs) == {"mil", "summary", "all"}, jobs
+    assert jobs["mil"] == 4  # 2 sources x 2 models
+
+
+@pytest.mark.slow
+def test_changed_tiling_reruns_everything_downstream(cohort: Path) -> None:
+    config = json.loads(json.dumps(CONFIG))
+    config["tiling"]["min_tissue"] = 0.6
+    (cohort / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(snakemake(cohort, "-n"))
+    finally:
+        (cohort / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    assert jobs["tile"] == 4 and jobs["segment"] == 4 and jobs["pretrain"] == 2 and "synth" not in jobs
+
+
+def test_bad_sample_sheet_is_refused_at_start(tmp_path: Path) -> None:
+    write_cohort(tmp_path, CONFIG, SAMPLES + "a1\tresources/synth/a1.svs\tpa1\tA\n")
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "duplicate slide_id" in proc.stdout + proc.stderr
+    write_cohort(tmp_path, CONFIG, SAMPLES.replace("a2\t", "a 2\t"))
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "line 3" in proc.stdout + proc.stderr
+
+
+def test_unknown_config_key_is_refused(tmp_path: Path) -> None:
+    write_cohort(tmp_path, {**CONFIG, "tiling": {"tile_size": 64}})
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "tile_size" in proc.stdout + proc.stderr
+
+
+def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
+    """The SLURM profile parses and the cohort templates plan a full run (dry run: no cluster)."""
+    for template in sorted((ROOT / "config" / "cohorts").glob("*.yaml")):
+        config = yaml.safe_load(template.read_text())
+        config["samples"] = "samples.tsv"
+        config["synth"] = CONFIG["synth"]
+        write_cohort(tmp_path, config)
+        jobs = planned_jobs(snakemake(tmp_path, "-n"))
+        assert jobs["tile"] == 4 and jobs["pretrain"] == 2 and jobs["mil"] >= 2
+    shutil.copytree(ROOT / "workflow" / "profiles" / "slurm", tmp_path / "slurm")
+    write_cohort(tmp_path, CONFIG)
+    proc = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "slurm"), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]

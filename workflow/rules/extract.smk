@@ -1,0 +1,50 @@
+"""Stage 5: tile features into HDF5 (CLAM/TRIDENT layout), per slide and feature source.
+
+Feature sources are the pretrained methods (`pretrain.methods`) plus any encoder named under
+`extract.encoders` (a timm model with local weights, e.g. an ImageNet or a public pathology encoder).
+"""
+
+
+def feature_sources():
+    return list(config["pretrain"]["methods"]) + list(config["extract"]["encoders"])
+
+
+def encoder_inputs(wildcards):
+    if wildcards.source in config["pretrain"]["methods"]:
+        return [f"{RESULTS}/pretrain/{wildcards.source}/backbone.pt",
+                f"{RESULTS}/pretrain/{wildcards.source}/backbone.json"]
+    weights = config["extract"]["encoders"][wildcards.source].get("weights")
+    return [weights] if weights else []
+
+
+def encoder_args(wildcards):
+    if wildcards.source in config["pretrain"]["methods"]:
+        return f"--encoder {shlex.quote(f'{RESULTS}/pretrain/{wildcards.source}/backbone.pt')}"
+    enc = config["extract"]["encoders"][wildcards.source]
+    return cli_args({k: v for k, v in enc.items() if k != "model_kwargs"}) + (
+        f" --model-kwargs {shlex.quote(json.dumps(enc['model_kwargs']))}" if enc.get("model_kwargs") else "")
+
+
+rule extract:
+    input:
+        tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
+        encoder=encoder_inputs,
+    output:
+        f"{RESULTS}/features/{{source}}/{{slide}}.h5",
+    params:
+        encoder=encoder_args,
+        settings=cli_args({k: v for k, v in config["extract"].items() if k not in ("encoders", "threads", "gpus")}),
+    log:
+        f"{LOGS}/extract/{{source}}/{{slide}}.log",
+    benchmark:
+        f"{BENCH}/extract/{{source}}/{{slide}}.tsv"
+    threads: config["extract"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=config["extract"]["gpus"],
+    conda:
+        ENV
+    shell:
+        "dirl extract {input.tiles:q} {params.encoder} --out {output:q} --threads {threads} "
+        "{params.settings} > {log:q} 2>&1"

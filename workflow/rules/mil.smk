@@ -1,0 +1,89 @@
+"""Stage 6: cross-validated slide-level MIL classifiers per feature source and model, and the summary.
+
+All feature sources share one splits file (computed by the first MIL job, reused after), so DiRL and
+DINO features are compared on identical patient-level folds.
+"""
+
+
+def labelled_slides():
+    lab = SAMPLES[SAMPLES.label.notna() & (SAMPLES.label != "")]
+    return list(lab.index)
+
+
+def mil_settings():
+    return cli_args({k: v for k, v in config["mil"].items() if k not in ("models", "threads")})
+
+
+rule mil_splits:
+    """Patient-level stratified folds, written once; every source and model reads the same file."""
+    input:
+        samples=config["samples"],
+    output:
+        f"{RESULTS}/mil/splits.json",
+    params:
+        folds=config["mil"]["folds"],
+        val=config["mil"]["val_fraction"],
+        seed=config["mil"]["seed"],
+    log:
+        f"{LOGS}/mil/splits.log",
+    conda:
+        ENV
+    shell:
+        "dirl mil --samples {input.samples:q} --features {RESULTS}/features --splits {output:q} "
+        "--splits-only --folds {params.folds} --val-fraction {params.val} --seed {params.seed} "
+        "--out {RESULTS}/mil/.splits > {log:q} 2>&1"
+
+
+rule mil:
+    input:
+        samples=config["samples"],
+        splits=f"{RESULTS}/mil/splits.json",
+        features=lambda w: expand(f"{RESULTS}/features/{w.source}/{{slide}}.h5", slide=labelled_slides()),
+        tiles=lambda w: expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=labelled_slides()),
+    output:
+        metrics=f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
+        predictions=f"{RESULTS}/mil/{{source}}/{{model}}/predictions.csv",
+        roc=report(
+            f"{RESULTS}/mil/{{source}}/{{model}}/roc.png",
+            caption="../report/mil_roc.rst",
+            category="5. Slide classification",
+            subcategory="{model}",
+            labels={"features": "{source}", "model": "{model}"},
+        ),
+    params:
+        settings=mil_settings(),
+        features=lambda w: f"{RESULTS}/features/{w.source}",
+        out=lambda w, output: str(Path(output.metrics).parent),
+    log:
+        f"{LOGS}/mil/{{source}}/{{model}}.log",
+    benchmark:
+        f"{BENCH}/mil/{{source}}/{{model}}.tsv"
+    threads: config["mil"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        ENV
+    shell:
+        "dirl mil --samples {input.samples:q} --features {params.features:q} --model {wildcards.model} "
+        "--splits {input.splits:q} --tiles {RESULTS}/tiles --out {params.out:q} --threads {threads} "
+        "{params.settings} "
+        "> {log:q} 2>&1"
+
+
+rule summary:
+    input:
+        expand(f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
+               source=feature_sources(), model=config["mil"]["models"]),
+    output:
+        tsv=f"{RESULTS}/summary.tsv",
+        md=report(f"{RESULTS}/summary.md", caption="../report/summary.rst", category="0. Summary"),
+    params:
+        named=lambda w, input: " ".join(
+            f"--metrics {shlex.quote(Path(m).parts[-3] + '/' + Path(m).parts[-2] + '=' + m)}" for m in input),
+    log:
+        f"{LOGS}/summary.log",
+    conda:
+        ENV
+    shell:
+        "dirl summary {params.named} --out {RESULTS} > {log:q} 2>&1"
