@@ -22,8 +22,11 @@ $(BIN)/dirl: pyproject.toml envs/constraints.txt
 venv: $(BIN)/dirl
 
 demo: venv
-	$(BIN)/snakemake --cores $(CORES) --printshellcmds --show-failed-logs
+	$(BIN)/snakemake --cores $(CORES) --show-failed-logs
+	$(BIN)/snakemake --cores $(CORES) --report results/demo/report.html
 	@echo "report:  results/demo/report.html"
+	@echo "summary: results/demo/summary.md"
+	@cat results/demo/summary.md
 
 test: venv
 	$(BIN)/python -m pytest
