@@ -37,6 +37,11 @@ def _metadata_mpp(props: dict[str, str]) -> tuple[float, str] | None:
     return None
 
 
+def _compression_error(sid: str, path: Path, e: Exception) -> SlideError:
+    return SlideError(f"slide {sid!r}: {path} uses a compression OpenSlide cannot decode ({e}); convert "
+                      "it, e.g. `vips tiffsave IN OUT.tiff --tile --pyramid --compression jpeg`")
+
+
 @dataclass
 class Slide:
     """A whole-slide image with a known resolution. Thread-safe for reads (OpenSlide is)."""
@@ -62,6 +67,8 @@ class Slide:
             raise SlideError(f"slide {sid!r}: {path} is not a slide OpenSlide can read "
                              f"(unsupported or corrupt file: {e})") from e
         except openslide.OpenSlideError as e:
+            if "Unsupported TIFF compression" in str(e):
+                raise _compression_error(sid, path, e) from e
             raise SlideError(f"slide {sid!r}: OpenSlide cannot open {path}: {e}") from e
         found = _metadata_mpp(dict(osr.properties))
         if found is not None:
@@ -79,7 +86,11 @@ class Slide:
             osr.close()
             raise SlideError(f"slide {sid!r}: resolution {value:g} µm/px (from {source}) is outside "
                              f"{MPP_RANGE[0]}..{MPP_RANGE[1]}: fix the metadata or set `mpp` in the sample sheet")
-        return cls(path, sid, value, source, osr)
+        slide = cls(path, sid, value, source, osr)
+        # Decode one pixel now: a slide whose compression OpenSlide cannot decode opens fine and would
+        # otherwise fail only later, in the middle of tiling.
+        slide.read(0, 0, len(slide.level_downsamples) - 1, 1, 1)
+        return slide
 
     def close(self) -> None:
         self._osr.close()
@@ -118,6 +129,8 @@ class Slide:
         try:
             rgba = np.asarray(self._osr.read_region((int(x), int(y)), level, (int(w), int(h))))
         except Exception as e:  # OpenSlideError, or a decoder error for a damaged tile
+            if "Unsupported TIFF compression" in str(e):
+                raise _compression_error(self.slide_id, self.path, e) from e
             raise SlideError(f"slide {self.slide_id!r}: reading {w}x{h} px at level {level}, ({x}, {y}) "
                              f"failed: {e}. The file is damaged; re-export or exclude it") from e
         rgb = rgba[..., :3]

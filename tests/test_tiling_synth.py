@@ -101,3 +101,32 @@ def test_overlap_and_jpeg_codec(slides: dict[str, Path], tmp_path: Path) -> None
     i = int(np.flatnonzero((b.coords == a.coords[5]).all(1))[0])
     err = np.abs(a.read(5, 6).astype(int) - b.read(i, i + 1).astype(int)).mean()
     assert 0 < err < 4  # JPEG q90: lossy, but close
+
+
+def test_region_that_fails_to_decode_midway(tmp_path: Path) -> None:
+    """A slide that opens but has one damaged tile: the job fails naming the region, leaving nothing."""
+    import tifffile
+
+    src = synth.write_slide(tmp_path / "ok.svs", 1024, 1024, mpp=0.5, tissue="full", seed=8)
+    data = bytearray(src.read_bytes())
+    page = tifffile.TiffFile(src).pages[0]
+    i = len(page.dataoffsets) // 2  # a level-0 tile in the middle
+    data[page.dataoffsets[i]:page.dataoffsets[i] + page.databytecounts[i]] = bytes(page.databytecounts[i])
+    bad = tmp_path / "damaged.svs"
+    bad.write_bytes(bytes(data))
+    with Slide.open(bad) as s:  # opens: the damage is past the probe
+        with pytest.raises(SlideError, match="damaged"):
+            tile_slide(s, tmp_path / "out.zarr", TileSettings(tile_px=128))
+    assert not (tmp_path / "out.zarr").exists()
+    assert cli(["tile", str(bad), str(tmp_path / "cli.zarr"), "--tile-px", "128"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.svs", "ok.svs"]
+
+
+def test_unsupported_compression(tmp_path: Path) -> None:
+    import tifffile
+
+    path = tmp_path / "webp.tiff"
+    tifffile.imwrite(path, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), compression="webp",
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER", photometric="rgb")
+    with pytest.raises(SlideError, match="compression OpenSlide cannot decode.*convert"):
+        Slide.open(path)
