@@ -10,6 +10,12 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    slide="|".join(re.escape(s) for s in SLIDES),
+
+
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/segment.smk"

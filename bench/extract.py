@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emit import emit
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -151,11 +153,7 @@ def main() -> None:
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "store_build_s": round(t_store, 1),
     }
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

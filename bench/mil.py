@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emit import emit
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -85,11 +87,7 @@ def main() -> None:
     if base:
         for name, e in res["models"].items():
             e["vs_meanpool"] = round(e["bags_per_s"] / base, 3)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dirl.ssl.losses import token_occupancy  # noqa: E402
 from dirl.ssl.train import PretrainSettings, Trainer  # noqa: E402
 
+from emit import emit
+
 
 def synthetic_batch(b: int, size: int, patch: int, n_classes: int, local: int, local_size: int,
                     seed: int = 0) -> dict[str, torch.Tensor]:
@@ -129,10 +131,7 @@ def main() -> None:
         res["dirl"]["peak_mem_mb"] = peak["dirl"] / 2 ** 20
     else:
         res["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emit import emit
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -181,10 +183,7 @@ def main() -> None:
         except ImportError as e:
             result["cellpose"] = {"skipped": str(e)}
     result["peak_rss_mb"] = rss_mb()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -225,20 +225,32 @@ def prepare_model(enc, device, precision: str = "auto"):
 
 def iter_features(tiles: store.TileStore, enc, device, *, batch: int, workers: int,
                   amp_dtype=None, channels_last: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start row, float32 features) blocks in row order, one batch behind the device."""
+    """Yield (start row, float32 features) blocks in row order, one batch behind the device.
+
+    Out of GPU memory, the model runs on halves of the batch (then quarters, ...; `dirl.oom`) for the
+    rest of the slide; the loader's blocks, the row order and the features stay the same."""
     import torch
+
+    from dirl.oom import HalvingBatch
 
     n = len(tiles)
     cuda = device.type == "cuda"
     pre = Preprocess(enc, device, channels_last)
     loader = _loader(tiles.path, n, batch, workers, pin=cuda)
     pending: tuple[int, torch.Tensor, Any] | None = None
+    sub = HalvingBatch(batch, setting="extract.batch_size (dirl extract --batch-size)",
+                       slide=tiles.slide_id, what="feature extraction")
+
+    def forward(xs):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return enc.embed_batch(pre(xs)).float()
+
     with torch.inference_mode():
         for start, x in loader:
             x = x.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                f = enc.embed_batch(pre(x))
-            f = f.float()
+            parts = sub.map(forward, x)
+            f = parts[0] if len(parts) == 1 else torch.cat(parts)
+            del parts
             if cuda:
                 host = torch.empty(f.shape, dtype=torch.float32, pin_memory=True)
                 host.copy_(f, non_blocking=True)

@@ -22,6 +22,8 @@ from dirl import store
 from dirl.cli import main
 from dirl.errors import ConfigError
 
+from helpers_models import write_backbone
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,17 +59,7 @@ def make_store(path: Path, n: int, tile_px: int, *, seed: int = 0, slide_mpp: fl
 
 
 def make_backbone(folder: Path, img: int = 32, embed: str = "mean") -> Path:
-    import timm
-
-    torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=img,
-                          dynamic_img_size=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(m.state_dict(), folder / "backbone.pt")
-    (folder / "backbone.json").write_text(json.dumps(
-        {"arch": "vit_tiny_patch16_224", "img_size": img, "embed": embed, "mean": [0.7, 0.5, 0.6],
-         "std": [0.2, 0.25, 0.3], "method": "dirl"}))
-    return folder
+    return write_backbone(folder, img, embed, mean=[0.7, 0.5, 0.6], std=[0.2, 0.25, 0.3])
 
 
 def reference(tiles: Path, backbone: Path, embed: str) -> np.ndarray:

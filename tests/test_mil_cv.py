@@ -16,6 +16,8 @@ import pytest
 
 from dirl import store
 
+from helpers_models import write_backbone
+
 T = 64            # tile side, px (level 0, mpp 1.0: 64 µm tiles)
 GRID = (8, 5)     # tiles per slide: 40
 N_PER_CLASS = 8
@@ -30,22 +32,6 @@ def _one_thread():
 
     with torch_threads(1):
         yield
-
-
-def write_backbone(folder: Path, img: int = 64, embed: str = "mean", method: str = "dirl", seed: int = 0):
-    """A pretrain-style backbone.pt + backbone.json pair with a random tiny ViT."""
-    import timm
-    import torch
-
-    torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=img,
-                          dynamic_img_size=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(m.state_dict(), folder / "backbone.pt")
-    (folder / "backbone.json").write_text(json.dumps(
-        {"arch": "vit_tiny_patch16_224", "img_size": img, "embed": embed, "mean": [0.485, 0.456, 0.406],
-         "std": [0.229, 0.224, 0.225], "method": method}))
-    return folder
 
 
 def tile_attrs(slide_id: str, n_x: int, n_y: int) -> dict:

@@ -112,28 +112,27 @@ def test_second_run_does_nothing(cohort: Path) -> None:
     assert planned_jobs(snakemake(cohort, "-n")) == {}
 
 
-@pytest.mark.slow
-def test_changed_mil_setting_reruns_only_mil(cohort: Path, tmp_path: Path) -> None:
+def dry_run_with(cohort: Path, section: str, key: str, value: object) -> dict[str, int]:
+    """Jobs a dry run plans after one config edit (the config is restored afterwards)."""
     config = json.loads(json.dumps(CONFIG))
-    config["mil"]["epochs"] = 4
+    config[section][key] = value
     (cohort / "config.yaml").write_text(yaml.safe_dump(config))
     try:
-        jobs = planned_jobs(snakemake(cohort, "-n"))
+        return planned_jobs(snakemake(cohort, "-n"))
     finally:
         (cohort / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+
+
+@pytest.mark.slow
+def test_changed_mil_setting_reruns_only_mil(cohort: Path) -> None:
+    jobs = dry_run_with(cohort, "mil", "epochs", 4)
     assert set(jobs) == {"mil", "summary", "all"}, jobs
     assert jobs["mil"] == 4  # 2 sources x 2 models
 
 
 @pytest.mark.slow
 def test_changed_tiling_reruns_everything_downstream(cohort: Path) -> None:
-    config = json.loads(json.dumps(CONFIG))
-    config["tiling"]["min_tissue"] = 0.6
-    (cohort / "config.yaml").write_text(yaml.safe_dump(config))
-    try:
-        jobs = planned_jobs(snakemake(cohort, "-n"))
-    finally:
-        (cohort / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    jobs = dry_run_with(cohort, "tiling", "min_tissue", 0.6)
     assert jobs["tile"] == 4 and jobs["segment"] == 4 and jobs["pretrain"] == 2 and "synth" not in jobs
 
 
@@ -166,3 +165,9 @@ def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
     proc = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "slurm"), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+
+
+def test_lint_is_clean() -> None:
+    proc = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(ROOT), "--lint"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout[-3000:]

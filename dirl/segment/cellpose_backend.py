@@ -137,6 +137,7 @@ class CellposeBackend(Backend):
             raise ConfigError(f"segmentation.masks_device must be auto or cpu, got {params.masks_device!r}")
         self.masks_on = torch.device("cpu") if params.masks_device == "cpu" else self.device
         self._pool = ThreadPoolExecutor(max(1, params.threads))
+        self._init_net_batch()
         log.info("cellpose: %s on %s (%s)", weights, self.device, "bf16" if bf16 else "fp32")
 
     @property
@@ -149,15 +150,27 @@ class CellposeBackend(Backend):
         d["dtype"] = "bfloat16" if self.bf16 else "float32"
         return d
 
+    def _init_net_batch(self) -> None:
+        """The network's patches-per-forward, halved on GPU out-of-memory (dirl.oom) for the rest of the
+        run; `slide` is set by the caller that knows it (dirl.segment.run)."""
+        from dirl.oom import HalvingBatch
+
+        self.net_batch = HalvingBatch(max(1, self.params.batch_size), what="the Cellpose network",
+                                      setting="segmentation.batch_size (dirl segment --batch-size)")
+
     # -- the two stages
     def network(self, tiles: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
-        """Flows dP (2, B, T, T) and cell probability (B, T, T) at tile size, as eval computes them."""
+        """Flows dP (2, B, T, T) and cell probability (B, T, T) at tile size, as eval computes them.
+
+        Out of GPU memory, the same tiles go through the network again with half as many patches per
+        forward pass (each patch's output does not depend on the others in its batch)."""
         from cellpose import core, transforms
 
         x = transforms.normalize_img(np.asarray(tiles, dtype=np.float32), normalize=True, norm3D=False)
         rsz = rescale_factor(self.params.diameter_um, mpp)
-        yf, _ = core.run_net(self.cp.net, x, bsize=BSIZE, augment=False, batch_size=self.params.batch_size,
-                             tile_overlap=0.1, rsz=rsz if rsz != 1.0 else None)
+        yf, _ = self.net_batch.run(lambda bs: core.run_net(
+            self.cp.net, x, bsize=BSIZE, augment=False, batch_size=bs, tile_overlap=0.1,
+            rsz=rsz if rsz != 1.0 else None))
         if rsz != 1.0:
             yf = transforms.resize_image(yf, tiles.shape[1], tiles.shape[2])
         return yf[..., -3:-1].transpose((3, 0, 1, 2)), yf[..., -1]

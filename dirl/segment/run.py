@@ -54,6 +54,9 @@ def segment_store(tiles_path: str | Path, out: str | Path, backend: base.Backend
     attrs = {**backend.describe(), "slide_id": tiles.slide_id, "mpp": mpp, "tile_px": tp,
              "tiles": str(Path(tiles_path)), "tile_px_level0": tiles.attrs["tile_px_level0"]}
     n_nuc = 0
+    oom = getattr(backend, "net_batch", None)   # dirl.oom.HalvingBatch of GPU backends: name the slide
+    if oom is not None:
+        oom.slide = tiles.slide_id
     with store.map_store_writer(out, "labels", n=n, tile_px=tp, dtype="uint32", attrs=attrs) as (root, arr), \
             ThreadPoolExecutor(max(1, threads)) as pool, \
             ThreadPoolExecutor(1) as reader, \

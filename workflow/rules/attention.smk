@@ -15,8 +15,8 @@ rule attention:
             category="4. Attention",
         ),
     params:
-        backbones=lambda w, input: " ".join(
-            f"--backbone {shlex.quote(Path(b).parent.name + '=' + b)}" for b in input.backbones),
+        backbones=lambda w, input: named_paths("--backbone", input.backbones, lambda p: p.parent.name),
+        cohort=COHORT,
         out=lambda w: f"{RESULTS}/analysis/attention_{{method}}.json",  # the tool fills {method}
         settings=cli_args(config["attention"]),
     log:
@@ -31,5 +31,5 @@ rule attention:
         ENV
     shell:
         "dirl attention {params.backbones} --tiles {input.tiles:q} --priors {input.priors:q} "
-        "--out {params.out:q} --overlays {output.overlays:q} --cohort {COHORT} {params.settings} "
+        "--out {params.out:q} --overlays {output.overlays:q} --cohort {params.cohort} {params.settings} "
         "> {log:q} 2>&1"

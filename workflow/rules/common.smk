@@ -1,8 +1,9 @@
 """Config and sample sheet: loaded, validated against workflow/schemas/ and checked once, at start-up.
 
-Everything a rule needs from the config passes through `params:` built here, so Snakemake's params
+Every setting reaches its job through `params:` built here, so Snakemake's params
 rerun-trigger reruns exactly the stages whose settings changed (and what depends on them).
 """
+import json
 import math
 import re
 import shlex
@@ -64,10 +65,6 @@ SAMPLES = load_samples(config["samples"])
 SLIDES = list(SAMPLES.index)
 
 
-wildcard_constraints:
-    slide="|".join(re.escape(s) for s in SLIDES),
-
-
 def cli_args(section, prefix=""):
     """Config section -> `--key value` flags (nested dicts become --section-key). None means "the
     command's own default" and is left out; booleans are passed as true/false."""
@@ -94,3 +91,59 @@ def slide_path(wildcards):
 def slide_mpp_arg(wildcards):
     mpp = SAMPLES.loc[wildcards.slide, "mpp"]
     return "" if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)) else f"--slide-mpp {mpp}"
+
+
+def named_paths(flag, paths, name):
+    """`--flag NAME=PATH` for each path, NAME from the path (e.g. its directory)."""
+    return " ".join(f"{flag} {shlex.quote(f'{name(Path(p))}={p}')}" for p in paths)
+
+
+# ---- segment
+def segment_gpu():
+    seg = config["segmentation"]
+    return 1 if seg["backend"] == "cellpose" and str(seg["gpu"]).lower() != "false" else 0
+
+
+# ---- pretrain
+def pretrain_settings(method):
+    cfg = {k: v for k, v in config["pretrain"].items() if k not in ("methods", "gpus", "threads")}
+    return json.dumps({**cfg, "method": method}, sort_keys=True)
+
+
+def pretrain_launcher(wildcards, resources):
+    """torchrun with one process per GPU when a job holds several; plain `dirl` otherwise."""
+    if int(resources.gpu) > 1:
+        return f"torchrun --standalone --nproc_per_node {int(resources.gpu)} -m dirl.cli"
+    return "dirl"
+
+
+# ---- extract
+def feature_sources():
+    return list(config["pretrain"]["methods"]) + list(config["extract"]["encoders"])
+
+
+def encoder_inputs(wildcards):
+    if wildcards.source in config["pretrain"]["methods"]:
+        return [f"{RESULTS}/pretrain/{wildcards.source}/backbone.pt",
+                f"{RESULTS}/pretrain/{wildcards.source}/backbone.json"]
+    weights = config["extract"]["encoders"][wildcards.source].get("weights")
+    return [weights] if weights else []
+
+
+def encoder_args(wildcards):
+    if wildcards.source in config["pretrain"]["methods"]:
+        return f"--encoder {shlex.quote(f'{RESULTS}/pretrain/{wildcards.source}/backbone.pt')}"
+    enc = config["extract"]["encoders"][wildcards.source]
+    args = cli_args({k: v for k, v in enc.items() if k != "model_kwargs"})
+    if enc.get("model_kwargs"):
+        args += f" --model-kwargs {shlex.quote(json.dumps(enc['model_kwargs']))}"
+    return args
+
+
+# ---- mil
+def labelled_slides():
+    return [s for s in SLIDES if isinstance(SAMPLES.loc[s, "label"], str) and SAMPLES.loc[s, "label"]]
+
+
+def mil_settings():
+    return cli_args({k: v for k, v in config["mil"].items() if k not in ("models", "threads")})

@@ -5,26 +5,6 @@ Feature sources are the pretrained methods (`pretrain.methods`) plus any encoder
 """
 
 
-def feature_sources():
-    return list(config["pretrain"]["methods"]) + list(config["extract"]["encoders"])
-
-
-def encoder_inputs(wildcards):
-    if wildcards.source in config["pretrain"]["methods"]:
-        return [f"{RESULTS}/pretrain/{wildcards.source}/backbone.pt",
-                f"{RESULTS}/pretrain/{wildcards.source}/backbone.json"]
-    weights = config["extract"]["encoders"][wildcards.source].get("weights")
-    return [weights] if weights else []
-
-
-def encoder_args(wildcards):
-    if wildcards.source in config["pretrain"]["methods"]:
-        return f"--encoder {shlex.quote(f'{RESULTS}/pretrain/{wildcards.source}/backbone.pt')}"
-    enc = config["extract"]["encoders"][wildcards.source]
-    return cli_args({k: v for k, v in enc.items() if k != "model_kwargs"}) + (
-        f" --model-kwargs {shlex.quote(json.dumps(enc['model_kwargs']))}" if enc.get("model_kwargs") else "")
-
-
 rule extract:
     input:
         tiles=f"{RESULTS}/tiles/{{slide}}.zarr",

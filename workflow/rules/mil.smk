@@ -5,15 +5,6 @@ DINO features are compared on identical patient-level folds.
 """
 
 
-def labelled_slides():
-    lab = SAMPLES[SAMPLES.label.notna() & (SAMPLES.label != "")]
-    return list(lab.index)
-
-
-def mil_settings():
-    return cli_args({k: v for k, v in config["mil"].items() if k not in ("models", "threads")})
-
-
 rule mil_splits:
     """Patient-level stratified folds, written once; every source and model reads the same file."""
     input:
@@ -24,14 +15,16 @@ rule mil_splits:
         folds=config["mil"]["folds"],
         val=config["mil"]["val_fraction"],
         seed=config["mil"]["seed"],
+        features=f"{RESULTS}/features",
+        scratch=f"{RESULTS}/mil/.splits",
     log:
         f"{LOGS}/mil/splits.log",
     conda:
         ENV
     shell:
-        "dirl mil --samples {input.samples:q} --features {RESULTS}/features --splits {output:q} "
+        "dirl mil --samples {input.samples:q} --features {params.features:q} --splits {output:q} "
         "--splits-only --folds {params.folds} --val-fraction {params.val} --seed {params.seed} "
-        "--out {RESULTS}/mil/.splits > {log:q} 2>&1"
+        "--out {params.scratch:q} > {log:q} 2>&1"
 
 
 rule mil:
@@ -54,6 +47,7 @@ rule mil:
         settings=mil_settings(),
         features=lambda w: f"{RESULTS}/features/{w.source}",
         out=lambda w, output: str(Path(output.metrics).parent),
+        tiles=f"{RESULTS}/tiles",
     log:
         f"{LOGS}/mil/{{source}}/{{model}}.log",
     benchmark:
@@ -66,7 +60,7 @@ rule mil:
         ENV
     shell:
         "dirl mil --samples {input.samples:q} --features {params.features:q} --model {wildcards.model} "
-        "--splits {input.splits:q} --tiles {RESULTS}/tiles --out {params.out:q} --threads {threads} "
+        "--splits {input.splits:q} --tiles {params.tiles:q} --out {params.out:q} --threads {threads} "
         "{params.settings} "
         "> {log:q} 2>&1"
 
@@ -79,11 +73,11 @@ rule summary:
         tsv=f"{RESULTS}/summary.tsv",
         md=report(f"{RESULTS}/summary.md", caption="../report/summary.rst", category="0. Summary"),
     params:
-        named=lambda w, input: " ".join(
-            f"--metrics {shlex.quote(Path(m).parts[-3] + '/' + Path(m).parts[-2] + '=' + m)}" for m in input),
+        named=lambda w, input: named_paths("--metrics", input, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"),
+        out=lambda w, output: str(Path(output.tsv).parent),
     log:
         f"{LOGS}/summary.log",
     conda:
         ENV
     shell:
-        "dirl summary {params.named} --out {RESULTS} > {log:q} 2>&1"
+        "dirl summary {params.named} --out {params.out:q} > {log:q} 2>&1"

@@ -4,19 +4,6 @@ The checkpoint and log.jsonl are not declared outputs on purpose: Snakemake dele
 before it reruns it, and a killed pretraining job must resume from its last checkpoint instead of
 starting over. The trainer itself restarts from scratch when the settings of the checkpoint differ.
 """
-import json
-
-
-def pretrain_settings(method):
-    cfg = {k: v for k, v in config["pretrain"].items() if k not in ("methods", "gpus", "threads")}
-    return json.dumps({**cfg, "method": method}, sort_keys=True)
-
-
-def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU when a job holds several; plain `dirl` otherwise."""
-    if int(resources.gpu) > 1:
-        return f"torchrun --standalone --nproc_per_node {int(resources.gpu)} -m dirl.cli"
-    return "dirl"
 
 
 rule pretrain:

@@ -1,10 +1,6 @@
 """Stages 2-3: nuclei (per slide), cohort cell classes, and per-pixel prior maps (per slide)."""
 
 
-def segment_gpu(wildcards=None):
-    seg = config["segmentation"]
-    return 1 if seg["backend"] == "cellpose" and str(seg["gpu"]).lower() != "false" else 0
-
 
 rule segment:
     input:
