@@ -135,3 +135,13 @@ def test_fraction_in_boxes() -> None:
     mask[:5] = True
     f = fraction_in_boxes(mask, np.array([[0, 0, 10, 10], [0, 0, 10, 5], [0, 5, 10, 10]], float))
     np.testing.assert_allclose(f, [0.5, 1.0, 0.0])
+
+
+def test_allow_failed_slides_writes_a_marked_empty_store(broken_slide: Path, tmp_path: Path) -> None:
+    from dirl.cli import main
+
+    out = tmp_path / "b.zarr"
+    assert main(["tile", str(broken_slide), str(out), "--on-error", "empty", "--qc", str(tmp_path / "b.png")]) == 0
+    t = store.open_tiles(out)
+    assert len(t) == 0 and "not a slide" in t.attrs["failed"]
+    assert (tmp_path / "b.png").stat().st_size > 0

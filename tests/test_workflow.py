@@ -171,3 +171,9 @@ def test_lint_is_clean() -> None:
     proc = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(ROOT), "--lint"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+def test_too_few_patients_for_the_folds_is_refused_at_start(tmp_path: Path) -> None:
+    write_cohort(tmp_path, {**CONFIG, "mil": {"folds": 3}})
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "fewer patients than mil.folds = 3" in proc.stdout + proc.stderr

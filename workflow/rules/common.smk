@@ -61,8 +61,25 @@ def load_samples(path):
     return out.set_index("slide_id", drop=False)
 
 
+def check_labels(samples, folds):
+    """MIL needs at least two classes, each with at least `folds` patients: say so before any job runs."""
+    lab = samples[samples.label.notna() & (samples.label != "")]
+    if lab.empty:
+        raise WorkflowError(f"sample sheet {config['samples']}: no slide has a label; the mil stage needs "
+                            "the `label` column (empty cells mark unlabelled, pretraining-only slides)")
+    patients = lab.groupby("label").patient_id.nunique()
+    if len(patients) < 2:
+        raise WorkflowError(f"sample sheet {config['samples']}: only one label ({patients.index[0]!r}); "
+                            "slide classification needs at least two")
+    few = patients[patients < folds]
+    if len(few):
+        raise WorkflowError(f"sample sheet {config['samples']}: label(s) {dict(few)} have fewer patients than "
+                            f"mil.folds = {folds}; lower mil.folds or add patients")
+
+
 SAMPLES = load_samples(config["samples"])
 SLIDES = list(SAMPLES.index)
+check_labels(SAMPLES, config["mil"]["folds"])
 
 
 def cli_args(section, prefix=""):
