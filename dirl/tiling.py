@@ -109,20 +109,25 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
     with store.tile_store_writer(out, coords=g.coords, tissue=g.tissue, tile_px=s.tile_px, attrs=attrs,
                                  codec=s.codec, quality=s.quality) as writer, \
             ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
+            ThreadPoolExecutor(max_workers=1) as compressor, \
             tqdm(total=n, unit="tile", desc=slide.slide_id, disable=None, mininterval=2) as bar:
-        # Keep about two shards of reads in flight while the current shard is compressed and written.
+        # Reads run about two shards ahead; each full shard is compressed and written in the background
+        # while the next one is read (zstd releases the GIL). At most three shards are in memory.
         pending: deque[Future[np.ndarray]] = deque()
-        block = np.empty((writer.shard, s.tile_px, s.tile_px, 3), dtype=np.uint8)
+        written: Future[None] | None = None
         nxt = 0
         for start in range(0, n, writer.shard):
             stop = min(n, start + writer.shard)
             while nxt < min(n, stop + writer.shard):
                 pending.append(pool.submit(_read_tile, slide, g.coords[nxt], g, s.tile_px))
                 nxt += 1
-            for i in range(stop - start):
-                block[i] = pending.popleft().result()
-            writer.write(start, block[:stop - start])
+            block = np.stack([pending.popleft().result() for _ in range(stop - start)])
+            if written is not None:
+                written.result()
+            written = compressor.submit(writer.write, start, block)
             bar.update(stop - start)
+        if written is not None:
+            written.result()
     if qc_png:
         write_qc(qc_png, g, slide, s)
     dt = time.perf_counter() - t0
