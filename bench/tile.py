@@ -37,15 +37,15 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=20000, help="slide side, px")
+    ap.add_argument("--size", type=int, default=None, help="slide side, px (default 20000; 6000 with --small)")
     ap.add_argument("--slide-mpp", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--naive-tiles", type=int, default=400, help="tiles timed for the naive loop")
+    ap.add_argument("--naive-tiles", type=int, default=None, help="tiles timed for the naive loop")
     ap.add_argument("--small", action="store_true", help="6000 px slide, quick check")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
-    if a.small:
-        a.size, a.naive_tiles = 6000, 150
+    a.size = a.size or (6000 if a.small else 20000)
+    a.naive_tiles = a.naive_tiles or (150 if a.small else 400)
 
     import openslide
     from PIL import Image
