@@ -127,19 +127,20 @@ class Slide:
         """RGB uint8 (h, w, 3) at `level`, top-left (x, y) in level-0 pixels. Pixels outside the
         scanned area (transparent in OpenSlide) come back white, like glass."""
         try:
-            rgba = np.asarray(self._osr.read_region((int(x), int(y)), level, (int(w), int(h))))
+            img = self._osr.read_region((int(x), int(y)), level, (int(w), int(h)))
         except Exception as e:  # OpenSlideError, or a decoder error for a damaged tile
             if "Unsupported TIFF compression" in str(e):
                 raise _compression_error(self.slide_id, self.path, e) from e
             raise SlideError(f"slide {self.slide_id!r}: reading {w}x{h} px at level {level}, ({x}, {y}) "
                              f"failed: {e}. The file is damaged; re-export or exclude it") from e
-        rgb = rgba[..., :3]
-        if rgba[..., 3].min() < 255:  # OpenSlide premultiplies: alpha 0 means "no data"
-            rgb = rgb.copy()
-            rgb[rgba[..., 3] == 0] = 255
-        return np.ascontiguousarray(rgb)
+        if img.getextrema()[3][0] == 255:  # fully opaque, the usual case: PIL's C conversion
+            return np.asarray(img.convert("RGB"))
+        rgba = np.asarray(img)  # OpenSlide premultiplies: alpha 0 means "no data", shown as glass
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 255
+        return rgb
 
-    def thumbnail(self, mpp: float, max_px: int = 4096) -> tuple[np.ndarray, float]:
+    def thumbnail(self, mpp: float, max_px: int = 2048) -> tuple[np.ndarray, float]:
         """Whole-slide RGB image at about `mpp` µm/px (coarser if its longest side would exceed
         `max_px`). Returns the image and its µm/px. Reads strip by strip, so a single-level
         100 000 px slide never sits in memory whole."""
@@ -152,8 +153,8 @@ class Slide:
         level = self.best_level(ds)
         lds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        # whole thumbnail rows per strip, ~64 Mpx of level pixels at most
-        rows_per_strip = max(1, int(64e6 / max(lw, 1) / (ds / lds)))
+        # whole thumbnail rows per strip, ~16 Mpx (64 MB of RGBA) of level pixels at most
+        rows_per_strip = max(1, int(16e6 / max(lw, 1) / (ds / lds)))
         strips = []
         for r0 in range(0, out_h, rows_per_strip):
             r1 = min(out_h, r0 + rows_per_strip)

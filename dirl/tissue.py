@@ -29,11 +29,12 @@ class TissueSettings:
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue (degrees), saturation and value in [0, 1], via PIL's C conversion (5x numpy's speed)."""
-    from PIL import Image
+    """Hue (degrees), saturation and value in [0, 1] as float32."""
+    import cv2
 
-    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("HSV"))
-    return hsv[..., 0] * (360 / 255), hsv[..., 1] / 255, hsv[..., 2] / 255
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV_FULL)
+    h, s, v = (hsv[..., i].astype(np.float32) for i in range(3))
+    return h * np.float32(360 / 256), s / np.float32(255), v / np.float32(255)
 
 
 def pen_mask(rgb: np.ndarray, hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -45,20 +46,18 @@ def pen_mask(rgb: np.ndarray, hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | N
 
 def _drop_small(mask: np.ndarray, max_size: int) -> np.ndarray:
     """Remove connected components of at most `max_size` pixels (8-connectivity)."""
-    from scipy import ndimage
+    import cv2
 
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes > max_size
-    keep[0] = False
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] > max_size
+    keep[0] = False  # label 0 is the complement of `mask`
     return keep[labels]
 
 
 def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> np.ndarray:
-    """Boolean tissue mask of an RGB uint8 thumbnail at `mpp` µm/px."""
-    from scipy import ndimage
+    """Boolean tissue mask of an RGB uint8 thumbnail at `mpp` µm/px. OpenCV does the pixel work:
+    a 4096 px thumbnail takes well under a second."""
+    import cv2
 
     hsv = _hsv(rgb)
     _, s, v = hsv
@@ -68,11 +67,10 @@ def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSe
     mask = candidates & (s > t)
     if settings.pen:
         mask &= ~pen_mask(rgb, hsv)
-    # closing with a disk via two Euclidean distance transforms: linear time whatever the radius
-    r = settings.close_um / mpp
-    pad = int(np.ceil(r)) + 1
-    grown = ndimage.distance_transform_edt(~np.pad(mask, pad)) <= r
-    mask = (ndimage.distance_transform_edt(grown) > r)[pad:-pad, pad:-pad]
+    r = max(1, round(settings.close_um / mpp))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    padded = np.pad(mask.astype(np.uint8), r)  # glass beyond the border, so closing adds nothing there
+    mask = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disk)[r:-r, r:-r].astype(bool)
     px_area = mpp * mpp
     mask = ~_drop_small(~mask, int(settings.max_hole_um2 / px_area))  # fill small holes
     return _drop_small(mask, int(settings.min_area_um2 / px_area))
@@ -96,8 +94,8 @@ def fraction_in_boxes(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.float32)
     h, w = mask.shape
-    ii = np.zeros((h + 1, w + 1), dtype=np.int64)
-    ii[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    ii = np.zeros((h + 1, w + 1), dtype=np.int32)  # a 4096 px mask sums to < 2^31
+    ii[1:, 1:] = mask.astype(np.int32).cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
     x0 = np.clip(np.floor(boxes[:, 0]).astype(int), 0, w)
     y0 = np.clip(np.floor(boxes[:, 1]).astype(int), 0, h)
     x1 = np.clip(np.ceil(boxes[:, 2]).astype(int), 0, w)
