@@ -79,6 +79,12 @@ def _read_tile(slide: Slide, xy: np.ndarray, g: Grid, tile_px: int) -> np.ndarra
     return tile
 
 
+def _read_encoded(slide: Slide, xy: np.ndarray, g: Grid, tile_px: int) -> bytes:
+    from dirl.store import TileWriter
+
+    return TileWriter.encode(_read_tile(slide, xy, g, tile_px))
+
+
 def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), threads: int = 2,
                qc_png: str | Path | None = None, source: str | None = None, grid: Grid | None = None) -> int:
     """Cut `slide` into `out` (a tile store). Returns the number of tiles. `grid`: a plan already made
@@ -113,22 +119,25 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
             ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
             ThreadPoolExecutor(max_workers=2) as compressor, \
             tqdm(total=n, unit="tile", desc=slide.slide_id, disable=None, mininterval=2) as bar:
-        # Reads run about two shards ahead; full shards are compressed and written by two background
-        # threads (separate shard files; zstd releases the GIL) while the next ones are read. Zarr's
-        # per-chunk overhead makes a write cost about as much CPU as a read. At most five shards
+        # Reads run about two shards ahead, each tile compressed by the thread that read it (zstd
+        # releases the GIL); whole shards are written by background threads. At most five shards
         # (~190 MB of 224 px tiles) are in memory.
-        pending: deque[Future[np.ndarray]] = deque()
+        pending: deque[Future[np.ndarray | bytes]] = deque()
         written: deque[Future[None]] = deque()
+        read = _read_encoded if writer.direct else _read_tile
         nxt = 0
-        for start in range(0, n, writer.shard):
+        for shard, start in enumerate(range(0, n, writer.shard)):
             stop = min(n, start + writer.shard)
             while nxt < min(n, stop + writer.shard):
-                pending.append(pool.submit(_read_tile, slide, g.coords[nxt], g, s.tile_px))
+                pending.append(pool.submit(read, slide, g.coords[nxt], g, s.tile_px))
                 nxt += 1
-            block = np.stack([pending.popleft().result() for _ in range(stop - start)])
+            items = [pending.popleft().result() for _ in range(stop - start)]
             if len(written) == 2:
                 written.popleft().result()
-            written.append(compressor.submit(writer.write, start, block))
+            if writer.direct:
+                written.append(compressor.submit(writer.write_encoded, shard, items))
+            else:
+                written.append(compressor.submit(writer.write, start, np.stack(items)))
             bar.update(stop - start)
         for w in written:
             w.result()
