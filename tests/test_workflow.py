@@ -157,6 +157,7 @@ def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
         config = yaml.safe_load(template.read_text())
         config["samples"] = "samples.tsv"
         config["synth"] = CONFIG["synth"]
+        config["mil"]["folds"] = 2  # four test slides, two patients per class
         write_cohort(tmp_path, config)
         jobs = planned_jobs(snakemake(tmp_path, "-n"))
         assert jobs["tile"] == 4 and jobs["pretrain"] == 2 and jobs["mil"] >= 2

@@ -73,7 +73,8 @@ def check_labels(samples, folds):
                             "slide classification needs at least two")
     few = patients[patients < folds]
     if len(few):
-        raise WorkflowError(f"sample sheet {config['samples']}: label(s) {dict(few)} have fewer patients than "
+        counts = {k: int(v) for k, v in few.items()}
+        raise WorkflowError(f"sample sheet {config['samples']}: label(s) {counts} have fewer patients than "
                             f"mil.folds = {folds}; lower mil.folds or add patients")
 
 
