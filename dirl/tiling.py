@@ -68,21 +68,48 @@ def plan(slide: Slide, s: TileSettings) -> Grid:
     return Grid(coords[keep], frac[keep], level, read_px, tile0, mask, thumb_mpp, thumb)
 
 
-def _read_tile(slide: Slide, xy: np.ndarray, g: Grid, tile_px: int) -> np.ndarray:
-    tile = slide.read(int(xy[0]), int(xy[1]), g.level, g.read_px, g.read_px)
-    if g.read_px != tile_px:
-        from PIL import Image
-
-        # BOX (area average) when shrinking, like a scanner's own pyramid; bilinear when enlarging
-        method = Image.Resampling.BOX if g.read_px > tile_px else Image.Resampling.BILINEAR
-        tile = np.asarray(Image.fromarray(tile).resize((tile_px, tile_px), method))
-    return tile
+RUN_TILES = 16  # tiles of one grid row read with a single read_region call
 
 
-def _read_encoded(slide: Slide, xy: np.ndarray, g: Grid, tile_px: int) -> bytes:
+def runs(coords: np.ndarray, g: Grid, shard: int, slide: Slide) -> list[tuple[int, int]]:
+    """Split the kept tiles (row-major) into (start, length) runs of neighbours in one grid row that
+    one read_region call can fetch: 2-3x faster than a call per tile (fewer calls, each slide JPEG
+    tile decoded once). A run never crosses a shard, and its tiles must start on whole pixels of the
+    level read."""
+    ds = slide.level_downsamples[g.level]
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(coords) + 1):
+        if i < len(coords):
+            dx = (coords[i, 0] - coords[start, 0]) / ds
+            same = (coords[i, 1] == coords[i - 1, 1] and coords[i, 0] > coords[i - 1, 0]
+                    and coords[i, 0] - coords[i - 1, 0] <= g.tile_px_level0 and abs(dx - round(dx)) < 1e-6
+                    and i - start < RUN_TILES and i // shard == start // shard)
+            if same:
+                continue
+        out.append((start, i - start))
+        start = i
+    return out
+
+
+def _read_run(slide: Slide, coords: np.ndarray, g: Grid, tile_px: int, encode: bool) -> list[np.ndarray | bytes]:
+    """The tiles at `coords` (one row, left to right) from a single region read."""
+    from PIL import Image
+
     from dirl.store import TileWriter
 
-    return TileWriter.encode(_read_tile(slide, xy, g, tile_px))
+    ds = slide.level_downsamples[g.level]
+    offsets = [round((x - coords[0, 0]) / ds) for x in coords[:, 0]]
+    region = slide.read(int(coords[0, 0]), int(coords[0, 1]), g.level, offsets[-1] + g.read_px, g.read_px)
+    out: list[np.ndarray | bytes] = []
+    for o in offsets:
+        tile = region[:, o:o + g.read_px]
+        if g.read_px != tile_px:
+            # BOX (area average) when shrinking, like a scanner's own pyramid; bilinear when enlarging
+            method = Image.Resampling.BOX if g.read_px > tile_px else Image.Resampling.BILINEAR
+            tile = np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize((tile_px, tile_px), method))
+        out.append(TileWriter.encode(tile) if encode else np.ascontiguousarray(tile))
+    return out
 
 
 def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), threads: int = 2,
@@ -119,19 +146,20 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
             ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
             ThreadPoolExecutor(max_workers=2) as compressor, \
             tqdm(total=n, unit="tile", desc=slide.slide_id, disable=None, mininterval=2) as bar:
-        # Reads run about two shards ahead, each tile compressed by the thread that read it (zstd
-        # releases the GIL); whole shards are written by background threads. At most five shards
-        # (~190 MB of 224 px tiles) are in memory.
-        pending: deque[Future[np.ndarray | bytes]] = deque()
+        # Row runs of tiles are read about a shard ahead, each tile compressed by the thread that read
+        # it (zstd releases the GIL); whole shards are written by background threads. At most a few
+        # shards (~40 MB each at 224 px) are in memory.
+        todo = deque(runs(g.coords, g, writer.shard, slide))
+        pending: deque[tuple[int, Future[list[np.ndarray | bytes]]]] = deque()
         written: deque[Future[None]] = deque()
-        read = _read_encoded if writer.direct else _read_tile
-        nxt = 0
         for shard, start in enumerate(range(0, n, writer.shard)):
             stop = min(n, start + writer.shard)
-            while nxt < min(n, stop + writer.shard):
-                pending.append(pool.submit(read, slide, g.coords[nxt], g, s.tile_px))
-                nxt += 1
-            items = [pending.popleft().result() for _ in range(stop - start)]
+            while todo and todo[0][0] < stop + writer.shard:  # reads run about a shard ahead
+                a, k = todo.popleft()
+                pending.append((a, pool.submit(_read_run, slide, g.coords[a:a + k], g, s.tile_px, writer.direct)))
+            items: list[np.ndarray | bytes] = []
+            while pending and pending[0][0] < stop:
+                items += pending.popleft()[1].result()
             if len(written) == 2:
                 written.popleft().result()
             if writer.direct:
