@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Encoder:
     embed: str                    # cls | mean | pooled
     encoder_id: str               # written to the `encoder` attr of every feature file
     dim: int                      # embedding size D
+    meta: dict[str, Any] = field(default_factory=dict)  # backbone.json of a pretrained backbone
 
     def embed_batch(self, x):
         """Embeddings (B, D) of a normalised float batch (B, 3, img_size, img_size)."""
@@ -109,8 +110,9 @@ def load_backbone(path: str | Path, *, embed_kind: str | None = None) -> Encoder
     kind = embed_kind or meta["embed"]
     method = meta.get("method", pt.parent.name)
     eid = f"{method}:{meta['arch']} embed={kind} img={img} weights=sha256:{file_digest(pt)}"
-    return _finish(model, img_size=img, mean=meta["mean"], std=meta["std"], embed_kind=kind,
-                   encoder_id=eid)
+    enc = _finish(model, img_size=img, mean=meta["mean"], std=meta["std"], embed_kind=kind, encoder_id=eid)
+    enc.meta = meta
+    return enc
 
 
 def _read_state_dict(path: Path) -> dict:

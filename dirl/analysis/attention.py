@@ -169,13 +169,14 @@ def analyse(backbones: dict[str, str], tiles: list[str], priors: list[str] | Non
     from dirl import store
     from dirl.ssl.data import read_n_classes
     from dirl.ssl.losses import token_occupancy
-    from dirl.ssl.model import load_backbone
+    from dirl.encoders import load_backbone
 
     if priors is not None and len(priors) != len(tiles):
         raise DirlError(f"{len(tiles)} tile stores but {len(priors)} priors stores")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    models = {name: load_backbone(path) for name, path in backbones.items()}
+    models = {name: (enc.model, enc.meta) for name, enc in
+              ((n, load_backbone(p)) for n, p in backbones.items())}
     first = next(iter(models.values()))[1]
     size = size or int(first["img_size"])
     stores = [store.open_tiles(t) for t in tiles]

@@ -1,13 +1,9 @@
 """Backbone (timm ViT by name), DINO head, and the network run as student and as EMA teacher.
 
-`load_backbone` rebuilds a trained backbone from `backbone.pt` + `backbone.json` (used by `dirl extract`
-and `dirl attention`).
+A trained backbone is read back by `dirl.encoders.load_backbone` (used by `dirl extract` and
+`dirl attention`).
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -132,29 +128,3 @@ class SSLNet(nn.Module):
             result["dense"] = dense
             result["mass"] = mass.unflatten(0, (g, b))
         return result
-
-
-# --------------------------------------------------------------------------------------------------
-# trained backbone on disk
-def backbone_meta_path(backbone_pt: str | Path) -> Path:
-    return Path(backbone_pt).with_suffix(".json")
-
-
-def load_backbone(backbone_pt: str | Path, map_location: str | torch.device = "cpu"
-                  ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a backbone written by `dirl pretrain` from `backbone.pt` and the `backbone.json` beside
-    it (arch, img_size, embed, mean, std). Returns (model in eval mode, metadata)."""
-    import timm
-
-    backbone_pt = Path(backbone_pt)
-    meta_path = backbone_meta_path(backbone_pt)
-    if not backbone_pt.exists():
-        raise DirlError(f"backbone {backbone_pt} does not exist: run `dirl pretrain` first")
-    if not meta_path.exists():
-        raise DirlError(f"{meta_path} is missing beside {backbone_pt}; rerun `dirl pretrain` to rewrite it")
-    meta = json.loads(meta_path.read_text())
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=meta["img_size"],
-                              dynamic_img_size=True)
-    state = torch.load(backbone_pt, map_location=map_location, weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), meta
