@@ -4,11 +4,18 @@ The grid and each tile's tissue fraction come from the low-resolution mask, so t
 tiles is known before any full-resolution pixel is read. Tiles are then read in parallel from the
 pyramid level closest to (and not coarser than) the target resolution, resized only when that level
 is not exactly at the target, and written shard by shard: memory stays flat in slide size.
+
+Where the time goes (20 000 px slide, 2 cores): OpenSlide's JPEG decoding is two thirds of the CPU,
+zstd a fifth. So reads fetch row runs of 16 tiles in column-band order (each slide JPEG tile decoded
+once), conversions use OpenCV, compression runs in the reading threads with shard files assembled
+directly, and the QC image and zarr's import overlap the work.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +28,9 @@ from dirl.slide import Slide
 from dirl.tissue import TissueSettings, fraction_in_boxes, tissue_mask
 
 log = logging.getLogger(__name__)
+
+
+RUN_TILES = 16  # tiles of one grid row read with a single read_region call (and the band width)
 
 
 @dataclass(frozen=True)
@@ -48,9 +58,9 @@ class Grid:
     thumb: np.ndarray
 
 
-def plan(slide: Slide, s: TileSettings) -> Grid:
+def plan(slide: Slide, s: TileSettings, threads: int = 2) -> Grid:
     """Tissue mask and the grid of kept tiles, from a thumbnail only."""
-    thumb, thumb_mpp = slide.thumbnail(s.tissue.mpp)
+    thumb, thumb_mpp = slide.thumbnail(s.tissue.mpp, threads=threads)
     mask = tissue_mask(thumb, thumb_mpp, s.tissue)
     ds = s.mpp / slide.mpp                      # level-0 px per tile px
     tile0 = round(s.tile_px * ds)
@@ -59,6 +69,12 @@ def plan(slide: Slide, s: TileSettings) -> Grid:
     xs, ys = np.arange(0, w0 - tile0 + 1, step0), np.arange(0, h0 - tile0 + 1, step0)
     gx, gy = np.meshgrid(xs, ys)
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
+    # Tile order: column bands RUN_TILES tiles wide, top to bottom within a band. A row run then
+    # shares the slide's JPEG tiles with the run just above it, still in OpenSlide's small cache
+    # however wide the slide (row-major order decodes most slide tiles twice on a wide slide), and a
+    # shard holds a compact block of tissue.
+    band = coords[:, 0] // (RUN_TILES * step0)
+    coords = coords[np.lexsort((coords[:, 0], coords[:, 1], band))]
     scale = slide.mpp / thumb_mpp               # thumbnail px per level-0 px
     boxes = np.concatenate([coords, coords + tile0], axis=1) * scale
     frac = fraction_in_boxes(mask, boxes)
@@ -68,11 +84,9 @@ def plan(slide: Slide, s: TileSettings) -> Grid:
     return Grid(coords[keep], frac[keep], level, read_px, tile0, mask, thumb_mpp, thumb)
 
 
-RUN_TILES = 16  # tiles of one grid row read with a single read_region call
-
 
 def runs(coords: np.ndarray, g: Grid, shard: int, slide: Slide) -> list[tuple[int, int]]:
-    """Split the kept tiles (row-major) into (start, length) runs of neighbours in one grid row that
+    """Split the kept tiles (in band order) into (start, length) runs of neighbours in one grid row that
     one read_region call can fetch: 2-3x faster than a call per tile (fewer calls, each slide JPEG
     tile decoded once). A run never crosses a shard, and its tiles must start on whole pixels of the
     level read."""
@@ -121,7 +135,7 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
     from dirl import store
 
     t0 = time.perf_counter()
-    g = grid if grid is not None else plan(slide, s)
+    g = grid if grid is not None else plan(slide, s, threads)
     t_plan = time.perf_counter() - t0
     n = len(g.coords)
     if n == 0:
@@ -146,6 +160,7 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
             ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
             ThreadPoolExecutor(max_workers=2) as compressor, \
             tqdm(total=n, unit="tile", desc=slide.slide_id, disable=None, mininterval=2) as bar:
+        qc = compressor.submit(write_qc, qc_png, g, slide, s) if qc_png else None  # needs only the plan
         # Row runs of tiles are read about a shard ahead, each tile compressed by the thread that read
         # it (zstd releases the GIL); whole shards are written by background threads. At most a few
         # shards (~40 MB each at 224 px) are in memory.
@@ -167,10 +182,8 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
             else:
                 written.append(compressor.submit(writer.write, start, np.stack(items)))
             bar.update(stop - start)
-        for w in written:
+        for w in [*written, *([qc] if qc else [])]:
             w.result()
-    if qc_png:
-        write_qc(qc_png, g, slide, s)
     dt = time.perf_counter() - t0
     log.info("slide %r: %d tiles of %d px at %.3g µm/px (level %d, %d px read) in %.1f s: tissue %.1f s, "
              "tiles %.0f/s", slide.slide_id, n, s.tile_px, s.mpp, g.level, g.read_px, dt, t_plan,
@@ -181,13 +194,14 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
 def write_qc(path: str | Path, g: Grid, slide: Slide, s: TileSettings) -> None:
     """Thumbnail with the tissue contour (green) and the kept tiles (blue boxes). PIL only: matplotlib
     would double the start-up time of a per-slide job."""
+    import cv2
     from PIL import Image, ImageDraw
-    from scipy import ndimage
 
     from dirl.store import atomic_path
 
     img = g.thumb.copy()
-    edge = g.mask & ~ndimage.binary_erosion(g.mask, iterations=2)
+    mask = g.mask.astype(np.uint8)
+    edge = mask > cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=2, borderValue=0)
     img[edge] = (0, 220, 0)
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
@@ -204,7 +218,7 @@ def write_qc(path: str | Path, g: Grid, slide: Slide, s: TileSettings) -> None:
     canvas.paste(pil, (0, 16))
     ImageDraw.Draw(canvas).text((2, 2), caption, fill="black")
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", compress_level=1)  # 5x faster than the default, 1.3x larger
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +256,8 @@ def main(args: argparse.Namespace) -> None:
         raise ConfigError(f"tiling.overlap must be in [0, 1), got {s.overlap}")
     from dirl.errors import SlideError
 
+    # zarr takes ~0.2 s to import: let it load while OpenSlide decodes the thumbnail (GIL released)
+    threading.Thread(target=importlib.import_module, args=("dirl.store",), daemon=True).start()
     try:
         with Slide.open(args.slide, args.slide_id, args.slide_mpp) as slide:
             tile_slide(slide, args.out, s, threads=args.threads, qc_png=args.qc)

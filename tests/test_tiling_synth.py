@@ -10,7 +10,7 @@ from dirl import store, synth
 from dirl.cli import main as cli
 from dirl.errors import SlideError
 from dirl.slide import Slide
-from dirl.tiling import TileSettings, plan, tile_slide
+from dirl.tiling import RUN_TILES, TileSettings, plan, tile_slide
 
 SMALL = TileSettings(tile_px=64)
 
@@ -44,6 +44,32 @@ def test_pyramid_level_is_used(slides: dict[str, Path], key: str, tmp_path: Path
         assert len(t) == n > 0
         x, y = t.coords[n // 2]
         np.testing.assert_array_equal(t.read(n // 2, n // 2 + 1)[0], s.read(x, y, 1, 64, 64))
+
+
+def test_every_tile_equals_its_direct_read_in_band_order(slides: dict[str, Path], tmp_path: Path) -> None:
+    """Tiles are stored in column bands RUN_TILES wide, top to bottom in each band, read as row runs
+    of one band row: every tile still equals a read_region of its own coordinates."""
+    settings = TileSettings(tile_px=32, min_tissue=0.0)
+    with Slide.open(slides["unicode"]) as s:
+        n = tile_slide(s, tmp_path / "t.zarr", settings)
+        t = store.open_tiles(tmp_path / "t.zarr")
+        assert n == len(t) == (1024 // 32) ** 2 == len(np.unique(t.coords, axis=0))
+        images = t.read(0, n)
+        for i, (x, y) in enumerate(t.coords):
+            np.testing.assert_array_equal(images[i], s.read(x, y, 0, 32, 32))
+    band = t.coords[:, 0] // (RUN_TILES * 32)
+    assert (np.diff(band) >= 0).all() and band.max() == 1
+    first = t.coords[band == 0]
+    assert (first[:RUN_TILES, 1] == 0).all() and (np.diff(first[:RUN_TILES, 0]) == 32).all()
+    assert (np.diff(first[:, 1]) >= 0).all()
+
+
+def test_pixels_outside_the_scan_read_as_glass(slides: dict[str, Path]) -> None:
+    """OpenSlide returns transparent pixels beyond the scanned area; they must come back white."""
+    with Slide.open(slides["unicode"]) as s:
+        edge = s.read(-16, -16, 0, 32, 32)
+        assert (edge[:16] == 255).all() and (edge[:, :16] == 255).all()
+        np.testing.assert_array_equal(edge[16:, 16:], s.read(0, 0, 0, 16, 16))
 
 
 def test_single_level_slide_is_downsampled(slides: dict[str, Path], tmp_path: Path) -> None:
