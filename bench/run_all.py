@@ -244,8 +244,11 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
         d = r.get("dirl_tiles_per_s")
         rows += [("dirl tile, tiles/s (end to end)", d, "naive read_region + PNG loop",
                   r.get("naive_png_tiles_per_s"), r.get("dirl_over_naive")),
-                 ("dirl tile, tiles/s (end to end)", d, f"bare read_region ({r.get('threads')} threads)",
-                  r.get("bare_read_tiles_per_s"), r.get("dirl_over_bare")),
+                 ("dirl tile, tiles/s (end to end)", d, f"bare read_region ({r.get('threads')} threads, "
+                  "dirl's tile order)", r.get("bare_read_tiles_per_s"), r.get("dirl_over_bare")),
+                 ("dirl tile, tiles/s (end to end)", d, f"bare read_region ({r.get('threads')} threads, "
+                  "row-major order)", r.get("bare_read_row_major_tiles_per_s"),
+                  r.get("dirl_over_bare_row_major")),
                  ("dirl tile loop alone (reads, compression, writes), tiles/s", r.get("dirl_loop_tiles_per_s"),
                   f"bare read_region ({r.get('threads')} threads)", r.get("bare_read_tiles_per_s"),
                   r.get("loop_over_bare"))]
