@@ -12,6 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +50,16 @@ SAMPLES = ("slide_id\tpath\tpatient_id\tlabel\n"
            "b1\tresources/synth/b1.svs\tpb1\tB\n" "b2\tresources/synth/b2.svs\tpb2\tB\n")
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def snakemake_command(workdir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}
     cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile",
            str(workdir / "config.yaml"), "--cores", "2", *args]
+    return cmd, env
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd, env = snakemake_command(workdir, *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -74,12 +81,31 @@ def write_cohort(workdir: Path, config: dict, samples: str = SAMPLES) -> None:
     (workdir / "samples.tsv").write_text(samples)
 
 
+@dataclass
+class Cohort:
+    workdir: Path
+    second_run: subprocess.CompletedProcess[str]  # started while the first one was running
+
+
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cohort_runs(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
+    """The full run, and a second `snakemake` on the same directory started while it works."""
     workdir = tmp_path_factory.mktemp("workflow")
     write_cohort(workdir, CONFIG)
-    snakemake(workdir)
-    return workdir
+    cmd, env = snakemake_command(workdir)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as first:
+        locks = workdir / ".snakemake" / "locks"
+        while first.poll() is None and not (locks.is_dir() and any(locks.iterdir())):
+            time.sleep(0.2)
+        second = snakemake(workdir, check=False)
+        out, _ = first.communicate(timeout=1800)
+    assert first.returncode == 0, out[-6000:]
+    return Cohort(workdir, second)
+
+
+@pytest.fixture(scope="module")
+def cohort(cohort_runs: Cohort) -> Path:
+    return cohort_runs.workdir
 
 
 @pytest.mark.slow
@@ -105,6 +131,13 @@ def test_every_stage_output_meets_the_contracts(cohort: Path) -> None:
         proc = subprocess.run([sys.executable, str(CONTRACT), str(res)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
     assert (cohort / "logs" / "e2e" / "tile" / "a1.log").read_text()
+
+
+@pytest.mark.slow
+def test_concurrent_run_on_the_same_directory_is_refused(cohort_runs: Cohort) -> None:
+    """Snakemake's lock: the second run stops at once and writes nothing; the first completes."""
+    out = cohort_runs.second_run.stdout + cohort_runs.second_run.stderr
+    assert cohort_runs.second_run.returncode != 0 and "cannot be locked" in out, out[-3000:]
 
 
 @pytest.mark.slow
