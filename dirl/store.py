@@ -8,6 +8,8 @@ and fail with a message that names the file.
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import shutil
 import uuid
@@ -23,6 +25,8 @@ from zarr.codecs import ZstdCodec
 from dirl import __version__
 from dirl.errors import StoreError
 
+log = logging.getLogger(__name__)
+
 TILE_ATTRS = ("slide_id", "source", "mpp", "slide_mpp", "tile_px", "tile_px_level0", "read_level",
               "level0_width", "level0_height")
 SHARD_TILES = 256  # tiles per shard file: a 50 000-tile slide is ~200 files
@@ -36,10 +40,15 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it to `final` only if the block succeeds.
 
     Works for files and directories (Zarr stores). A failed or killed block leaves at most a
-    `.tmp-*` sibling, never something at `final`.
+    `.tmp-*` sibling, never something at `final`; the next write of `final` removes it (one writer
+    per output: Snakemake's lock sees to that in the workflow).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*final.parent.glob(f".{glob.escape(final.name)}.tmp-*"),
+                  *final.parent.glob(f".{glob.escape(final.name)}.old-*")]:
+        log.warning("removing %s, left by an interrupted run", stale)
+        _remove(stale)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp

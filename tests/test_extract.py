@@ -3,12 +3,8 @@ order, in a file CLAM and TRIDENT read; a failed or killed run leaves nothing at
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -22,6 +18,7 @@ from dirl import store
 from dirl.cli import main
 from dirl.errors import ConfigError
 
+from helpers_kill import kill_at, partial_outputs
 from helpers_models import write_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,43 +161,25 @@ def test_failure_mid_extraction_leaves_no_file(tmp_path, monkeypatch):
 
 def test_killed_run_leaves_no_complete_looking_file(tmp_path):
     """SIGKILL during extraction (after some rows were written): no file at the final path; a rerun
-    completes it."""
+    completes it and clears the partial file."""
     tiles = tmp_path / "s.zarr"
     make_store(tiles, 40, 32)
     bb = make_backbone(tmp_path / "bb")
     out = tmp_path / "features" / "s.h5"
-    marker = tmp_path / "reached"
-    script = textwrap.dedent(f"""
-        import time
+    patch = """
         from dirl import store
         original = store.TileStore.read
-        def slow(self, a, b):
+        def read(self, a, b):
             if a >= 24:
-                open({str(marker)!r}, "w").close()
-                time.sleep(600)
+                pause()
             return original(self, a, b)
-        store.TileStore.read = slow
-        from dirl.cli import main
-        main(["extract", {str(tiles)!r}, "--encoder", {str(bb)!r}, "--out", {str(out)!r},
-              "--batch-size", "8", "--workers", "0", "--threads", "1"])
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    try:
-        deadline = time.time() + 120
-        while not marker.exists():
-            assert proc.poll() is None, "extraction ended before the kill point"
-            assert time.time() < deadline, "kill point never reached"
-            time.sleep(0.1)
-        partial = list(out.parent.glob(".s.h5.tmp-*"))
-        assert partial, "rows should be going into a temporary sibling"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not out.exists()
+        store.TileStore.read = read
+    """
+    kill_at(patch, ["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--batch-size", "8",
+                    "--workers", "0", "--threads", "1"], tmp_path / "reached")
+    assert not out.exists() and partial_outputs(out), "rows should be going into a temporary sibling"
     assert main(["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--threads", "1"]) == 0
-    assert store.read_features(out)[0].shape == (40, 192)
+    assert store.read_features(out)[0].shape == (40, 192) and not partial_outputs(out)
 
 
 def test_timm_encoder_with_local_weights(tmp_path):

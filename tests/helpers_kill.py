@@ -1,0 +1,48 @@
+"""SIGKILL a real `dirl` command at a chosen point of its work: what a cluster's OOM killer, a
+pre-empted node or a cancelled job delivers. No handler runs, so only the design keeps outputs sound."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill_at(patch: str, argv: list[str], marker: Path, timeout: float = 300) -> None:
+    """Run `dirl <argv>` in a fresh interpreter after executing `patch`, which wraps one function so
+    that it calls `pause()` at the point to kill; SIGKILL the process there.
+
+    `pause()` creates `marker` and sleeps, so the kill lands while the command is mid-write."""
+    script = "\n".join([
+        "import time",
+        f"def pause():\n    open({str(marker)!r}, 'w').close()\n    time.sleep(600)",
+        textwrap.dedent(patch),
+        "from dirl.cli import main",
+        f"main({argv!r})",
+    ])
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"dirl {argv[0]} ended before the kill point:\n"
+                                     f"{proc.stderr.read().decode()[-3000:]}")
+            assert time.time() < deadline, "kill point never reached"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def partial_outputs(final: Path) -> list[Path]:
+    """The temporary siblings a writer of `final` leaves when killed."""
+    return sorted(final.parent.glob(f".{final.name}.tmp-*"))
