@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import importlib
 from pathlib import Path
@@ -88,3 +89,34 @@ def test_cohort_templates_valid(path: Path) -> None:
 def test_bad_config_is_named(bad: dict, match: str) -> None:
     with pytest.raises(WorkflowError, match=match):
         load({"cohort": "x", "samples": "s.tsv", **bad})
+
+
+def test_conda_environment_is_self_contained_and_pinned() -> None:
+    """Snakemake copies envs/dirl.yaml alone into .snakemake/conda/, so it may not point at other
+    files; its pins must equal the venv's (envs/constraints.txt) and cover every dependency jobs import."""
+    import tomllib
+
+    env = yaml.safe_load((ROOT / "envs" / "dirl.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.+]+", r) for r in pip), pip  # no -r, -c, -e, paths
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pins = {norm(r.split("==")[0]): r.split("==")[1] for r in pip}
+    locked = {norm(line.split("==")[0]): line.split("==")[1].strip()
+              for line in (ROOT / "envs" / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    assert {k: v for k, v in pins.items() if locked.get(k) != v} == {}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    needed = {norm(re.split(r"[<>=!~ ]", d)[0]) for d in project} - {"snakemake", "snakemake-executor-plugin-slurm"}
+    assert needed - set(pins) == set()
+
+
+def test_rules_run_the_package_next_to_the_snakefile() -> None:
+    """Jobs call `python -m dirl.cli` (found through the PYTHONPATH common.smk sets and the profiles
+    keep in conda environments), never a `dirl` script from PATH, which a conda environment lacks."""
+    for rules in (ROOT / "workflow" / "rules").glob("*.smk"):
+        assert not re.search(r'"dirl ', rules.read_text()), rules.name
+    for profile in (ROOT / "workflow" / "profiles").glob("*/config.yaml"):
+        assert yaml.safe_load(profile.read_text())["conda-not-block-search-path-envvars"] is True, profile

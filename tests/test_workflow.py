@@ -201,6 +201,28 @@ def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, out[-3000:]
 
 
+def test_jobs_run_the_package_next_to_the_snakefile(tmp_path: Path) -> None:
+    """A copy of the workflow runs its own `dirl`, not the installed one: what lets `--sdm conda` jobs
+    (whose environment does not install dirl) find it, and keeps workflow and library in step."""
+    copy = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for part in ("workflow", "dirl", "envs"):
+        shutil.copytree(ROOT / part, copy / part, ignore=ignore)
+    shutil.copy(ROOT / "Snakefile", copy / "Snakefile")
+    with open(copy / "dirl" / "__init__.py", "a") as f:  # each import of this copy leaves a mark
+        f.write("\nimport os as _os\nopen(_os.environ['DIRL_IMPORT_MARK'], 'a').write(__file__ + '\\n')\n")
+    work = tmp_path / "run"
+    write_cohort(work, CONFIG)
+    cmd, env = snakemake_command(work, "resources/synth/a1.svs")
+    cmd[cmd.index("-s") + 1] = str(copy / "Snakefile")
+    mark = tmp_path / "imports"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "DIRL_IMPORT_MARK": str(mark)},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (work / "resources" / "synth" / "a1.svs").stat().st_size > 0
+    assert mark.read_text().split() == [str((copy / "dirl" / "__init__.py").resolve())]
+
+
 def test_lint_is_clean() -> None:
     proc = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(ROOT), "--lint"],
                           capture_output=True, text=True, timeout=300)

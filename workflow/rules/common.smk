@@ -5,6 +5,7 @@ rerun-trigger reruns exactly the stages whose settings changed (and what depends
 """
 import json
 import math
+import os
 import re
 import shlex
 from pathlib import Path
@@ -22,6 +23,14 @@ RESULTS = f"results/{COHORT}"
 LOGS = f"logs/{COHORT}"
 BENCH = f"benchmarks/{COHORT}"
 ENV = "../../envs/dirl.yaml"
+# Every job runs the `dirl` package next to this Snakefile (`python -m dirl.cli`), whichever environment
+# runs it: the venv, where it is installed too, or `--sdm conda`, where envs/dirl.yaml holds only its
+# dependencies (the profiles set conda-not-block-search-path-envvars: Snakemake otherwise clears
+# PYTHONPATH in conda environments). Workflow and library are versioned together.
+SRC = str(Path(workflow.basedir).resolve())
+_paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if SRC not in _paths:
+    os.environ.update(PYTHONPATH=os.pathsep.join([SRC, *_paths]))
 
 
 def load_samples(path):
@@ -132,7 +141,7 @@ def pretrain_launcher(wildcards, resources):
     """torchrun with one process per GPU when a job holds several; plain `dirl` otherwise."""
     if int(resources.gpu) > 1:
         return f"torchrun --standalone --nproc_per_node {int(resources.gpu)} -m dirl.cli"
-    return "dirl"
+    return "python -m dirl.cli"
 
 
 # ---- extract

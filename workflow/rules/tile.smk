@@ -27,6 +27,6 @@ rule tile:
     conda:
         ENV
     shell:
-        "dirl tile {input:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
+        "python -m dirl.cli tile {input:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
         "--qc {output.qc:q} --threads {threads} --on-error {params.on_error} {params.settings} "
         "> {log:q} 2>&1"
