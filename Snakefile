@@ -2,7 +2,7 @@
 
     snakemake --cores all                                # the demo cohort (config/config.yaml)
     snakemake --cores all --configfile config/cohorts/<name>.yaml
-    snakemake --profile workflow/profiles/slurm          # on a SLURM cluster
+    snakemake --profile profiles/slurm                   # on a SLURM cluster
 """
 
 

@@ -118,5 +118,5 @@ def test_rules_run_the_package_next_to_the_snakefile() -> None:
     keep in conda environments), never a `dirl` script from PATH, which a conda environment lacks."""
     for rules in (ROOT / "workflow" / "rules").glob("*.smk"):
         assert not re.search(r'"dirl ', rules.read_text()), rules.name
-    for profile in (ROOT / "workflow" / "profiles").glob("*/config.yaml"):
+    for profile in (ROOT / "profiles").glob("*/config.yaml"):
         assert yaml.safe_load(profile.read_text())["conda-not-block-search-path-envvars"] is True, profile

@@ -194,11 +194,22 @@ def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
         write_cohort(tmp_path, config)
         jobs = planned_jobs(snakemake(tmp_path, "-n"))
         assert jobs["tile"] == 4 and jobs["pretrain"] == 2 and jobs["mil"] >= 2
-    shutil.copytree(ROOT / "workflow" / "profiles" / "slurm", tmp_path / "slurm")
+    shutil.copytree(ROOT / "profiles" / "slurm", tmp_path / "slurm")
     write_cohort(tmp_path, CONFIG)
     proc = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "slurm"), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+
+
+def test_default_profile_applies_to_every_run(tmp_path: Path) -> None:
+    """profiles/default sits where Snakemake looks for a workflow profile (beside the Snakefile): its
+    settings (here printshellcmds) hold without any flag, with --profile slurm too."""
+    write_cohort(tmp_path, CONFIG)
+    proc = snakemake(tmp_path, "-n")
+    assert "python -m dirl.cli tile" in proc.stdout + proc.stderr
+    shutil.copytree(ROOT / "profiles" / "slurm", tmp_path / "slurm")
+    proc = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "slurm"))
+    assert "python -m dirl.cli tile" in proc.stdout + proc.stderr
 
 
 def test_jobs_run_the_package_next_to_the_snakefile(tmp_path: Path) -> None:
