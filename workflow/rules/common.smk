@@ -25,8 +25,8 @@ BENCH = f"benchmarks/{COHORT}"
 ENV = "../../envs/dirl.yaml"
 # Every job runs the `dirl` package next to this Snakefile (`python -m dirl.cli`), whichever environment
 # runs it: the venv, where it is installed too, or `--sdm conda`, where envs/dirl.yaml holds only its
-# dependencies (the profiles set conda-not-block-search-path-envvars: Snakemake otherwise clears
-# PYTHONPATH in conda environments). Workflow and library are versioned together.
+# dependencies (profiles/default sets conda-not-block-search-path-envvars: Snakemake otherwise
+# clears PYTHONPATH in conda environments). Workflow and library are versioned together.
 SRC = str(Path(workflow.basedir).resolve())
 _paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 if SRC not in _paths:
@@ -138,7 +138,7 @@ def pretrain_settings(method):
 
 
 def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU when a job holds several; plain `dirl` otherwise."""
+    """torchrun with one process per GPU when a job holds several; plain `python -m dirl.cli` otherwise."""
     if int(resources.gpu) > 1:
         return f"torchrun --standalone --nproc_per_node {int(resources.gpu)} -m dirl.cli"
     return "python -m dirl.cli"
