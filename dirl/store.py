@@ -45,8 +45,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*final.parent.glob(f".{glob.escape(final.name)}.tmp-*"),
-                  *final.parent.glob(f".{glob.escape(final.name)}.old-*")]:
+    for stale in leftovers(final):
         log.warning("removing %s, left by an interrupted run", stale)
         _remove(stale)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -61,6 +60,13 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         _remove(tmp)
+
+
+def leftovers(final: str | os.PathLike) -> list[Path]:
+    """The temporary siblings of `final` that a killed `atomic_path` block leaves behind."""
+    final = Path(final)
+    name = glob.escape(final.name)
+    return sorted([*final.parent.glob(f".{name}.tmp-*"), *final.parent.glob(f".{name}.old-*")])
 
 
 def _remove(p: Path) -> None:

@@ -43,6 +43,9 @@ def kill_at(patch: str, argv: list[str], marker: Path, timeout: float = 300) -> 
         proc.stderr.close()
 
 
-def partial_outputs(final: Path) -> list[Path]:
-    """The temporary siblings a writer of `final` leaves when killed."""
-    return sorted(final.parent.glob(f".{final.name}.tmp-*"))
+
+def in_progress(final: Path) -> bool:
+    """Whether a killed writer of `final` left its temporary output behind."""
+    from dirl.store import leftovers
+
+    return any(".tmp-" in p.name for p in leftovers(final))

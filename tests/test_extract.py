@@ -18,7 +18,7 @@ from dirl import store
 from dirl.cli import main
 from dirl.errors import ConfigError
 
-from helpers_kill import kill_at, partial_outputs
+from helpers_kill import in_progress, kill_at
 from helpers_models import write_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,9 +177,9 @@ def test_killed_run_leaves_no_complete_looking_file(tmp_path):
     """
     kill_at(patch, ["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--batch-size", "8",
                     "--workers", "0", "--threads", "1"], tmp_path / "reached")
-    assert not out.exists() and partial_outputs(out), "rows should be going into a temporary sibling"
+    assert not out.exists() and in_progress(out), "rows should be going into a temporary sibling"
     assert main(["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--threads", "1"]) == 0
-    assert store.read_features(out)[0].shape == (40, 192) and not partial_outputs(out)
+    assert store.read_features(out)[0].shape == (40, 192) and not store.leftovers(out)
 
 
 def test_timm_encoder_with_local_weights(tmp_path):

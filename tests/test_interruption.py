@@ -14,7 +14,7 @@ import zarr
 from dirl import store, synth
 from dirl.cli import main
 
-from helpers_kill import kill_at, partial_outputs
+from helpers_kill import in_progress, kill_at
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,11 @@ def test_killed_tiling(slide: Path, tiles: Path, tmp_path: Path) -> None:
         store.TileWriter.write_encoded = write_encoded
     """
     kill_at(patch, ["tile", str(slide), str(out), *TILE_ARGS], tmp_path / "reached")
-    assert not out.exists() and partial_outputs(out)
+    assert not out.exists() and in_progress(out)
     with pytest.raises(Exception):
         store.open_tiles(out)
     assert main(["tile", str(slide), str(out), *TILE_ARGS]) == 0
-    assert not partial_outputs(out)
+    assert not store.leftovers(out)
     a, b = store.open_tiles(out), store.open_tiles(tiles)
     assert len(a) == 1024
     np.testing.assert_array_equal(a.coords, b.coords)
@@ -71,10 +71,10 @@ def test_killed_segmentation(tiles: Path, tmp_path: Path) -> None:
         features.TableWriter.append = append
     """
     kill_at(patch, ["segment", str(tiles), str(out), *args], tmp_path / "reached")
-    assert not out.exists() and partial_outputs(out)
+    assert not out.exists() and in_progress(out)
     assert main(["segment", str(tiles), str(out), *args]) == 0
     assert main(["segment", str(tiles), str(clean), *args]) == 0
-    assert not partial_outputs(out)
+    assert not store.leftovers(out)
     a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(clean), mode="r")
     assert a.attrs["n_nuclei"] == b.attrs["n_nuclei"] > 100
     np.testing.assert_array_equal(a["labels"][:], b["labels"][:])
@@ -116,4 +116,4 @@ def test_killed_pretraining_resumes_exactly(tmp_path: Path) -> None:
         return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
 
     assert losses(killed) == losses(full) and len(losses(full)) == 4
-    assert not partial_outputs(killed / "checkpoint.pt")
+    assert not store.leftovers(killed / "checkpoint.pt")
