@@ -33,5 +33,6 @@ rule all:
         expand(f"{RESULTS}/pretrain/{{method}}/loss_curves.png", method=config["pretrain"]["methods"]),
         rules.attention.output,
         expand(f"{RESULTS}/features/{{source}}/{{slide}}.h5", source=feature_sources(), slide=SLIDES),
-        f"{RESULTS}/summary.tsv",
+        f"{RESULTS}/failed_slides.txt",
+        f"{RESULTS}/summary.tsv" if RUN_MIL else [],
     default_target: True

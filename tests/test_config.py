@@ -114,9 +114,12 @@ def test_conda_environment_is_self_contained_and_pinned() -> None:
 
 
 def test_rules_run_the_package_next_to_the_snakefile() -> None:
-    """Jobs call `python -m dirl.cli` (found through the PYTHONPATH common.smk sets and the profiles
-    keep in conda environments), never a `dirl` script from PATH, which a conda environment lacks."""
+    """Jobs call `dirl`, the shell function common.smk's prefix defines as `<interpreter> -m dirl.cli`
+    (found through the PYTHONPATH common.smk sets and the profiles keep in conda environments), never a
+    `dirl` script or a bare `python` from PATH (tests/test_workflow_cohorts.py runs with a bare PATH)."""
+    assert 'dirl() {{{{ {_py} -m dirl.cli "$@"; }}}}' in (ROOT / "workflow/rules/common.smk").read_text()
     for rules in (ROOT / "workflow" / "rules").glob("*.smk"):
-        assert not re.search(r'"dirl ', rules.read_text()), rules.name
+        if rules.name != "common.smk":
+            assert not re.search(r"python|torchrun", rules.read_text()), rules.name
     for profile in (ROOT / "profiles").glob("*/config.yaml"):
         assert yaml.safe_load(profile.read_text())["conda-not-block-search-path-envvars"] is True, profile

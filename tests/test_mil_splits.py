@@ -94,8 +94,8 @@ def test_sample_sheet(tmp_path):
     p.write_text("slide_id\tpath\tlabel\ns1\t/a\tx\n")
     with pytest.raises(ConfigError, match="at least two classes"):
         read_sample_sheet(p)
-    p.write_text("slide_id\tpath\n")
-    with pytest.raises(ConfigError, match="no 'label' column"):
+    p.write_text("slide_id\tpath\ns1\t/a\n")
+    with pytest.raises(ConfigError, match="no labelled slides"):
         read_sample_sheet(p)
 
 

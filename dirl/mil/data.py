@@ -39,39 +39,22 @@ class Cohort:
                       [self.labels[i] for i in ii], self.classes)
 
 
-def read_sample_sheet(path: str | Path, label_column: str = "label") -> Cohort:
-    """`slide_id`, `label` (strings), optional `patient_id` (defaults to the slide id).
+def read_sample_sheet(path: str | Path) -> Cohort:
+    """The labelled slides of a sample sheet (`dirl.samples` parses and checks it). Unlabelled rows
+    (pretraining only) are left out and counted in the log."""
+    from dirl.samples import labelled, read_samples
 
-    Rows with an empty label are left out (a sheet may list unlabelled slides for pretraining) and
-    counted in the log."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"sample sheet {path} does not exist")
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment=None)
-    for col in ("slide_id", label_column):
-        if col not in df.columns:
-            raise ConfigError(f"sample sheet {path} has no {col!r} column (columns: {list(df.columns)})")
-    df["slide_id"] = df["slide_id"].str.strip()
-    dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
-    if dup:
-        raise ConfigError(f"sample sheet {path}: duplicate slide_id {dup[:5]}")
-    if "patient_id" not in df.columns:
-        df["patient_id"] = df["slide_id"]
-    df["patient_id"] = [p.strip() or s for p, s in zip(df["patient_id"], df["slide_id"])]
-    df[label_column] = df[label_column].str.strip()
-    unlabelled = df[df[label_column] == ""]
-    if len(unlabelled):
-        log.warning("%d slide(s) without a %s are left out of MIL: %s", len(unlabelled), label_column,
-                    ", ".join(unlabelled["slide_id"].tolist()[:10]))
-    df = df[df[label_column] != ""]
-    if df.empty:
-        raise ConfigError(f"sample sheet {path} has no labelled slides (column {label_column!r})")
-    classes = sorted(df[label_column].unique().tolist())
+    samples = read_samples(path)
+    lab = labelled(samples)
+    if len(lab) < len(samples):
+        rest = [s.slide_id for s in samples if s.label is None]
+        log.warning("%d slide(s) without a label are left out of MIL: %s", len(rest), ", ".join(rest[:10]))
+    if not lab:
+        raise ConfigError(f"sample sheet {path} has no labelled slides (column 'label')")
+    classes = sorted({s.label for s in lab})
     if len(classes) < 2:
         raise ConfigError(f"sample sheet {path}: MIL needs at least two classes, found {classes}")
-    return Cohort(df["slide_id"].tolist(), df["patient_id"].tolist(), df[label_column].tolist(), classes)
+    return Cohort([s.slide_id for s in lab], [s.patient_id for s in lab], [s.label for s in lab], classes)
 
 
 @dataclass

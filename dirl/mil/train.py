@@ -381,7 +381,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="abmil", help="MIL model: abmil, transmil, meanpool")
     p.add_argument("--out", help="output directory (mil/{method}/{model}); required unless --splits-only")
     p.add_argument("--source", help="feature source name for tables (default: the feature directory name)")
-    p.add_argument("--label-column", default="label")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of each training fold's patients held out for early stopping (0: none)")
@@ -426,7 +425,7 @@ def main(args: argparse.Namespace) -> None:
 def _main(args: argparse.Namespace) -> None:
     from dirl.extract import resolve_device
 
-    cohort = read_sample_sheet(args.samples, args.label_column)
+    cohort = read_sample_sheet(args.samples)
     if args.splits_only:
         if not args.splits:
             raise ConfigError("--splits-only needs --splits PATH")

@@ -49,10 +49,11 @@ def segment_store(tiles_path: str | Path, out: str | Path, backend: base.Backend
     t0 = time.perf_counter()
     tiles = store.open_tiles(tiles_path)
     n, tp, mpp = len(tiles), tiles.tile_px, tiles.mpp
-    scale = float(tiles.attrs["tile_px_level0"]) / tp
+    scale = float(tiles.attrs["tile_px_level0"]) / tp if n else 1.0  # a failed slide's store has none
     step = block or store.SHARD_TILES
     attrs = {**backend.describe(), "slide_id": tiles.slide_id, "mpp": mpp, "tile_px": tp,
-             "tiles": str(Path(tiles_path)), "tile_px_level0": tiles.attrs["tile_px_level0"]}
+             "tiles": str(Path(tiles_path)), "tile_px_level0": tiles.attrs["tile_px_level0"],
+             **({"failed": tiles.failed} if tiles.failed else {})}
     n_nuc = 0
     oom = getattr(backend, "net_batch", None)   # dirl.oom.HalvingBatch of GPU backends: name the slide
     if oom is not None:

@@ -30,6 +30,6 @@ rule attention:
     conda:
         ENV
     shell:
-        "python -m dirl.cli attention {params.backbones} --tiles {input.tiles:q} --priors {input.priors:q} "
+        "dirl attention {params.backbones} --tiles {input.tiles:q} --priors {input.priors:q} "
         "--out {params.out:q} --overlays {output.overlays:q} --cohort {params.cohort} {params.settings} "
         "> {log:q} 2>&1"

@@ -1,4 +1,5 @@
-"""Config and sample sheet: loaded, validated against workflow/schemas/ and checked once, at start-up.
+"""Config and sample sheet: loaded, typed, validated against workflow/schemas/ and checked once, at
+start-up, by the same code `dirl` uses (dirl.config, dirl.samples).
 
 Every setting reaches its job through `params:` built here, so Snakemake's params
 rerun-trigger reruns exactly the stages whose settings changed (and what depends on them).
@@ -8,21 +9,17 @@ import math
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
-import pandas as pd
+import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.logging import logger
+from snakemake.settings.types import DeploymentMethod
+from snakemake.utils import min_version
 
 min_version("9.0")
 
-validate(config, workflow.source_path("../schemas/config.schema.yaml"))
-
-COHORT = config["cohort"]
-RESULTS = f"results/{COHORT}"
-LOGS = f"logs/{COHORT}"
-BENCH = f"benchmarks/{COHORT}"
-ENV = "../../envs/dirl.yaml"
 # Every job runs the `dirl` package next to this Snakefile (`python -m dirl.cli`), whichever environment
 # runs it: the venv, where it is installed too, or `--sdm conda`, where envs/dirl.yaml holds only its
 # dependencies (profiles/default sets conda-not-block-search-path-envvars: Snakemake otherwise
@@ -31,65 +28,55 @@ SRC = str(Path(workflow.basedir).resolve())
 _paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 if SRC not in _paths:
     os.environ.update(PYTHONPATH=os.pathsep.join([SRC, *_paths]))
+if SRC not in sys.path:
+    sys.path.insert(0, SRC)
+# Jobs run the interpreter that runs Snakemake (the venv's), whatever the caller's PATH, so that
+# `.venv/bin/snakemake` works without an activated venv, locally and in SLURM jobs (their inner snakemake
+# runs under the same interpreter); under --sdm conda, the environment's own `python`. Shell commands
+# call it through the shell functions `dirl <command>` and `dirl_distributed N <command>` (torchrun with
+# N processes) defined in the prefix below: the interpreter's path is in no rule's code or params, so
+# moving the venv reruns nothing. `set -euo pipefail` is Snakemake's default prefix, kept.
+PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else shlex.quote(sys.executable)
+_py = PY.replace("{", "{{").replace("}", "}}")  # Snakemake formats the prefix: braces doubled
+shell.prefix(
+    "set -euo pipefail; "
+    f'dirl() {{{{ {_py} -m dirl.cli "$@"; }}}}; '
+    f'dirl_distributed() {{{{ n=$1; shift; {_py} -m torch.distributed.run --standalone --nproc_per_node "$n" '
+    '-m dirl.cli "$@"; }}; '
+)
 
+import dirl.config
+import dirl.samples
+from dirl.errors import DirlError
 
-def load_samples(path):
-    """Read and check the sample sheet; every error names the row and the column to fix."""
-    if not Path(path).exists():
-        raise WorkflowError(f"sample sheet {path} not found (config key `samples`)")
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in ("slide_id", "path") if c not in df.columns]
-    if missing:
-        raise WorkflowError(f"sample sheet {path}: missing column(s) {missing}; "
-                            f"expected slide_id, path[, patient_id, label, mpp]")
-    unknown = sorted(set(df.columns) - {"slide_id", "path", "patient_id", "label", "mpp"})
-    if unknown:
-        raise WorkflowError(f"sample sheet {path}: unknown column(s) {unknown}")
-    schema = workflow.source_path("../schemas/samples.schema.yaml")
-    rows = []
-    for i, rec in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
-        rec = {k: v.strip() for k, v in rec.items() if v.strip() != ""}
-        if "mpp" in rec:
-            try:
-                rec["mpp"] = float(rec["mpp"])
-            except ValueError:
-                raise WorkflowError(f"sample sheet {path}, line {i}: mpp {rec['mpp']!r} is not a number")
-        try:
-            validate(rec, schema)
-        except WorkflowError as e:
-            raise WorkflowError(f"sample sheet {path}, line {i} ({rec.get('slide_id', '?')!r}): {e}")
-        rec.setdefault("patient_id", rec["slide_id"])
-        rows.append(rec)
-    out = pd.DataFrame(rows, columns=["slide_id", "path", "patient_id", "label", "mpp"])
-    dup = out.slide_id[out.slide_id.duplicated()].tolist()
-    if dup:
-        raise WorkflowError(f"sample sheet {path}: duplicate slide_id(s) {dup}: each slide needs its own id")
-    if out.empty:
-        raise WorkflowError(f"sample sheet {path} has no slides")
-    return out.set_index("slide_id", drop=False)
+_schema_path = workflow.source_path("../schemas/config.schema.yaml")
+with open(_schema_path) as f:
+    _schema = yaml.safe_load(f)
+try:
+    config.update(dirl.config.load(dict(config), _schema))  # --config values arrive as strings: typed here
+    SAMPLE_LIST = dirl.samples.read_samples(config["samples"])
+except DirlError as e:
+    raise WorkflowError(str(e)) from None
 
-
-def check_labels(samples, folds):
-    """MIL needs at least two classes, each with at least `folds` patients: say so before any job runs."""
-    lab = samples[samples.label.notna() & (samples.label != "")]
-    if lab.empty:
-        raise WorkflowError(f"sample sheet {config['samples']}: no slide has a label; the mil stage needs "
-                            "the `label` column (empty cells mark unlabelled, pretraining-only slides)")
-    patients = lab.groupby("label").patient_id.nunique()
-    if len(patients) < 2:
-        raise WorkflowError(f"sample sheet {config['samples']}: only one label ({patients.index[0]!r}); "
-                            "slide classification needs at least two")
-    few = patients[patients < folds]
-    if len(few):
-        counts = {k: int(v) for k, v in few.items()}
-        raise WorkflowError(f"sample sheet {config['samples']}: label(s) {counts} have fewer patients than "
-                            f"mil.folds = {folds}; lower mil.folds or add patients")
-
-
-SAMPLES = load_samples(config["samples"])
-SLIDES = list(SAMPLES.index)
-check_labels(SAMPLES, config["mil"]["folds"])
+COHORT = config["cohort"]
+RESULTS = f"results/{COHORT}"
+LOGS = f"logs/{COHORT}"
+BENCH = f"benchmarks/{COHORT}"
+ENV = "../../envs/dirl.yaml"
+SAMPLES = {s.slide_id: s for s in SAMPLE_LIST}
+SLIDES = list(SAMPLES)
+# MIL is part of the plan when the sheet has labels and mil.models names a model; otherwise every stage up
+# to features runs (self-supervised pretraining on unlabelled slides is DiRL's main use).
+LABELLED = [s.slide_id for s in dirl.samples.labelled(SAMPLE_LIST)]
+RUN_MIL = bool(LABELLED) and bool(config["mil"]["models"])
+if RUN_MIL:
+    try:
+        dirl.samples.check_mil_labels(config["samples"], SAMPLE_LIST, config["mil"]["folds"])
+    except DirlError as e:
+        raise WorkflowError(str(e)) from None
+elif workflow.is_main_process:  # cluster jobs re-read the Snakefile: say it once
+    logger.warning(f"note: {'no slide has a label' if not LABELLED else 'mil.models is empty'}: "
+                   "MIL and the summary are left out; every stage up to features runs")
 
 
 def cli_args(section, prefix=""):
@@ -112,12 +99,15 @@ def cli_args(section, prefix=""):
 
 
 def slide_path(wildcards):
-    return SAMPLES.loc[wildcards.slide, "path"]
+    """The slide file, declared as input only when it exists: a missing slide fails its own tile job
+    (with a message naming it), not the whole run at start-up."""
+    path = SAMPLES[wildcards.slide].path
+    return path if os.path.exists(path) else []
 
 
 def slide_mpp_arg(wildcards):
-    mpp = SAMPLES.loc[wildcards.slide, "mpp"]
-    return "" if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)) else f"--slide-mpp {mpp}"
+    mpp = SAMPLES[wildcards.slide].mpp
+    return "" if mpp is None else f"--slide-mpp {mpp}"
 
 
 def named_paths(flag, paths, name):
@@ -138,10 +128,11 @@ def pretrain_settings(method):
 
 
 def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU when a job holds several; plain `python -m dirl.cli` otherwise."""
+    """torchrun with one process per GPU when a job holds several (`dirl_distributed N`, see the shell
+    prefix above); plain `dirl` otherwise."""
     if int(resources.gpu) > 1:
-        return f"torchrun --standalone --nproc_per_node {int(resources.gpu)} -m dirl.cli"
-    return "python -m dirl.cli"
+        return f"dirl_distributed {int(resources.gpu)}"
+    return "dirl"
 
 
 # ---- extract
@@ -169,7 +160,7 @@ def encoder_args(wildcards):
 
 # ---- mil
 def labelled_slides():
-    return [s for s in SLIDES if isinstance(SAMPLES.loc[s, "label"], str) and SAMPLES.loc[s, "label"]]
+    return LABELLED
 
 
 def mil_settings():

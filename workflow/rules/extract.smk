@@ -26,5 +26,5 @@ rule extract:
     conda:
         ENV
     shell:
-        "python -m dirl.cli extract {input.tiles:q} {params.encoder} --out {output:q} --threads {threads} "
+        "dirl extract {input.tiles:q} {params.encoder} --out {output:q} --threads {threads} "
         "{params.settings} > {log:q} 2>&1"

@@ -22,7 +22,7 @@ rule mil_splits:
     conda:
         ENV
     shell:
-        "python -m dirl.cli mil --samples {input.samples:q} --features {params.features:q} --splits {output:q} "
+        "dirl mil --samples {input.samples:q} --features {params.features:q} --splits {output:q} "
         "--splits-only --folds {params.folds} --val-fraction {params.val} --seed {params.seed} "
         "--out {params.scratch:q} > {log:q} 2>&1"
 
@@ -59,7 +59,7 @@ rule mil:
     conda:
         ENV
     shell:
-        "python -m dirl.cli mil --samples {input.samples:q} --features {params.features:q} --model {wildcards.model} "
+        "dirl mil --samples {input.samples:q} --features {params.features:q} --model {wildcards.model} "
         "--splits {input.splits:q} --tiles {params.tiles:q} --out {params.out:q} --threads {threads} "
         "{params.settings} "
         "> {log:q} 2>&1"
@@ -80,4 +80,4 @@ rule summary:
     conda:
         ENV
     shell:
-        "python -m dirl.cli summary {params.named} --out {params.out:q} > {log:q} 2>&1"
+        "dirl summary {params.named} --out {params.out:q} > {log:q} 2>&1"

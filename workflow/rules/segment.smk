@@ -21,7 +21,7 @@ rule segment:
     conda:
         ENV
     shell:
-        "python -m dirl.cli segment {input.tiles:q} {output.cells:q} --threads {threads} {params.settings} > {log:q} 2>&1"
+        "dirl segment {input.tiles:q} {output.cells:q} --threads {threads} {params.settings} > {log:q} 2>&1"
 
 
 rule phenotype:
@@ -47,7 +47,7 @@ rule phenotype:
     conda:
         ENV
     shell:
-        "python -m dirl.cli phenotype {input.cells:q} --tiles {input.tiles:q} --out {output.model:q} "
+        "dirl phenotype {input.cells:q} --tiles {input.tiles:q} --out {output.model:q} "
         "--gallery {output.gallery:q} {params.settings} > {log:q} 2>&1"
 
 
@@ -77,5 +77,5 @@ rule priors:
     conda:
         ENV
     shell:
-        "python -m dirl.cli priors {input.tiles:q} {input.cells:q} {input.model:q} {output.priors:q} "
+        "dirl priors {input.tiles:q} {input.cells:q} {input.model:q} {output.priors:q} "
         "--overlay {output.overlay:q} --threads {threads} {params.settings} > {log:q} 2>&1"

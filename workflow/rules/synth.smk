@@ -17,7 +17,7 @@ rule synth:
     conda:
         ENV
     shell:
-        "python -m dirl.cli synth {output:q} {params.args} > {log:q} 2>&1"
+        "dirl synth {output:q} {params.args} > {log:q} 2>&1"
 
 
 rule demo_slide:
@@ -30,4 +30,4 @@ rule demo_slide:
     conda:
         ENV
     shell:
-        "python -m dirl.cli demo-slide {output:q} > {log:q} 2>&1"
+        "dirl demo-slide {output:q} > {log:q} 2>&1"

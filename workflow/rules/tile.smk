@@ -13,6 +13,7 @@ rule tile:
             labels={"slide": "{slide}"},
         ),
     params:
+        slide=lambda w: SAMPLES[w.slide].path,
         settings=cli_args({k: v for k, v in config["tiling"].items() if k != "threads"}),
         mpp=slide_mpp_arg,
         on_error="empty" if config["allow_failed_slides"] else "fail",
@@ -27,6 +28,20 @@ rule tile:
     conda:
         ENV
     shell:
-        "python -m dirl.cli tile {input:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
+        "dirl tile {params.slide:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
         "--qc {output.qc:q} --threads {threads} --on-error {params.on_error} {params.settings} "
         "> {log:q} 2>&1"
+
+
+rule failed_slides:
+    """The slides whose tiling failed under allow_failed_slides (empty when none did)."""
+    input:
+        expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
+    output:
+        report(f"{RESULTS}/failed_slides.txt", caption="../report/failed_slides.rst", category="1. Tiling"),
+    log:
+        f"{LOGS}/failed_slides.log",
+    conda:
+        ENV
+    shell:
+        "dirl failed-slides {input:q} --out {output:q} > {log:q} 2>&1"

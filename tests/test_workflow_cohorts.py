@@ -1,0 +1,123 @@
+"""Cohorts the demo never meets, run as a user runs them: the README's command literally
+(`.venv/bin/snakemake`, the venv not activated: its bin is not on PATH), no labels, a slide that is not
+a slide, a slide that is missing, and command-line overrides."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import yaml
+
+from dirl import store
+
+ROOT = Path(__file__).resolve().parents[1]
+# what a user's shell has without `source .venv/bin/activate`: no `python` with openslide on PATH
+BARE_PATH = "/usr/bin:/bin"
+TINY = {
+    "tiling": {"mpp": 1.0, "tile_px": 64, "threads": 1},
+    "segmentation": {"threads": 1},
+    "phenotypes": {"k": 2, "sample": 5000},
+    "pretrain": {"arch": "vit_tiny_patch16_224", "img_size": 32, "out_dim": 256, "dense_out_dim": 128,
+                 "head_hidden_dim": 128, "head_bottleneck_dim": 64, "epochs": 1, "warmup_epochs": 0,
+                 "batch_size": 16, "num_workers": 0, "threads": 1},
+    "attention": {"n_tiles": 8, "n_overlays": 2},
+    "extract": {"batch_size": 64, "threads": 1},
+}
+
+
+def run_as_user(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`.venv/bin/snakemake --cores 2 --configfile config.yaml ...` from a shell without the venv."""
+    snakemake = Path(sys.executable).parent / "snakemake"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env.update(PATH=BARE_PATH, OMP_NUM_THREADS="1")
+    return subprocess.run([str(snakemake), "-s", str(ROOT / "Snakefile"), "--cores", "2", "--configfile",
+                           "config.yaml", *args], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=1800)
+
+
+def cohort(tmp_path: Path, sheet: str, **config) -> Path:
+    (tmp_path / "samples.tsv").write_text(sheet)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"cohort": "c", "samples": "samples.tsv",
+                                                          **TINY, **config}))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_unlabelled_cohort_with_a_broken_and_a_missing_slide(tmp_path, cmu_slide):
+    """No labels: every stage up to features runs, MIL is left out with a notice. With
+    allow_failed_slides and --keep-going, the unreadable and the missing slide are listed in
+    failed_slides.txt, skipped by every later stage, and the good slide goes all the way."""
+    broken = tmp_path / "broken.svs"
+    broken.write_text("not a slide\n" * 80)
+    work = cohort(tmp_path, f"slide_id\tpath\ncmu\t{cmu_slide}\nbroken\t{broken}\ngone\t{tmp_path}/gone.svs\n",
+                  allow_failed_slides=True)
+    proc = run_as_user(work, "--keep-going")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "no slide has a label: MIL and the summary are left out" in out
+    res = work / "results" / "c"
+    failed = dict(line.split("\t") for line in (res / "failed_slides.txt").read_text().splitlines())
+    assert sorted(failed) == ["broken", "gone"]
+    assert "not a slide OpenSlide can read" in failed["broken"] and "file not found" in failed["gone"]
+    good = store.open_tiles(res / "tiles" / "cmu.zarr")
+    assert len(good) > 20 and not good.failed
+    for method in ("dirl", "dino"):
+        with h5py.File(res / "features" / method / "cmu.h5") as h:
+            assert h["features"].shape[0] == len(good)
+        with h5py.File(res / "features" / method / "gone.h5") as h:
+            assert h["features"].shape[0] == 0
+    assert (res / "pretrain" / "dirl" / "backbone.pt").exists()
+    assert not (res / "mil").exists() and not (res / "summary.tsv").exists()
+
+
+@pytest.mark.slow
+def test_missing_slide_fails_only_its_own_job(tmp_path, cmu_slide):
+    """Without allow_failed_slides the missing slide's tile job fails (naming the slide) and, with
+    --keep-going, the other slide's per-slide stages still run; cohort stages wait."""
+    work = cohort(tmp_path, f"slide_id\tpath\ncmu\t{cmu_slide}\ngone\t/nowhere/gone.svs\n")
+    proc = run_as_user(work, "--keep-going", "--until", "segment")
+    assert proc.returncode != 0
+    log = (work / "logs" / "c" / "tile" / "gone.log").read_text()
+    assert "slide 'gone': file not found: /nowhere/gone.svs" in log
+    assert (work / "results" / "c" / "cells" / "cmu.zarr").is_dir()
+
+
+def dry_run(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_as_user(work, "-n", *args)
+
+
+def test_command_line_overrides_are_typed_by_the_schema(tmp_path):
+    """`--config` hands values over as strings; they work like the same values in the file."""
+    work = cohort(tmp_path, "slide_id\tpath\ns1\t/x/s1.svs\n")
+    proc = dry_run(work, "--config", "allow_failed_slides=true", "tiling={mpp: 1.0, tile_px: 64.0}",
+                   "pretrain={epochs: '3', lr: 1e-3}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "--on-error empty" in out and "--tile-px 64 " in out
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"mil": {"folds": 1}}, "mil.folds"),
+    ({"pretrain": {"arch": "vit_tiny_patch16_224", "img_size": 100}},
+     "pretrain.img_size = 100 is not a multiple of the patch size 16 of vit_tiny_patch16_224"),
+    ({"tiling": {"mpp": float("nan")}}, "config tiling.mpp = nan: must be a finite number"),
+])
+def test_bad_settings_are_refused_at_start_up(tmp_path, config, message):
+    work = cohort(tmp_path, "slide_id\tpath\tlabel\ns1\t/x/s1.svs\tA\ns2\t/x/s2.svs\tB\n", **config)
+    proc = dry_run(work)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-3000:]
+    assert "Traceback" not in out
+
+
+def test_labels_are_checked_only_when_mil_runs(tmp_path):
+    sheet = "slide_id\tpath\tlabel\ns1\t/x/s1.svs\tA\ns2\t/x/s2.svs\tA\n"  # one class: no MIL possible
+    proc = dry_run(cohort(tmp_path, sheet))
+    assert proc.returncode != 0 and "only one label ('A')" in proc.stdout + proc.stderr
+    proc = dry_run(cohort(tmp_path, sheet, mil={"models": []}))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "mil.models is empty" in out and "rule mil" not in out, out[-3000:]
