@@ -40,33 +40,105 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it to `final` only if the block succeeds.
 
     Works for files and directories (Zarr stores). A failed or killed block leaves at most a
-    `.tmp-*` sibling, never something at `final`; the next write of `final` removes it (one writer
-    per output: Snakemake's lock sees to that in the workflow).
+    `.tmp-*` sibling, never something at `final`; the next write of `final` removes it.
+
+    Safe against a concurrent writer of the same output, such as an orphaned job of an earlier run
+    that survived its `snakemake` (normal on a cluster): each write takes a number from the output's
+    lock file (`.{name}.lock`, under an exclusive `flock`) when it starts, and renames into place, under
+    the same lock, only if no write of `final` started after it; otherwise its result is discarded
+    (`StoreError`). While it works, a writer holds a lock on its temporary sibling, so the clean-up of
+    leftovers removes only the temporaries of dead writers.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in leftovers(final):
-        log.warning("removing %s, left by an interrupted run", stale)
-        _remove(stale)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with _locked(_lock_path(final)) as lock:
+        ticket = _next_ticket(lock)
+        for stale in leftovers(final):
+            _remove_if_dead(stale)
+        alive = _hold(_lock_path(tmp))  # before the lock above is released: never seen as dead
     try:
         yield tmp
-        if final.exists():  # os.replace cannot replace a non-empty directory
-            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            _remove(trash)
-        else:
-            os.replace(tmp, final)
+        with _locked(_lock_path(final)) as lock:
+            if _read_ticket(lock) != ticket:
+                raise StoreError(f"a newer write of {final} started while this one was running (an orphaned "
+                                 "job of an earlier run?); this result is discarded and the newer one kept")
+            if final.exists():  # os.replace cannot replace a non-empty directory
+                trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(final, trash)
+                os.replace(tmp, final)
+                _remove(trash)
+            else:
+                os.replace(tmp, final)
     finally:
         _remove(tmp)
+        _release(alive)
 
 
 def leftovers(final: str | os.PathLike) -> list[Path]:
-    """The temporary siblings of `final` that a killed `atomic_path` block leaves behind."""
+    """The temporary siblings of `final` that `atomic_path` blocks (killed, or still running) leave."""
     final = Path(final)
     name = glob.escape(final.name)
-    return sorted([*final.parent.glob(f".{name}.tmp-*"), *final.parent.glob(f".{name}.old-*")])
+    return sorted(p for pattern in (f".{name}.tmp-*", f".{name}.old-*") for p in final.parent.glob(pattern)
+                  if not p.name.endswith(".lock"))
+
+
+def _lock_path(p: Path) -> Path:
+    """`.{name}.lock` beside `p` (hidden; temporaries' names already start with a dot)."""
+    return p.with_name(f"{'' if p.name.startswith('.') else '.'}{p.name}.lock")
+
+
+def _hold(path: Path) -> int:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _release(fd: int) -> None:
+    os.close(fd)  # closing the descriptor releases its flock
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[int]:
+    fd = _hold(path)
+    try:
+        yield fd
+    finally:
+        _release(fd)
+
+
+def _read_ticket(fd: int) -> int:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 64).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
+
+
+def _next_ticket(fd: int) -> int:
+    ticket = _read_ticket(fd) + 1
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(ticket).encode(), 0)
+    return ticket
+
+
+def _remove_if_dead(stale: Path) -> None:
+    """Remove a temporary sibling unless a live writer holds its lock."""
+    import fcntl
+
+    lock = _lock_path(stale)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("leaving %s: another process is still writing it", stale)
+            return
+        log.warning("removing %s, left by an interrupted run", stale)
+        _remove(stale)
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _remove(p: Path) -> None:
@@ -74,6 +146,7 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     elif p.exists():
         p.unlink()
+    _lock_path(p).unlink(missing_ok=True)
 
 
 def _open_group(path: str | os.PathLike, what: str) -> zarr.Group:

@@ -49,3 +49,26 @@ def in_progress(final: Path) -> bool:
     from dirl.store import leftovers
 
     return any(".tmp-" in p.name for p in leftovers(final))
+
+
+def stopped_at(patch: str, argv: list[str], marker: Path, timeout: float = 300) -> subprocess.Popen:
+    """Run `dirl <argv>` like `kill_at`, but SIGSTOP it at the pause point instead of killing it: an
+    orphaned job frozen mid-write. The caller resumes it with SIGCONT (`pause()` then returns)."""
+    script = "\n".join([
+        "import time",
+        f"def pause():\n    open({str(marker)!r}, 'w').close()\n    time.sleep(1)",
+        textwrap.dedent(patch),
+        "from dirl.cli import main",
+        f"raise SystemExit(main({argv!r}))",
+    ])
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"dirl {argv[0]} ended before the stop point:\n"
+                                 f"{proc.stderr.read().decode()[-3000:]}")
+        assert time.time() < deadline, "stop point never reached"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGSTOP)
+    return proc

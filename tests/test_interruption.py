@@ -5,6 +5,8 @@ Extraction's case lives with its other tests in test_extract.py."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import zarr
 from dirl import store, synth
 from dirl.cli import main
 
-from helpers_kill import in_progress, kill_at
+from helpers_kill import in_progress, kill_at, stopped_at
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,36 @@ def test_killed_tiling(slide: Path, tiles: Path, tmp_path: Path) -> None:
     a, b = store.open_tiles(out), store.open_tiles(tiles)
     assert len(a) == 1024
     np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_array_equal(a.read(0, len(a)), b.read(0, len(b)))
+
+
+def test_orphaned_writer_never_replaces_a_newer_store(slide: Path, tiles: Path, tmp_path: Path) -> None:
+    """snakemake killed, its job survives (an orphan, frozen here mid-write); after --unlock the rerun
+    writes the store; then the orphan wakes up and finishes. The rerun's store stays; the orphan's
+    result is discarded with a clear error, and its temporary output was never cleared under it."""
+    out = tmp_path / "tiles" / "s.zarr"
+    patch = """
+        from dirl import store
+        original = store.TileWriter.write_encoded
+        def write_encoded(self, shard, chunks):
+            if shard == 1:
+                pause()
+            return original(self, shard, chunks)
+        store.TileWriter.write_encoded = write_encoded
+    """
+    orphan = stopped_at(patch, ["tile", str(slide), str(out), *TILE_ARGS], tmp_path / "reached")
+    try:
+        assert in_progress(out)
+        assert main(["tile", str(slide), str(out), *TILE_ARGS]) == 0  # the rerun
+        assert in_progress(out)  # the orphan's (live) temporary store was left alone
+        rerun = sorted(p.name for p in out.rglob("*"))
+    finally:
+        os.kill(orphan.pid, signal.SIGCONT)
+    assert orphan.wait(120) == 1
+    assert "a newer write of" in orphan.stderr.read().decode()
+    orphan.stderr.close()
+    assert sorted(p.name for p in out.rglob("*")) == rerun and not store.leftovers(out)
+    a, b = store.open_tiles(out), store.open_tiles(tiles)
     np.testing.assert_array_equal(a.read(0, len(a)), b.read(0, len(b)))
 
 
