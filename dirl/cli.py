@@ -60,9 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module.main(args)
     except DirlError as e:
-        logging.getLogger("dirl").error("%s", e)
+        logging.getLogger("dirl").error("%s", one_line(e))
         return 1
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user-facing error. An error raised in a DataLoader worker arrives re-raised
+    with the worker's traceback in its message: keep only the original message (its last line)."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and fail with a message that names the file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -58,7 +59,13 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             _remove_if_dead(stale)
         alive = _hold(_lock_path(tmp))  # before the lock above is released: never seen as dead
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(f"no space left on the device (or quota exceeded) while writing {final}: free "
+                                 f"space where it lives (df -h {final.parent}) and rerun") from e
+            raise
         with _locked(_lock_path(final)) as lock:
             if _read_ticket(lock) != ticket:
                 raise StoreError(f"a newer write of {final} started while this one was running (an orphaned "
@@ -269,7 +276,17 @@ class TileStore:
         return self.attrs.get("failed")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.images[start:stop])
+        """Tiles [start, stop) as uint8 (n, T, T, 3)."""
+        try:
+            return np.asarray(self.images[start:stop])
+        except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, corrupt zstd/JPEG data
+            raise StoreError(f"tile store {self.path} (slide {self.slide_id}): tiles {start}-{stop - 1} cannot be "
+                             f"read ({e}); the store is damaged: delete it and rerun the tile stage for this "
+                             "slide") from e
+
+    def tile(self, i: int) -> np.ndarray:
+        """Tile `i` as uint8 (T, T, 3)."""
+        return self.read(i, i + 1)[0]
 
 
 def open_tiles(path: str | os.PathLike) -> TileStore:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dirl.slide import Slide
-from dirl.tissue import TissueSettings, fraction_in_boxes, tissue_mask
+from dirl.tissue import TissueSettings, fraction_in_boxes, ink_mask, tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Grid:
     read_px: int            # tile side at that level (== tile_px when no resize is needed)
     tile_px_level0: int
     mask: np.ndarray        # the tissue mask, for the QC image
+    ink: np.ndarray         # marker ink left out of it (all False when tissue.pen is off)
     mask_mpp: float
     thumb: np.ndarray
 
@@ -61,7 +62,8 @@ class Grid:
 def plan(slide: Slide, s: TileSettings, threads: int = 2) -> Grid:
     """Tissue mask and the grid of kept tiles, from a thumbnail only."""
     thumb, thumb_mpp = slide.thumbnail(s.tissue.mpp, threads=threads)
-    mask = tissue_mask(thumb, thumb_mpp, s.tissue)
+    ink = ink_mask(thumb, thumb_mpp) if s.tissue.pen else np.zeros(thumb.shape[:2], bool)
+    mask = tissue_mask(thumb, thumb_mpp, s.tissue, ink)
     ds = s.mpp / slide.mpp                      # level-0 px per tile px
     tile0 = round(s.tile_px * ds)
     step0 = max(1, round(tile0 * (1 - s.overlap)))
@@ -81,7 +83,7 @@ def plan(slide: Slide, s: TileSettings, threads: int = 2) -> Grid:
     keep = frac >= s.min_tissue
     level = slide.best_level(ds)
     read_px = round(tile0 / slide.level_downsamples[level])
-    return Grid(coords[keep], frac[keep], level, read_px, tile0, mask, thumb_mpp, thumb)
+    return Grid(coords[keep], frac[keep], level, read_px, tile0, mask, ink, thumb_mpp, thumb)
 
 
 def runs(coords: np.ndarray, g: Grid, shard: int, slide: Slide) -> list[tuple[int, int]]:
@@ -193,8 +195,9 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
 
 
 def write_qc(path: str | Path, g: Grid, slide: Slide, s: TileSettings) -> None:
-    """Thumbnail with the tissue contour (green) and the kept tiles (blue boxes). PIL and OpenCV, not
-    matplotlib, which would double the start-up time of a per-slide job."""
+    """Thumbnail with the tissue contour (green), marker ink left out (magenta contour) and the kept
+    tiles (blue boxes). PIL and OpenCV, not matplotlib, which would double the start-up time of a
+    per-slide job."""
     import cv2
     from PIL import Image, ImageDraw
 
@@ -204,6 +207,8 @@ def write_qc(path: str | Path, g: Grid, slide: Slide, s: TileSettings) -> None:
     mask = g.mask.astype(np.uint8)
     edge = mask > cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=2, borderValue=0)
     img[edge] = (0, 220, 0)
+    ink = g.ink.astype(np.uint8)
+    img[ink > cv2.erode(ink, np.ones((3, 3), np.uint8), iterations=2, borderValue=0)] = (230, 0, 230)
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
     scale = slide.mpp / g.mask_mpp
@@ -214,7 +219,7 @@ def write_qc(path: str | Path, g: Grid, slide: Slide, s: TileSettings) -> None:
         f = 1600 / max(pil.size)
         pil = pil.resize((round(pil.width * f), round(pil.height * f)), Image.Resampling.BOX)
     caption = (f"{slide.slide_id}: {len(g.coords)} tiles, {s.tile_px} px @ {s.mpp:g} um/px, "
-               f"tissue {g.mask.mean() * 100:.0f}%")
+               f"tissue {g.mask.mean() * 100:.0f}%" + (f", ink {g.ink.mean() * 100:.0f}% (magenta)" if g.ink.any() else ""))
     canvas = Image.new("RGB", (pil.width, pil.height + 16), "white")
     canvas.paste(pil, (0, 16))
     ImageDraw.Draw(canvas).text((2, 2), caption, fill="black")

@@ -11,7 +11,7 @@ from dirl import store
 from dirl.errors import SlideError, StoreError
 from dirl.slide import Slide
 from dirl.tiling import TileSettings, plan, tile_slide
-from dirl.tissue import _otsu, fraction_in_boxes, pen_mask, tissue_mask
+from dirl.tissue import _otsu, fraction_in_boxes, ink_mask, tissue_mask
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_tissue_mask_glass_tissue_pen_border() -> None:
     m = tissue_mask(img, mpp)
     assert m[110:190, 110:190].all()
     assert not m[:, :8].any() and not m[20:40, 150:290].any() and not m[250:253, 250:253].any()
-    assert pen_mask(img)[30, 200] and not pen_mask(img)[150, 150]
+    assert ink_mask(img, mpp)[30, 200] and not ink_mask(img, mpp)[150, 150]
 
 
 def test_fraction_in_boxes() -> None:

@@ -214,7 +214,7 @@ def analyse(backbones: dict[str, str], tiles: list[str], priors: list[str] | Non
             chunk = picks[start:start + batch_size]
             xs, pms = [], []
             for s, r in chunk:
-                img = np.asarray(stores[s].images[r])
+                img = stores[s].tile(r)
                 prior = np.asarray(maps[s][r]) if maps else None
                 x, pm = _prepare(img, prior, size, meta["mean"], meta["std"])
                 xs.append(x)

@@ -205,7 +205,7 @@ def write_gallery(path: str | os.PathLike, model: dict[str, Any], tab: dict[str,
             opened[i] = (ts, store.open_map(cells[i], "labels", len(ts)), ts.mpp)
         ts, labels, mpp = opened[i]
         t = int(tab["tile"][row])
-        img = np.asarray(ts.images[t])
+        img = ts.tile(t)
         lab = np.asarray(labels[t])
         half = max(4, round(crop_um / mpp / 2))
         cy, cx = round(float(tab["cy"][row])), round(float(tab["cx"][row]))

@@ -164,7 +164,7 @@ def write_overlay(path: str | Path, tiles: Any, labels: Any, priors_path: str | 
         draw.text((gap + 14, y - 1), f"{c}: {label}", fill="black")
     bounds = np.searchsorted(tab["tile"], np.arange(len(tiles) + 1)) if len(tab["tile"]) else None
     for r, t in enumerate(chosen):
-        img = np.asarray(tiles.images[t]).copy()
+        img = tiles.tile(t).copy()
         lab = np.asarray(labels[t])
         if bounds is not None and bounds[t + 1] > bounds[t]:
             a, b = bounds[t], bounds[t + 1]

@@ -130,13 +130,13 @@ class CohortDataset(torch.utils.data.Dataset):
             ts = store.open_tiles(self.tiles[slide])
             pm = (store.open_map(self.priors[slide], "priors", len(ts))
                   if self.priors is not None else None)
-            h = self._open[slide] = (ts.images, pm)
+            h = self._open[slide] = (ts, pm)
         return h
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         slide, row = (int(v) for v in self.rows[index])
-        images, priors = self._handles(slide)
-        img = np.asarray(images[row])
+        tiles, priors = self._handles(slide)
+        img = tiles.tile(row)
         prior = np.asarray(priors[row]) if priors is not None else None
         if prior is not None and self.n_classes is not None and prior.size and prior.max() >= self.n_classes:
             raise StoreError(f"{self.priors[slide]} row {row} has class {int(prior.max())} but "
