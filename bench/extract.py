@@ -77,7 +77,8 @@ def main() -> None:
     from dirl import store
     from dirl.encoders import load_timm
     from dirl.extract import (Preprocess, _default_batch_size, _loader, default_workers, extract_slide,
-                              prepare_model, resolve_device)
+                              prepare_model)
+    from dirl.runtime import resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -42,7 +42,7 @@ def main() -> None:
 
     import torch
 
-    from dirl.extract import resolve_device
+    from dirl.runtime import resolve_device
     from dirl.mil.data import Bags
     from dirl.mil.train import TrainConfig, _DeviceBags, train_fold
 

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dirl.ssl.losses import token_occupancy  # noqa: E402
-from dirl.ssl.train import PretrainSettings, Trainer  # noqa: E402
+from dirl.ssl.settings import PretrainSettings  # noqa: E402
+from dirl.ssl.trainer import Trainer  # noqa: E402
 
 from emit import emit
 

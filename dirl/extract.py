@@ -16,7 +16,6 @@ the attrs CLAM (`patch_size`, `patch_level`) and TRIDENT (`patch_size_level0`, `
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dirl import store
+from dirl.runtime import resolve_device, torch_threads
 from dirl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -184,30 +184,6 @@ class Preprocess:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
                               align_corners=False).contiguous(memory_format=layout)
         return x.sub_(self.mean).mul_(self.inv_std)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run with `n` torch CPU threads (0: unchanged), restoring the previous count afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is visible")
-    return torch.device(name)
 
 
 def prepare_model(enc, device, precision: str = "auto"):

@@ -52,7 +52,7 @@ def test_schema_matches_cli(section: str) -> None:
 
 
 def test_pretrain_schema_matches_settings() -> None:
-    from dirl.ssl.train import PretrainSettings
+    from dirl.ssl.settings import PretrainSettings
 
     props = schema_props("pretrain")
     fields = {f.name: f for f in dataclasses.fields(PretrainSettings)}

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models: one torch thread is fastest, and on a shared CPU much faster than several."""
-    from dirl.extract import torch_threads
+    from dirl.runtime import torch_threads
 
     with torch_threads(1):
         yield

@@ -115,7 +115,7 @@ def test_killed_segmentation(tiles: Path, tmp_path: Path) -> None:
 def test_killed_pretraining_resumes_exactly(tmp_path: Path) -> None:
     """Killed mid-epoch, after a step that was logged but not checkpointed: the rerun resumes from the
     last checkpoint, drops the orphan log line and ends with the uninterrupted run's losses."""
-    from dirl.extract import torch_threads
+    from dirl.runtime import torch_threads
     from dirl.ssl.data import write_toy_cohort
 
     t, p = write_toy_cohort(tmp_path / "cohort", n_slides=2, n_tiles=8, tile_px=64)
@@ -130,7 +130,7 @@ def test_killed_pretraining_resumes_exactly(tmp_path: Path) -> None:
     patch = """
         import torch
         torch.set_num_threads(1)
-        from dirl.ssl import train
+        from dirl.ssl import trainer as train
         original = train.Trainer.step
         def step(self, batch, step, epoch):
             if step == 3:  # steps 0-2 done and logged; the checkpoint holds 2 of them

@@ -28,7 +28,7 @@ SIGNAL = 0.4      # share of a slide's tiles that carry its population
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models: one torch thread is fastest, and on a shared CPU much faster than several."""
-    from dirl.extract import torch_threads
+    from dirl.runtime import torch_threads
 
     with torch_threads(1):
         yield

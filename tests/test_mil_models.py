@@ -14,7 +14,7 @@ from dirl.mil.train import TrainConfig, _evaluate, train_fold
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    from dirl.extract import torch_threads
+    from dirl.runtime import torch_threads
 
     with torch_threads(1):
         yield

@@ -22,7 +22,7 @@ from test_extract import make_backbone, make_store
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    from dirl.extract import torch_threads
+    from dirl.runtime import torch_threads
 
     with torch_threads(1):
         yield
@@ -191,7 +191,7 @@ def test_extract_gives_up_at_batch_one_naming_slide_and_setting(extract_inputs, 
     out = tmp_path / "features" / "slideA.h5"
     with pytest.raises(DirlError, match=r"slide 'slideA'.*batch size 1.*extract\.batch_size"):
         _extract(tiles, dataclasses.replace(enc, model=OomAbove(enc.model, k=0)), out, batch=8)
-    assert not out.exists() and not list(out.parent.glob("*"))  # nothing left behind
+    assert not out.exists() and not store.leftovers(out)  # nothing left behind (but the writers' lock)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from dirl.cli import main as cli
 from dirl.errors import DirlError
 from dirl.ssl import schedules
 from dirl.ssl.data import write_toy_cohort
-from dirl.ssl.train import PretrainSettings, Run
+from dirl.ssl.settings import PretrainSettings
+from dirl.ssl.train import Run
 
 TINY = ["--arch", "vit_tiny_patch16_224", "--img-size", "64", "--out-dim", "256", "--dense-out-dim", "128",
         "--head-hidden-dim", "256", "--num-workers", "0", "--log-every", "1", "--warmup-epochs", "0"]
@@ -53,7 +54,8 @@ def test_schedules():
     assert schedules.teacher_temperature(30, 0.04, 0.07, 10) == 0.07
 
 
-TRAIN = ["--epochs", "3", "--batch-size", "8", "--lr", "0.5", "--drop-path", "0", "--freeze-last-layer", "0"]
+TRAIN = ["--epochs", "3", "--batch-size", "8", "--lr", "0.5", "--drop-path", "0", "--freeze-last-layer", "0",
+         "--global-crop-scale", "0.4", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +160,13 @@ def test_non_finite_loss_names_the_step(tmp_path, cohort, monkeypatch):
 def test_settings_validation_and_cli_flags():
     with pytest.raises(DirlError, match="match"):
         PretrainSettings(match="nearest").validate()
-    with pytest.raises(DirlError, match="unknown pretrain setting"):
+    with pytest.raises(DirlError, match=r"unknown setting\(s\) \['lerning_rate'\]"):
         PretrainSettings.from_dict({"lerning_rate": 1})
-    s = PretrainSettings.from_dict({"global_crop_scale": [0.3, 1.0], "method": "dino"})
-    assert s.global_crop_scale == (0.3, 1.0) and s.effective_lambda == 0 and not s.dense
+    s = PretrainSettings.from_dict({"global_crop_scale": [0.3, 1.0], "method": "dino", "epochs": "3"})
+    assert s.global_crop_scale == (0.3, 1.0) and s.epochs == 3 and not s.dense
+    # DINO's crop scales: wider global crops without local crops
+    assert PretrainSettings().global_scale == (0.14, 1.0)
+    assert PretrainSettings(local_crops_number=8).global_scale == (0.4, 1.0)
 
 
 @pytest.mark.slow

@@ -416,14 +416,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from dirl.extract import torch_threads
+    from dirl.runtime import torch_threads
 
     with torch_threads(args.threads):
         _main(args)
 
 
 def _main(args: argparse.Namespace) -> None:
-    from dirl.extract import resolve_device
+    from dirl.runtime import resolve_device
 
     cohort = read_sample_sheet(args.samples)
     if args.splits_only:

@@ -25,7 +25,8 @@ from dirl.ssl.losses import mask_occupancy, token_occupancy
 @dataclass(frozen=True)
 class ViewConfig:
     """The views drawn per tile (DINO's recipe: view 1 always blurred, view 2 rarely blurred and
-    optionally solarised; local crops half the time blurred)."""
+    optionally solarised; local crops half the time blurred). `color_jitter` scales DINO's colour
+    jitter strengths (brightness and contrast 0.4, saturation 0.2, hue 0.1)."""
 
     global_size: int = 224
     global_scale: tuple[float, float] = (0.4, 1.0)
@@ -34,13 +35,23 @@ class ViewConfig:
     local_scale: tuple[float, float] = (0.05, 0.4)
     solarize_p: float = 0.0
     hed_sigma: float = 0.05
+    color_jitter: float = 1.0
     photometric: bool = True
 
+    @classmethod
+    def from_settings(cls, s) -> "ViewConfig":
+        """From `PretrainSettings`."""
+        return cls(global_size=s.img_size, global_scale=s.global_scale, local_number=s.local_crops_number,
+                   local_size=s.local_crop_size, local_scale=s.local_crop_scale, solarize_p=s.solarize_p,
+                   hed_sigma=s.hed_sigma, color_jitter=s.color_jitter)
+
     def specs(self) -> tuple[ViewSpec, ViewSpec, ViewSpec]:
-        g1 = ViewSpec(self.global_size, self.global_scale, blur_p=1.0, hed_sigma=self.hed_sigma)
-        g2 = ViewSpec(self.global_size, self.global_scale, blur_p=0.1, solarize_p=self.solarize_p,
-                      hed_sigma=self.hed_sigma)
-        loc = ViewSpec(self.local_size, self.local_scale, blur_p=0.5, hed_sigma=self.hed_sigma)
+        j = self.color_jitter
+        colour = {"brightness": 0.4 * j, "contrast": 0.4 * j, "saturation": 0.2 * j, "hue": 0.1 * j,
+                  "hed_sigma": self.hed_sigma}
+        g1 = ViewSpec(self.global_size, self.global_scale, blur_p=1.0, **colour)
+        g2 = ViewSpec(self.global_size, self.global_scale, blur_p=0.1, solarize_p=self.solarize_p, **colour)
+        loc = ViewSpec(self.local_size, self.local_scale, blur_p=0.5, **colour)
         return g1, g2, loc
 
 

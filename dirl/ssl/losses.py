@@ -10,6 +10,8 @@ the same gradients and centres as one process with B images.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -72,6 +74,18 @@ def valid_classes(mass_views: torch.Tensor, min_tokens: float, exclude: tuple[in
 
 
 # --------------------------------------------------------------------------------------------------
+def collapse_monitors(q: torch.Tensor) -> torch.Tensor:
+    """The two entropies that tell DINO's collapses apart (Caron et al. 2021, section 5.3), from the
+    teacher's centred, sharpened distributions q (..., K), as fractions of log K:
+      [0] mean entropy of q per image: 1 = uniform targets (centring won: every target says nothing)
+      [1] entropy of the batch mean of q: 0 = one dimension dominates every target (sharpening won)
+    Training that learns keeps [0] well below 1 and [1] well above 0. Averaged over DDP ranks later."""
+    k = q.shape[-1]
+    per = -torch.special.xlogy(q, q).sum(-1).mean()
+    m = q.flatten(0, -2).mean(0)
+    return torch.stack([per, -torch.special.xlogy(m, m).sum()]) / math.log(k)
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between the teacher's centred, sharpened distribution of each global view and the
     student's distribution of every other view; the centre is an EMA of the teacher's batch mean."""
@@ -81,6 +95,7 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.monitors = torch.zeros(2)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float,
                 update_center: bool = True) -> torch.Tensor:
@@ -94,6 +109,7 @@ class DINOLoss(nn.Module):
         ce = -torch.einsum("tbk,vbk->tv", q, logp) / b  # (T, V): batch mean of each pair
         pair = 1.0 - torch.eye(n_t, n_v, dtype=ce.dtype, device=ce.device)
         loss = (ce * pair).sum() / (n_t * (n_v - 1))
+        self.monitors = collapse_monitors(q.detach())
         if update_center:
             self.update_center(teacher)
         return loss

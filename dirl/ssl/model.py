@@ -54,16 +54,19 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """3-layer MLP (GELU) -> bottleneck -> L2 normalise -> weight-normed linear to `out_dim`."""
+    """3-layer MLP (GELU; BatchNorm before each GELU with `use_bn`, DINO's use_bn_in_head) ->
+    bottleneck -> L2 normalise -> weight-normed linear to `out_dim`."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3):
+                 nlayers: int = 3, use_bn: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
         for i in range(len(dims) - 1):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < len(dims) - 2:
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -88,15 +91,16 @@ class SSLNet(nn.Module):
     """
 
     def __init__(self, arch: str, img_size: int, embed_mode: str, out_dim: int, dense_out_dim: int | None,
-                 hidden_dim: int = 2048, bottleneck_dim: int = 256, drop_path: float = 0.0):
+                 hidden_dim: int = 2048, bottleneck_dim: int = 256, drop_path: float = 0.0,
+                 head_bn: bool = False):
         super().__init__()
         self.backbone = create_backbone(arch, img_size, drop_path)
         self.embed_mode = embed_mode
         self.num_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
         self.embed_dim = int(self.backbone.embed_dim)
         self.patch = patch_size(self.backbone)
-        self.head = DINOHead(self.embed_dim, out_dim, hidden_dim, bottleneck_dim)
-        self.dense_head = (DINOHead(self.embed_dim, dense_out_dim, hidden_dim, bottleneck_dim)
+        self.head = DINOHead(self.embed_dim, out_dim, hidden_dim, bottleneck_dim, use_bn=head_bn)
+        self.dense_head = (DINOHead(self.embed_dim, dense_out_dim, hidden_dim, bottleneck_dim, use_bn=head_bn)
                            if dense_out_dim else None)
         self._compiled = None
 
@@ -108,7 +112,10 @@ class SSLNet(nn.Module):
         return (self._compiled or self.backbone.forward_features)(x)
 
     def forward(self, global_views: torch.Tensor, local_views: torch.Tensor | None = None,
-                occupancy: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                occupancy: torch.Tensor | None = None, valid: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """`valid` (B, C) bool: the (image, class) pairs the dense loss uses; the dense head runs on
+        those only (its BatchNorm, if any, sees no absent classes), other entries of `dense` are 0."""
         g, b = global_views.shape[:2]
         tokens = self._features(global_views.flatten(0, 1))  # (G*B, T, D)
         embs = [embed(tokens, self.num_prefix, self.embed_mode)]
@@ -123,8 +130,15 @@ class SSLNet(nn.Module):
                 raise DirlError(f"prior occupancy has {occupancy.shape[2]} tokens but the backbone "
                                 f"produced {patches.shape[1]}: crop size and patch size disagree")
             z, mass = pool_classes(patches, occupancy.flatten(0, 1))  # (G*B, C, D), (G*B, C)
-            c = z.shape[1]
-            dense = self.dense_head(z.flatten(0, 1)).unflatten(0, (g, b, c))
+            z = z.unflatten(0, (g, b))  # (G, B, C, D)
+            # BatchNorm needs two entries in training: with fewer valid pairs, run on all (masked later)
+            pick = valid if valid is not None and int(valid.sum()) >= 2 else None
+            if pick is None:
+                dense = self.dense_head(z.flatten(0, 2)).unflatten(0, z.shape[:3])
+            else:
+                sel = self.dense_head(z[:, pick].flatten(0, 1)).unflatten(0, (g, -1))  # (G, Nv, Kd)
+                dense = sel.new_zeros(*z.shape[:3], sel.shape[-1])
+                dense[:, pick] = sel
             result["dense"] = dense
             result["mass"] = mass.unflatten(0, (g, b))
         return result

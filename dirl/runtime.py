@@ -1,0 +1,65 @@
+"""Device, precision and CPU threads: resolved the same way by every torch stage (pretrain, attention,
+extract, MIL). Imports torch lazily, so importing this module costs nothing."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from dirl.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str = "auto") -> Any:
+    """auto: the local rank's GPU when CUDA is visible (LOCAL_RANK under torchrun), else the CPU;
+    `cuda`, `cuda:1` or `cpu` as given. Asking for CUDA without one is an error."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} but no CUDA device is visible")
+        if name == "cuda":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: Any) -> Any:
+    """The autocast dtype: auto = bf16 on a GPU that supports it (else fp16), fp32 on the CPU."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def enable_tf32(device: Any) -> None:
+    """fp32 matmuls and convolutions on tensor cores (TF32) on NVIDIA GPUs: what DINO and timm do."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` torch CPU threads (0: unchanged), restoring the previous count afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
