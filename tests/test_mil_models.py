@@ -94,8 +94,8 @@ def test_models_learn_witness_instances(name, epochs, dim, shift):
     cfg = TrainConfig(epochs=epochs, patience=10, lr=5e-4, seed=0)
     model, info = train_fold(name, bags, train, val, y, 2, cfg, torch.device("cpu"))
     assert info["best_epoch"] >= 0 and info["steps"] > 0
-    prob, _, attn = _evaluate(model, lambda s: torch.from_numpy(bags.features(s)), test, y,
-                              torch.nn.CrossEntropyLoss(), torch.device("cpu"), want_attention=True)
+    prob, _, attn = _evaluate(model, lambda s: torch.from_numpy(bags.features(s)), test, y, None,
+                              want_attention=True)
     acc = float(np.mean(prob.argmax(1) == np.array([y[s] for s in test])))
     assert acc >= 0.9, (name, acc, info["history"][-3:])
     # attention on the witnesses of positive bags: their share of the mass over their share of the bag
@@ -109,3 +109,25 @@ def test_bags_per_step_and_max_tiles_run():
     cfg = TrainConfig(epochs=2, bags_per_step=4, max_tiles=10, seed=0)
     _, info = train_fold("abmil", bags, ids[:8], ids[8:], y, 2, cfg, torch.device("cpu"))
     assert info["steps"] == 2 * 2  # 8 bags in steps of 4, two epochs
+
+
+def test_class_weights_weigh_each_bag():
+    """Imbalanced training labels (9 of class 0, 1 of class 1): weights n / (k count) = [10/18, 5].
+    Each bag's loss is its class weight times its cross-entropy (hand computed); the validation loss
+    is the class-weighted mean. (CrossEntropyLoss(weight=w) on one bag would cancel the weight.)"""
+    import math
+
+    from dirl.mil.train import WeightedBagLoss, class_weights
+
+    w = class_weights(np.array([0] * 9 + [1]), 2)
+    assert w.tolist() == pytest.approx([10 / 18, 5.0])
+    loss = WeightedBagLoss(w, torch.device("cpu"))
+    logits = torch.tensor([2.0, 0.0])
+    ce1 = -math.log(math.exp(0.0) / (math.exp(2.0) + 1.0))  # cross-entropy of target 1
+    ce0 = -math.log(math.exp(2.0) / (math.exp(2.0) + 1.0))
+    assert float(loss(logits, 1)) == pytest.approx(5.0 * ce1, rel=1e-6)
+    assert float(loss(logits, 0)) == pytest.approx(10 / 18 * ce0, rel=1e-6)
+    unweighted = torch.nn.functional.cross_entropy(logits[None], torch.tensor([1]))
+    assert float(torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))(logits[None], torch.tensor([1]))) \
+        == pytest.approx(float(unweighted))  # the bug this replaces
+    assert loss.mean([ce0, ce1], [0, 1]) == pytest.approx((10 / 18 * ce0 + 5 * ce1) / (10 / 18 + 5))

@@ -139,15 +139,35 @@ def _feature_stats(bags: Bags, ids: list[str]):
     return torch.from_numpy(mean), torch.from_numpy(np.sqrt(var))
 
 
-def _class_weights(y: np.ndarray, k: int):
-    import torch
-
+def class_weights(y: np.ndarray, k: int) -> np.ndarray:
+    """Balanced class weights n / (k * count): 1 on a balanced training set, a rare class weighs more."""
     counts = np.bincount(y, minlength=k).astype(float)
-    w = np.where(counts > 0, len(y) / (k * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
+    return np.where(counts > 0, len(y) / (k * np.maximum(counts, 1)), 0.0)
 
 
-def _evaluate(model, get, ids: list[str], y: dict[str, int], loss_fn, device, want_attention=False):
+class WeightedBagLoss:
+    """Cross-entropy of one bag times its class weight. (torch's CrossEntropyLoss(weight=w) divides by
+    the weights of the batch's targets: with one bag per call the weights cancel.) `mean` is the weighted
+    mean over bags, sum(w_i CE_i) / sum(w_i): the class-balanced validation loss for early stopping."""
+
+    def __init__(self, weights: np.ndarray, device):
+        import torch
+
+        self.w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+
+    def __call__(self, logits, target: int):
+        import torch.nn.functional as F
+
+        return self.w[target] * F.cross_entropy(logits.float()[None], self.w.new_tensor([target]).long())
+
+    def mean(self, losses: list[float], targets: list[int]) -> float:
+        w = self.w.cpu().numpy()[targets]
+        return float(np.dot(w, losses) / w.sum()) if len(losses) and w.sum() > 0 else float("nan")
+
+
+def _evaluate(model, get, ids: list[str], y: dict[str, int], loss_fn: WeightedBagLoss | None,
+              want_attention=False):
+    """Probabilities, the (class-weighted) mean loss and attention of the bags `ids`."""
     import torch
 
     model.eval()
@@ -156,10 +176,12 @@ def _evaluate(model, get, ids: list[str], y: dict[str, int], loss_fn, device, wa
         for s in ids:
             logits, a = model(get(s))
             probs.append(torch.softmax(logits.float(), -1).cpu().numpy())
-            losses.append(float(loss_fn(logits.float()[None], torch.tensor([y[s]], device=device))))
+            if loss_fn is not None:
+                losses.append(float(loss_fn(logits, y[s])) / float(loss_fn.w[y[s]]))  # plain CE per bag
             if want_attention and a is not None:
                 attn[s] = a.float().cpu().numpy()
-    return np.array(probs), (float(np.mean(losses)) if losses else float("nan")), attn
+    loss = loss_fn.mean(losses, [y[s] for s in ids]) if loss_fn is not None else float("nan")
+    return np.array(probs), loss, attn
 
 
 def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[str], y: dict[str, int],
@@ -180,8 +202,7 @@ def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[
         mean, std = torch.zeros(bags.dim), torch.ones(bags.dim)
     model = Standardized(core, mean, std).to(device)
     ytr = np.array([y[s] for s in train_ids])
-    weight = _class_weights(ytr, n_classes).to(device)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    loss_fn = WeightedBagLoss(class_weights(ytr, n_classes), device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = {"loss": float("inf"), "epoch": -1, "state": None}
     history = []
@@ -199,7 +220,7 @@ def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[
                 keep = torch.from_numpy(rng.choice(x.shape[0], cfg.max_tiles, replace=False)).to(x.device)
                 x = x[keep]
             logits, _ = model(x)
-            loss = loss_fn(logits[None].float(), torch.tensor([y[s]], device=device))
+            loss = loss_fn(logits, y[s])
             (loss / cfg.bags_per_step).backward()
             total += float(loss.detach())
             in_step += 1
@@ -210,7 +231,7 @@ def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[
                 steps += 1
         train_loss = total / max(1, len(order))
         if val_ids:
-            _, val_loss, _ = _evaluate(model, get, val_ids, y, loss_fn, device)
+            _, val_loss, _ = _evaluate(model, get, val_ids, y, loss_fn)
         else:
             val_loss = float("nan")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
@@ -255,8 +276,7 @@ def run_cv(cohort: Cohort, bags: Bags, splits: dict[str, Any], model_name: str, 
                 **{k: info[k] for k in ("best_epoch", "val_loss", "epochs_run")}}
         with store.atomic_path(out / f"fold{i}" / "model.pt") as tmp:
             torch.save(ckpt, tmp)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        prob, _, att = _evaluate(model, get, te, y, loss_fn, device, want_attention=True)
+        prob, _, att = _evaluate(model, get, te, y, None, want_attention=True)
         attention.update(att)
         yt = np.array([y[s] for s in te])
         m = compute_metrics(yt, prob)
