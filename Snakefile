@@ -30,7 +30,7 @@ rule all:
         expand(f"{RESULTS}/qc/{{slide}}.png", slide=SLIDES),
         expand(f"{RESULTS}/priors/{{slide}}.png", slide=SLIDES),
         f"{RESULTS}/phenotypes/gallery.png",
-        expand(f"{RESULTS}/pretrain/{{method}}/loss_curves.png", method=config["pretrain"]["methods"]),
+        expand(f"{RESULTS}/pretrain/{{run}}/loss_curves.png", run=RUNS),
         rules.attention.output,
         expand(f"{RESULTS}/features/{{source}}/{{slide}}.h5", source=feature_sources(), slide=SLIDES),
         f"{RESULTS}/failed_slides.txt",

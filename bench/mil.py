@@ -44,7 +44,7 @@ def main() -> None:
 
     from dirl.runtime import resolve_device
     from dirl.mil.data import Bags
-    from dirl.mil.train import TrainConfig, _DeviceBags, train_fold
+    from dirl.mil.train import MilSettings, _DeviceBags, train_fold
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -64,7 +64,7 @@ def main() -> None:
            "transmil_attention": a.transmil_attention, "models": {}}
     for name in a.models.split(","):
         # warm-up epoch, then timed epochs; no validation split: pure training throughput
-        warm = TrainConfig(epochs=1, seed=0, standardize=False, attention=a.transmil_attention)
+        warm = MilSettings(epochs=1, seed=0, standardize=False, transmil_attention=a.transmil_attention)
         train_fold(name, bags, ids, [], y, 2, warm,
                    device, get=get)
         if device.type == "cuda":
@@ -72,8 +72,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         _, info = train_fold(name, bags, ids, [], y, 2,
-                             TrainConfig(epochs=a.epochs, min_epochs=a.epochs, seed=0, standardize=False,
-                                         attention=a.transmil_attention),
+                             MilSettings(epochs=a.epochs, min_epochs=a.epochs, seed=0, standardize=False,
+                                         transmil_attention=a.transmil_attention),
                              device, get=get)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -22,8 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("dirl.ssl.train", "self-supervised pretraining: DiRL or the DINO baseline"),
     "attention": ("dirl.analysis.attention", "attention sparsity diagnostics of pretrained backbones"),
     "extract": ("dirl.extract", "tile features of a slide into HDF5"),
+    "splits": ("dirl.mil.splits", "patient-level cross-validation splits of a cohort (for dirl mil)"),
     "mil": ("dirl.mil.train", "cross-validated slide-level MIL classifiers"),
-    "summary": ("dirl.mil.summary", "compare feature sources and MIL models side by side"),
+    "summary": ("dirl.summary", "DiRL vs DINO: attention and MIL results, seed by seed"),
 }
 
 

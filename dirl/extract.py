@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,21 @@ from typing import Any
 import numpy as np
 
 from dirl import store
-from dirl.runtime import resolve_device, torch_threads
+from dirl.runtime import PRECISIONS, resolve_device, torch_threads
+from dirl.settings import Settings
 from dirl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 FEATURE_CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class ExtractSettings(Settings):
+    batch_size: int = 0           # tiles per batch (0: shard-aligned default)
+    workers: int = -1             # DataLoader workers (-1: auto)
+    device: str = "auto"          # auto, cpu, cuda, cuda:1 ...
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS, "help": "auto: bf16 on CUDA, "
+                           "fp32 on CPU"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,11 +299,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "e.g. '{\"init_values\": 1e-5, \"dynamic_img_size\": true}' for UNI")
     p.add_argument("--out", required=True, help="output .h5 (one tile store) or directory "
                    "(written as {dir}/{slide}.h5, slide = tile store name without .zarr)")
-    p.add_argument("--batch-size", type=int, default=0, help="tiles per batch (0: shard-aligned default)")
-    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: leave default)")
+    ExtractSettings.add_arguments(p.add_argument_group("settings (ExtractSettings)"))
 
 
 def default_workers(device) -> int:
@@ -322,19 +330,20 @@ def main(args: argparse.Namespace) -> None:
 def _main(args: argparse.Namespace) -> None:
     from dirl.encoders import load_encoder
 
+    s = ExtractSettings.from_args(args)
     try:
         kwargs = json.loads(args.model_kwargs)
     except ValueError as e:
         raise ConfigError(f"--model-kwargs is not JSON: {e}") from e
     outs = _out_paths(args.tiles, args.out)
-    device = resolve_device(args.device)
+    device = resolve_device(s.device)
     enc = load_encoder(args.encoder, weights=args.weights, embed_kind=args.embed, img_size=args.img_size,
                        model_kwargs=kwargs or None)
-    amp, cl = prepare_model(enc, device, args.precision)
-    workers = args.workers if args.workers >= 0 else default_workers(device)
+    amp, cl = prepare_model(enc, device, s.precision)
+    workers = s.workers if s.workers >= 0 else default_workers(device)
     log.info("encoder %s (D=%d) on %s, %d workers", enc.encoder_id, enc.dim, device, workers)
     for tpath, opath in zip(args.tiles, outs):
-        st = extract_slide(tpath, opath, enc, device, batch=args.batch_size or None, workers=workers,
+        st = extract_slide(tpath, opath, enc, device, batch=s.batch_size or None, workers=workers,
                            amp_dtype=amp, channels_last=cl)
         log.info("%s: %d tiles in %.1f s (%.0f tiles/s) -> %s", st["slide"], st["tiles"], st["seconds"],
                  st["tiles_per_s"], opath)

@@ -3,15 +3,18 @@ command-line flags are derived from it, and the workflow passes a config section
 as `--settings '<JSON>'` (flags given beside it win). `workflow/schemas/config.schema.yaml` documents the
 same keys and defaults for Snakemake; tests/test_config.py keeps the two equal.
 
-A field's `metadata` may hold `help` (flag help), `choices` (allowed values) and `flag` (a different flag
-name). Nested dataclasses (tiling.tissue) become flags with the field name as a prefix
+A field's `metadata` may hold `help` (flag help; otherwise the comment on the field's line is used),
+`choices` (allowed values) and `flag` (a different flag name). Nested dataclasses (tiling.tissue) become flags with the field name as a prefix
 (`--tissue-mpp`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +27,21 @@ S = TypeVar("S", bound="Settings")
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+@functools.cache
+def comments(cls: type) -> dict[str, str]:
+    """`name: type = default  # comment` -> {name: comment}: the comments in the class are the help."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in lines:
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            out[m[1]] = m[2].strip()
+    return out
 
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:
@@ -145,7 +163,7 @@ class Settings:
             if dataclasses.is_dataclass(tp):
                 tp.add_arguments(p, prefix=f"{prefix}{f.name.replace('_', '-')}-")
                 continue
-            text = f.metadata.get("help", "")
+            text = f.metadata.get("help") or comments(cls).get(f.name, "")
             shown = default.to_dict() if isinstance(default, Settings) else default
             help_ = f"{text} (default {shown})".strip() if text else f"(default {shown})"
             kw: dict[str, Any] = {"dest": dest, "default": None, "help": help_}
@@ -158,6 +176,8 @@ class Settings:
                 args = typing.get_args(tp)
                 fixed = origin is tuple and args and args[-1] is not Ellipsis
                 elem = args[0] if args else str
+                if not fixed:  # `--x a b` and `--x a --x b` alike
+                    kw["action"] = "extend"
                 p.add_argument(flag, nargs=len(args) if fixed else "+",
                                type=lambda v, e=elem, w=flag: _convert(e, v, w), **kw)
             else:
@@ -197,4 +217,41 @@ def load_json_arg(text: str, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {text!r}: not a JSON object or a readable JSON file ({e})") from e
     if not isinstance(d, dict):
         raise ConfigError(f"{what}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# config section -> the settings classes of the commands that read it ("module:Class"; each class takes the
+# keys it has), and the section's own workflow keys (job resources, run lists, input selections), which
+# no command takes. The workflow and tests/test_config.py read this; the schema documents the same keys.
+SECTIONS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    "synth": (("dirl.synth:SynthSettings",), frozenset()),  # one mapping per synthetic slide
+    "tiling": (("dirl.tiling:TileSettings",), frozenset({"threads"})),
+    "segmentation": (("dirl.segment.run:SegmentSettings",), frozenset({"threads"})),
+    "phenotypes": (("dirl.segment.phenotype:PhenotypeSettings", "dirl.segment.priors:PriorSettings"),
+                   frozenset()),
+    "pretrain": (("dirl.ssl.settings:PretrainSettings",), frozenset({"methods", "seeds", "gpus", "threads"})),
+    "attention": (("dirl.analysis.attention:AttentionSettings",), frozenset({"slides"})),
+    "extract": (("dirl.extract:ExtractSettings",), frozenset({"encoders", "gpus", "threads"})),
+    "mil": (("dirl.mil.splits:SplitSettings", "dirl.mil.train:MilSettings"), frozenset({"models", "threads"})),
+}
+
+
+def settings_class(target: str) -> type[Settings]:
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def command_settings(section: str, values: dict[str, Any], target: str | None = None) -> dict[str, Any]:
+    """What of a config section goes to a command: without the workflow's keys; for a section several
+    commands share, only the keys of `target` (that command's settings class)."""
+    classes, workflow_keys = SECTIONS[section]
+    d = {k: v for k, v in values.items() if k not in workflow_keys}
+    if len(classes) > 1:
+        if target is None:
+            raise ValueError(f"section {section} is shared by {classes}: name the command's class")
+        names = {f.name for f in dataclasses.fields(settings_class(target))}
+        d = {k: v for k, v in d.items() if k in names}
     return d

@@ -306,6 +306,20 @@ def _register_codecs(g: zarr.Group) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# priors/{slide}.zarr values: 0 glass, 1 non-nuclear tissue, 2.. the cell classes (class c -> 2 + c)
+PRIOR_GLASS, PRIOR_TISSUE, FIRST_CELL_PRIOR = 0, 1, 2
+
+
+def prior_value(cell_class: int | np.ndarray) -> int | np.ndarray:
+    return cell_class + FIRST_CELL_PRIOR
+
+
+def prior_class_names(descriptions: list[str]) -> list[str]:
+    """Names of the prior values, as the phenotype gallery numbers the classes."""
+    return ["glass", "tissue"] + [f"class {c}: {d}" for c, d in enumerate(descriptions)]
+
+
+# --------------------------------------------------------------------------------------------------
 # per-tile maps aligned with the tile store: cells/{slide}.zarr `labels`, priors/{slide}.zarr `priors`
 @contextlib.contextmanager
 def map_store_writer(path: str | os.PathLike, name: str, *, n: int, tile_px: int, dtype: str,
@@ -319,6 +333,11 @@ def map_store_writer(path: str | os.PathLike, name: str, *, n: int, tile_px: int
                                 compressors=ZstdCodec(level=3))
         yield root, arr
         root.attrs.update({**attrs, "n_tiles": n, "dirl_version": __version__})
+
+
+def map_attrs(path: str | os.PathLike, name: str) -> dict[str, Any]:
+    """The attributes of a map store (cells, priors)."""
+    return dict(_open_group(path, name).attrs)
 
 
 def open_map(path: str | os.PathLike, name: str, n_tiles: int | None = None) -> zarr.Array:

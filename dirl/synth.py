@@ -35,10 +35,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from dirl.errors import ConfigError, DirlError
+from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -928,37 +931,52 @@ def write_slide(path: str | Path, width: int, height: int, *, mpp: float = 0.5, 
 
 # --------------------------------------------------------------------------------------------------
 # CLI: dirl synth
+@dataclass(frozen=True)
+class SynthSettings(Settings):
+    """One synthetic slide of the config's `synth` section."""
+
+    populations: tuple[str, ...] = field(default=("lymphocyte", "tumour"), metadata={
+        "flag": "population", "help": f"nucleus populations: {', '.join(sorted(POPULATIONS) + sorted(PRESETS))}"})
+    width: int = 2048           # level-0 width, px
+    height: int = 2048          # level-0 height, px
+    mpp: float = 0.5            # µm per pixel at level 0
+    seed: int = 0
+    format: str | None = field(default=None, metadata={"help": "svs (Aperio) or tiff (generic); none: from "
+                               "the file suffix"})
+    tissue: str = field(default="blobs", metadata={"choices": TISSUE_MODES})
+
+    def validate(self) -> SynthSettings:
+        super().validate()
+        known = set(POPULATIONS) | set(PRESETS)
+        bad = [n for n in self.populations if n not in known]
+        if bad or not self.populations:
+            raise ConfigError(f"synth.populations {list(self.populations)}: use {', '.join(sorted(known))}")
+        if self.format not in (None, *FORMATS):
+            raise ConfigError(f"synth.format {self.format!r}: use one of {', '.join(FORMATS)}")
+        return self
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    names = sorted(POPULATIONS) + sorted(PRESETS)
     p.add_argument("out", type=Path, help="output slide (.svs or .tif/.tiff)")
-    p.add_argument("--width", type=int, default=4096, help="level-0 width, px (default 4096)")
-    p.add_argument("--height", type=int, default=4096, help="level-0 height, px (default 4096)")
-    p.add_argument("--mpp", type=float, default=0.5, help="µm per pixel at level 0 (default 0.5)")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, default=None,
-                   help="svs (Aperio) or tiff (generic); default from the file suffix, else svs")
-    p.add_argument("--population", action="append", choices=names, metavar="NAME",
-                   help=f"nucleus population, repeatable: {', '.join(names)} (default lymphocyte + tumour)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tissue", choices=TISSUE_MODES, default="blobs")
     p.add_argument("--no-mpp", dest="write_mpp", action="store_false",
                    help="record no resolution (for testing the missing-µm/px error)")
     p.add_argument("--pen", action="store_true", help="add a blue pen stroke")
     p.add_argument("--tile", type=int, default=256, help="TIFF tile size, px")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--levels", type=int, default=None, help="pyramid levels (default: halve to < 1000 px)")
+    SynthSettings.add_arguments(p.add_argument_group("settings (SynthSettings)"))
 
 
 def main(args: argparse.Namespace) -> None:
-    from dirl.errors import DirlError
-
-    fmt = args.fmt or ("tiff" if args.out.suffix.lower() in (".tif", ".tiff") else "svs")
+    s = SynthSettings.from_args(args)
+    fmt = s.format or ("tiff" if args.out.suffix.lower() in (".tif", ".tiff") else "svs")
     names: list[str] = []
-    for n in args.population or ["mixed"]:
+    for n in s.populations:
         names.extend(PRESETS.get(n, (n,)))
     pops = tuple(POPULATIONS[n] for n in dict.fromkeys(names))
     try:
-        write_slide(args.out, args.width, args.height, mpp=args.mpp, fmt=fmt, populations=pops,
-                    seed=args.seed, tissue=args.tissue, write_mpp=args.write_mpp, pen=args.pen,
+        write_slide(args.out, s.width, s.height, mpp=s.mpp, fmt=fmt, populations=pops,
+                    seed=s.seed, tissue=s.tissue, write_mpp=args.write_mpp, pen=args.pen,
                     tile=args.tile, quality=args.quality, levels=args.levels)
     except ValueError as e:
         raise DirlError(f"dirl synth: {e}") from e

@@ -19,11 +19,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from dirl.errors import ConfigError
+from dirl.settings import Settings
 from dirl.slide import Slide
 from dirl.tissue import TissueSettings, fraction_in_boxes, ink_mask, tissue_mask
 
@@ -34,14 +36,23 @@ RUN_TILES = 16  # tiles of one grid row read with a single read_region call (and
 
 
 @dataclass(frozen=True)
-class TileSettings:
+class TileSettings(Settings):
     mpp: float = 0.5           # µm/px of the tiles
     tile_px: int = 224         # tile side in pixels at `mpp`
     overlap: float = 0.0       # fraction of a tile shared with its neighbour
     min_tissue: float = 0.5    # keep tiles with at least this tissue fraction
-    codec: str = "zstd"        # `images` codec: zstd (lossless) or jpeg
+    codec: str = field(default="zstd", metadata={"choices": ("zstd", "jpeg"), "help": "images codec: zstd "
+                       "(lossless) or jpeg (~11x smaller)"})
     quality: int = 90          # JPEG quality when codec is jpeg
     tissue: TissueSettings = field(default_factory=TissueSettings)
+
+    def validate(self) -> TileSettings:
+        super().validate()
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"tiling.overlap must be in [0, 1), got {self.overlap}")
+        if self.mpp <= 0 or self.tile_px < 16 or not 1 <= self.quality <= 100:
+            raise ConfigError(f"tiling: mpp > 0, tile_px >= 16 and quality in 1..100 needed, got {self}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -229,39 +240,22 @@ def write_qc(path: str | Path, g: Grid, slide: Slide, s: TileSettings) -> None:
 
 # --------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d, t = TileSettings(), TissueSettings()
     p.add_argument("slide", help="whole-slide image (any format OpenSlide reads)")
     p.add_argument("out", help="output tile store, e.g. results/demo/tiles/{slide}.zarr")
     p.add_argument("--slide-id", help="identifier stored in the tiles (default: file stem)")
     p.add_argument("--slide-mpp", type=float, help="µm/px for slides whose metadata lacks it")
     p.add_argument("--qc", help="QC thumbnail PNG to write")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mpp", type=float, default=d.mpp, help="tile resolution, µm/px")
-    p.add_argument("--tile-px", type=int, default=d.tile_px)
-    p.add_argument("--overlap", type=float, default=d.overlap)
-    p.add_argument("--min-tissue", type=float, default=d.min_tissue)
-    p.add_argument("--codec", choices=["zstd", "jpeg"], default=d.codec)
-    p.add_argument("--quality", type=int, default=d.quality)
     p.add_argument("--on-error", choices=["fail", "empty"], default="fail",
                    help="empty: a slide that cannot be read gets an empty store marked `failed` (and "
                         "the error in its QC image), so cohort-level stages go on without it")
-    for name, value in asdict(t).items():
-        flag = "--tissue-" + name.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
-        else:
-            p.add_argument(flag, type=float, default=value)
+    TileSettings.add_arguments(p.add_argument_group("settings (TileSettings)"))
 
 
 def main(args: argparse.Namespace) -> None:
-    from dirl.errors import ConfigError
-
-    tissue = TissueSettings(**{k: getattr(args, "tissue_" + k) for k in asdict(TissueSettings())})
-    s = TileSettings(args.mpp, args.tile_px, args.overlap, args.min_tissue, args.codec, args.quality, tissue)
-    if not 0 <= s.overlap < 1:
-        raise ConfigError(f"tiling.overlap must be in [0, 1), got {s.overlap}")
     from dirl.errors import SlideError
 
+    s = TileSettings.from_args(args)
     # zarr takes ~0.2 s to import: let it load while OpenSlide decodes the thumbnail (GIL released)
     threading.Thread(target=importlib.import_module, args=("dirl.store",), daemon=True).start()
     try:

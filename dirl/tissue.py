@@ -7,13 +7,15 @@ a small biopsy as well as on a resection (CLAM's pixel-based defaults find no ti
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
+from dirl.settings import Settings
+
 
 @dataclass(frozen=True)
-class TissueSettings:
+class TissueSettings(Settings):
     mpp: float = 2.0                # µm/px of the image the mask is computed on
     sat_min: float = 0.05           # Otsu's threshold is clamped to [sat_min, sat_max]
     sat_max: float = 0.15
@@ -22,9 +24,6 @@ class TissueSettings:
     close_um: float = 16.0          # morphological closing radius
     min_area_um2: float = 20000.0   # smallest kept tissue piece (~140 µm square)
     max_hole_um2: float = 40000.0   # holes up to this size are filled
-
-    def to_dict(self) -> dict[str, float | bool]:
-        return asdict(self)
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -78,38 +78,60 @@ def test_class_share_and_sampling():
     assert picks == sample_tiles([10, 3, 0], 8, seed=0)
 
 
-def _fake_backbone(path, seed, method):
+def _fake_backbone(path, init, method, seed=0):
     import timm
 
-    torch.manual_seed(seed)
+    torch.manual_seed(init)
     m = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, dynamic_img_size=True)
     path.mkdir(parents=True)
     torch.save(m.state_dict(), path / "backbone.pt")
     (path / "backbone.json").write_text(json.dumps({
         "arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 16, "embed": "cls", "method": method,
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}))
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "settings": {"seed": seed}}))
     return path / "backbone.pt"
 
 
-def test_cli_compares_backbones(tmp_path):
+def test_cli_compares_backbones_with_untrained_references(tmp_path):
     tiles, priors = write_toy_cohort(tmp_path / "c", n_slides=2, n_tiles=5, tile_px=64)
-    dino = _fake_backbone(tmp_path / "pretrain" / "dino", 0, "dino")
-    dirl = _fake_backbone(tmp_path / "pretrain" / "dirl", 1, "dirl")
-    out = tmp_path / "analysis" / "attention_{method}.json"
-    rc = cli(["attention", "--backbone", str(dino), "--backbone", f"dirl={dirl}", "--tiles", *map(str, tiles),
-              "--priors", *map(str, priors), "--out", str(out), "--overlays", str(tmp_path / "ov"),
-              "--n-tiles", "6", "--n-overlays", "2", "--size", "64", "--batch-size", "4", "--cohort", "toy"])
+    runs = {f"{m}-s{seed}": _fake_backbone(tmp_path / "pretrain" / f"{m}-s{seed}", 10 * seed + i, m, seed)
+            for seed in (0, 1) for i, m in enumerate(("dino", "dirl"))}
+    out = tmp_path / "analysis" / "attention.json"
+    rc = cli(["attention", *[a for n, p in runs.items() for a in ("--backbone", f"{n}={p}")], "--untrained",
+              "--tiles", *map(str, tiles), "--priors", *map(str, priors), "--out", str(out), "--overlays",
+              str(tmp_path / "ov"), "--n-tiles", "6", "--n-overlays", "2", "--size", "64", "--batch-size", "4",
+              "--cohort", "toy"])
     assert rc == 0
-    for method in ("dino", "dirl"):
-        doc = json.loads((tmp_path / "analysis" / f"attention_{method}.json").read_text())
-        res = doc["methods"][method]
-        assert doc["n_images"] == 6 and doc["cohort"] == "toy" and res["n_tokens"] == 16
+    doc = json.loads(out.read_text())
+    assert doc["n_images"] == 6 and doc["cohort"] == "toy" and doc["headline"] == "head_entropy"
+    assert set(doc["runs"]) == {"untrained-s0", "untrained-s1", *runs}
+    for res in doc["runs"].values():
+        assert res["n_tokens"] == 16 and res["n_heads"] == 3 and len(res["per_image"]["head_entropy"]) == 6
+        assert 0 <= res["head_entropy"]["mean"] <= 1
         for k in ("entropy", "gini", "top50_share", "top90_share"):
-            assert 0 <= res["summary"][k]["mean"] <= 1 and len(res["per_head"][k]) == 3
-            assert len(res["per_image"][k]) == 6
+            assert 0 <= res["head_averaged_map"][k]["mean"] <= 1 and len(res["per_head"][k]) == 3
         cs = res["class_share"]
-        assert cs["classes"][:2] == ["background", "tissue"] and sum(cs["attention"]) == pytest.approx(1)
+        assert cs["classes"][:2] == ["glass", "tissue"] and sum(cs["attention"]) == pytest.approx(1)
         assert sum(cs["area"]) == pytest.approx(1)
-        assert set(doc["comparison"]["dirl_vs_dino"]["entropy"]) >= {"mean_diff", "wilcoxon_p"}
+    # the mean of per-head entropies is at most the head-averaged map's entropy (concavity)
+    r = doc["runs"]["dino-s0"]
+    assert r["head_entropy"]["mean"] <= r["head_averaged_map"]["entropy"]["mean"] + 1e-9
+    cmp = doc["comparisons"]["dirl-s1_vs_dino-s1"]
+    assert set(cmp["head_entropy"]) >= {"mean_diff", "wilcoxon_p"} and len(cmp["enrichment_diff"]) == 4
+    rep = doc["replicates"]["dirl_minus_dino"]
+    assert set(rep["per_seed"]) == {"0", "1"} and rep["n_seeds"] == 2
+    assert rep["per_seed"]["0"] == pytest.approx(doc["comparisons"]["dirl-s0_vs_dino-s0"]["head_entropy"]["mean_diff"])
+    assert set(doc["replicates"]) == {"dino_minus_untrained", "dirl_minus_untrained", "dirl_minus_dino"}
     assert (tmp_path / "ov" / "overview.png").exists()
     assert len(list((tmp_path / "ov").glob("toy*_*.png"))) == 2
+
+
+def test_untrained_reference_is_the_trainers_first_backbone():
+    from dirl.analysis.attention import untrained_like
+    from dirl.ssl.settings import PretrainSettings
+    from dirl.ssl.trainer import Trainer
+
+    s = PretrainSettings(arch="vit_tiny_patch16_224", img_size=32, out_dim=64, head_hidden_dim=32,
+                         head_bottleneck_dim=16, method="dino", seed=7)
+    first = Trainer(s, None, torch.device("cpu")).teacher.backbone.state_dict()
+    ref, _ = untrained_like({"arch": s.arch, "img_size": s.img_size, "settings": s.to_dict()})
+    assert all(torch.equal(first[k], v) for k, v in ref.state_dict().items())

@@ -12,55 +12,49 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from dirl.settings import SECTIONS, settings_class
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
-
-# config section -> (command module, config keys that are not flags of that command)
-SECTIONS = {
-    "tiling": ("dirl.tiling", {"threads", "tissue"}),
-    "segmentation": ("dirl.segment.run", set()),
-    "attention": ("dirl.analysis.attention", set()),
-    "extract": ("dirl.extract", {"encoders", "gpus", "threads"}),  # threads: the job's, passed by the rule
-    "mil": ("dirl.mil.train", {"models", "threads"}),
-}
-
 
 def schema_props(section: str) -> dict:
     return yaml.safe_load(SCHEMA.read_text())["properties"][section]["properties"]
 
 
-def parser_defaults(module: str) -> dict:
-    p = argparse.ArgumentParser()
-    importlib.import_module(module).add_arguments(p)
-    return {a.dest: a for a in p._actions if a.option_strings}
-
-
 @pytest.mark.parametrize("section", sorted(SECTIONS))
-def test_schema_matches_cli(section: str) -> None:
-    """Every config key is a flag of the stage's command with the same default: the schema cannot
-    drift from the code that reads it."""
-    module, not_flags = SECTIONS[section]
-    actions = parser_defaults(module)
-    for key, spec in schema_props(section).items():
-        if key in not_flags:
-            continue
-        assert key in actions, f"{section}.{key} is not a flag of {module}"
-        default = actions[key].default
-        if isinstance(actions[key], argparse._StoreTrueAction):
-            continue
-        assert spec.get("default") == default, f"{section}.{key}: schema {spec.get('default')!r} vs CLI {default!r}"
+def test_every_config_key_is_a_setting_with_the_same_default(section: str) -> None:
+    """Each config section's keys are the fields of its commands' settings classes (plus the workflow's
+    own keys, listed once in dirl.settings.SECTIONS), with the same defaults: the schema Snakemake
+    validates against cannot drift from the code that reads the values."""
+    targets, workflow_keys = SECTIONS[section]
+    props = schema_props(section) if section != "synth" else \
+        yaml.safe_load(SCHEMA.read_text())["properties"]["synth"]["additionalProperties"]["properties"]
+    fields = {}
+    for t in targets:
+        for f in dataclasses.fields(settings_class(t)):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            fields.setdefault(f.name, default)
+    if section == "pretrain":  # set per run by the workflow
+        fields.pop("method"), fields.pop("seed")
+    assert workflow_keys <= set(props), sorted(workflow_keys - set(props))
+    assert set(props) - workflow_keys == set(fields)
+    for key, default in fields.items():
+        want = props[key].get("default", {})
+        got = default.to_dict() if hasattr(default, "to_dict") else (list(default) if isinstance(default, tuple) else default)
+        if hasattr(default, "to_dict"):  # nested settings: the schema lists each key's default
+            want = {k: v["default"] for k, v in props[key]["properties"].items()}
+        assert want == got, f"{section}.{key}: schema {want!r} vs settings {got!r}"
 
 
-def test_pretrain_schema_matches_settings() -> None:
-    from dirl.ssl.settings import PretrainSettings
-
-    props = schema_props("pretrain")
-    fields = {f.name: f for f in dataclasses.fields(PretrainSettings)}
-    assert set(props) - {"methods", "gpus", "threads"} == set(fields) - {"method"}
-    for name, f in fields.items():
-        if name != "method":
-            want = list(f.default) if isinstance(f.default, tuple) else f.default
-            assert props[name]["default"] == want, name
+def test_every_stage_cli_takes_its_settings_as_json() -> None:
+    """One way in from the workflow: `--settings JSON` on every command that has settings."""
+    for section, (targets, _) in SECTIONS.items():
+        for t in targets:
+            name = t.split(":")[0]
+            module = importlib.import_module({"dirl.ssl.settings": "dirl.ssl.train"}.get(name, name))
+            p = argparse.ArgumentParser()
+            module.add_arguments(p)
+            assert "--settings" in p._option_string_actions, t
 
 
 def load(cfg: dict) -> dict:

@@ -9,7 +9,7 @@ import torch
 from dirl.errors import ConfigError
 from dirl.mil import models
 from dirl.mil.data import Bags
-from dirl.mil.train import TrainConfig, _evaluate, train_fold
+from dirl.mil.train import MilSettings, _evaluate, train_fold
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,7 +91,7 @@ def test_models_learn_witness_instances(name, epochs, dim, shift):
     bags, y, witness = toy_bags(dim=dim, shift=shift)
     ids = sorted(y)
     train, val, test = ids[:28], ids[28:36], ids[36:]
-    cfg = TrainConfig(epochs=epochs, patience=10, lr=5e-4, seed=0)
+    cfg = MilSettings(epochs=epochs, patience=10, lr=5e-4, seed=0)
     model, info = train_fold(name, bags, train, val, y, 2, cfg, torch.device("cpu"))
     assert info["best_epoch"] >= 0 and info["steps"] > 0
     prob, _, attn = _evaluate(model, lambda s: torch.from_numpy(bags.features(s)), test, y, None,
@@ -106,7 +106,7 @@ def test_models_learn_witness_instances(name, epochs, dim, shift):
 def test_bags_per_step_and_max_tiles_run():
     bags, y, _ = toy_bags(n_bags=12)
     ids = sorted(y)
-    cfg = TrainConfig(epochs=2, bags_per_step=4, max_tiles=10, seed=0)
+    cfg = MilSettings(epochs=2, bags_per_step=4, max_tiles=10, seed=0)
     _, info = train_fold("abmil", bags, ids[:8], ids[8:], y, 2, cfg, torch.device("cpu"))
     assert info["steps"] == 2 * 2  # 8 bags in steps of 4, two epochs
 

@@ -9,7 +9,7 @@ import pytest
 
 from dirl.errors import ConfigError
 from dirl.mil.data import Cohort, read_sample_sheet
-from dirl.mil.splits import load_or_make, make_splits
+from dirl.mil.splits import load_splits, make_splits, write_json
 from dirl.mil.train import compute_metrics
 
 
@@ -63,22 +63,16 @@ def test_too_few_patients_names_the_class():
     make_splits(co, 3)
 
 
-def test_splits_file_reused_or_refused(tmp_path):
+def test_splits_file_checked_against_the_sheet(tmp_path):
     co = cohort()
     path = tmp_path / "splits.json"
-    first, reused = load_or_make(path, co, 4, 0.2, 0)
-    assert not reused and json.loads(path.read_text()) == first
-    mtime = path.stat().st_mtime_ns
-    again, reused = load_or_make(path, co, 4, 0.2, 0)
-    assert reused and again == first and path.stat().st_mtime_ns == mtime
-    with pytest.raises(ConfigError, match="folds 4 -> 5.*--resplit"):
-        load_or_make(path, co, 5, 0.2, 0)
+    write_json(path, make_splits(co, 4, 0.2, 0))
+    assert load_splits(path, co)["folds"] == 4
     fewer = co.subset(co.slide_ids[1:])
-    with pytest.raises(ConfigError, match="slides removed"):
-        load_or_make(path, fewer, 4, 0.2, 0)
-    new, reused = load_or_make(path, fewer, 4, 0.2, 0, resplit=True)
-    assert not reused and len(new["slides"]) == len(co.slide_ids) - 1
-
+    with pytest.raises(ConfigError, match="slides removed.*make it again with `dirl splits`"):
+        load_splits(path, fewer)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_splits(tmp_path / "none.json", co)
 
 def test_sample_sheet(tmp_path):
     p = tmp_path / "s.tsv"

@@ -125,8 +125,10 @@ def test_every_stage_output_meets_the_contracts(cohort: Path) -> None:
     metrics = json.loads((res / "mil" / "dirl" / "abmil" / "metrics.json").read_text())
     assert "auc" in json.dumps(metrics)
     summary = (res / "summary.tsv").read_text()
-    assert "dirl" in summary and "dino" in summary
-    assert json.loads((res / "analysis" / "attention_dirl.json").read_text())
+    assert "dirl-dino" in summary and "head_entropy" in summary
+    att = json.loads((res / "analysis" / "attention.json").read_text())
+    assert set(att["runs"]) == {"untrained", "dirl", "dino"}
+    assert (res / "failed_slides.txt").read_text() == ""
     if CONTRACT.exists():
         proc = subprocess.run([sys.executable, str(CONTRACT), str(res)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
@@ -191,9 +193,11 @@ def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
         config["samples"] = "samples.tsv"
         config["synth"] = CONFIG["synth"]
         config["mil"]["folds"] = 2  # four test slides, two patients per class
+        config.setdefault("attention", {})["slides"] = []  # the template's slides are not these
         write_cohort(tmp_path, config)
         jobs = planned_jobs(snakemake(tmp_path, "-n"))
-        assert jobs["tile"] == 4 and jobs["pretrain"] == 2 and jobs["mil"] >= 2
+        runs = len(config["pretrain"]["methods"]) * len(config["pretrain"].get("seeds", [0]))
+        assert jobs["tile"] == 4 and jobs["pretrain"] == runs and jobs["mil"] >= 2
     shutil.copytree(ROOT / "profiles" / "slurm", tmp_path / "slurm")
     write_cohort(tmp_path, CONFIG)
     proc = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "slurm"), check=False)

@@ -97,7 +97,7 @@ def test_command_line_overrides_are_typed_by_the_schema(tmp_path):
                    "pretrain={epochs: '3', lr: 1e-3}")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     out = proc.stdout + proc.stderr
-    assert "--on-error empty" in out and "--tile-px 64 " in out
+    assert "--on-error empty" in out and '"tile_px": 64,' in out
 
 
 @pytest.mark.parametrize("config, message", [

@@ -1,18 +1,20 @@
 """`dirl attention`: how sparse is a pretrained ViT's last-layer self-attention (the paper's evidence).
 
-    dirl attention --backbone dino=results/c/pretrain/dino/backbone.pt \
-                   --backbone dirl=results/c/pretrain/dirl/backbone.pt \
-                   --tiles results/c/tiles/*.zarr --priors results/c/priors/*.zarr \
-                   --out results/c/analysis/attention_{method}.json --overlays results/c/analysis/attention
+    dirl attention --backbone dino=results/c/pretrain/dino/backbone.pt \\
+                   --backbone dirl=results/c/pretrain/dirl/backbone.pt --untrained \\
+                   --tiles results/c/tiles/*.zarr --priors results/c/priors/*.zarr \\
+                   --out results/c/analysis/attention.json --overlays results/c/analysis/attention_overlays
 
-For a fixed sample of tiles, the last block's attention distribution over the N patch tokens (the [CLS]
-query's row renormalised over patch tokens, or without [CLS] the mean attention each patch receives)
-per head and averaged over heads, and for each: normalised entropy H / log N (1 = uniform, 0 = one
-token), Gini coefficient (normalised: 0 = uniform, 1 = one token), and the share of tokens holding 50 %
-and 90 % of the mass; the share of attention falling on each prior class (with the class's area share
-for reference). Several backbones are evaluated on the same tiles and compared pairwise (paired
-differences, Wilcoxon signed-rank test). Overlay PNGs put image, prior map and each backbone's attention
-side by side.
+For a fixed sample of tiles, the last block's attention over the N patch tokens (the [CLS] query's row
+renormalised over patch tokens, or without [CLS] the mean attention each patch receives), per head. The
+headline is the mean over heads of each head's normalised entropy H / log N (1 = uniform, 0 = one token):
+DINO's heads each attend to a few spots, which the head-averaged map hides, so that map's entropy is
+reported beside it, with the Gini coefficient and the share of tokens holding 50 % and 90 % of the mass.
+Per prior class: the share of attention falling on the class relative to its share of the area
+(enrichment). `--untrained` adds, for each initialisation seed among the backbones, the same architecture
+as it was before training (same seed, same weights as the trainer's first step): the reference that
+turns "DINO became sparse" into a number. Runs are compared pairwise on the same tiles (paired
+differences, Wilcoxon signed-rank); runs named `<method>-s<seed>` are also compared seed by seed.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import argparse
 import json
 import logging
 import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +32,25 @@ import torch
 import torch.nn.functional as F
 
 from dirl.errors import DirlError
+from dirl.settings import Settings
 
 log = logging.getLogger("dirl.attention")
 METRICS = ("entropy", "gini", "top50_share", "top90_share")
+HEADLINE = "head_entropy"  # mean over heads of the per-head normalised entropy
+UNTRAINED = "untrained"
+
+
+@dataclass(frozen=True)
+class AttentionSettings(Settings):
+    n_tiles: int = field(default=256, metadata={"help": "tiles sampled over the cohort"})
+    n_overlays: int = 8
+    size: int | None = field(default=None, metadata={"help": "input size (none: the first backbone's img_size)"})
+    source: str = field(default="auto", metadata={"choices": ("auto", "cls", "received"), "help":
+                        "[CLS] row or mean received attention (auto: cls when trained through [CLS])"})
+    batch_size: int = 32
+    n_classes: int | None = field(default=None, metadata={"help": "prior classes, if the priors stores do not say"})
+    device: str = "auto"
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +125,7 @@ def class_share(a: torch.Tensor, occupancy: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# sampling and inputs
+# inputs: one fixed sample of tiles for every backbone
 def sample_tiles(counts: list[int], n_tiles: int, seed: int) -> list[tuple[int, int]]:
     """A fixed sample of (slide, row): slides take turns (so each gives about n_tiles / n_slides,
     and a small slide's share goes to the others), rows random within a slide; sorted."""
@@ -121,22 +141,120 @@ def sample_tiles(counts: list[int], n_tiles: int, seed: int) -> list[tuple[int, 
     return sorted(picks)
 
 
-def _prepare(img: np.ndarray, prior: np.ndarray | None, size: int, mean, std
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    x = (x[0] - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    pm = None
-    if prior is not None:
-        pm = torch.from_numpy(np.ascontiguousarray(prior))[None, None].float()
+@dataclass
+class Sample:
+    """The tiles every backbone sees: images (uint8, tile size), prior maps, and their names."""
+
+    ids: list[tuple[str, int]]
+    images: np.ndarray                  # (n, T, T, 3) uint8
+    priors: np.ndarray | None           # (n, T, T) uint8
+    n_classes: int
+    class_names: list[str]
+
+    def inputs(self, size: int, mean, std) -> torch.Tensor:
+        x = torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+    def occupancy(self, size: int, patch: int) -> torch.Tensor | None:
+        from dirl.ssl.losses import token_occupancy
+
+        if self.priors is None:
+            return None
+        pm = torch.from_numpy(self.priors)[:, None].float()
         if pm.shape[-1] != size:
             pm = F.interpolate(pm, size=(size, size), mode="nearest-exact")
-        pm = pm[0, 0].to(torch.uint8)
-    return x, pm
+        return token_occupancy(pm[:, 0].to(torch.uint8), self.n_classes, patch)
+
+
+def load_sample(tiles: list[str], priors: list[str] | None, n_tiles: int, seed: int,
+                n_classes: int | None = None) -> Sample:
+    from dirl import store
+    from dirl.ssl.data import resolve_n_classes
+
+    if priors is not None and len(priors) != len(tiles):
+        raise DirlError(f"{len(tiles)} tile stores but {len(priors)} priors stores")
+    stores = [store.open_tiles(t) for t in tiles]
+    picks = sample_tiles([len(s) for s in stores], n_tiles, seed)
+    if not picks:
+        raise DirlError("no tiles to analyse (every slide is empty or failed)")
+    images = np.stack([stores[s].tile(r) for s, r in picks])
+    maps, names, c = None, [], 0
+    if priors:
+        arrays = [store.open_map(p, "priors", len(ts)) for p, ts in zip(priors, stores)]
+        maps = np.stack([np.asarray(arrays[s][r]) for s, r in picks])
+        c = resolve_n_classes(priors, n_classes)
+        names = store.map_attrs(priors[0], "priors").get("class_names") or []
+        if len(names) != c:
+            names = store.prior_class_names([f"cell class {k}" for k in range(c - store.FIRST_CELL_PRIOR)])
+    return Sample([(stores[s].slide_id, r) for s, r in picks], images, maps, c, list(names))
 
 
 # --------------------------------------------------------------------------------------------------
+# measuring one backbone
+@dataclass
+class Measured:
+    """Per-image results of one backbone on the sample."""
+
+    name: str
+    meta: dict[str, Any]
+    source: str
+    per_head: dict[str, np.ndarray]      # metric -> (n, heads)
+    head_mean: dict[str, np.ndarray]     # metric -> (n,) of the head-averaged map
+    share: np.ndarray | None             # (n, C) attention share per class (head-averaged map)
+    area: np.ndarray | None              # (n, C) area share per class
+    maps: torch.Tensor                   # (n_overlays, g, g) head-averaged maps
+
+    @property
+    def headline(self) -> np.ndarray:
+        return self.per_head["entropy"].mean(1)
+
+
+def measure(name: str, model: torch.nn.Module, meta: dict[str, Any], sample: Sample, s: AttentionSettings,
+            device: torch.device) -> Measured:
+    size = int(s.size or meta["img_size"])
+    patch = int(meta.get("patch_size") or model.patch_embed.patch_size[0])
+    if size % patch:
+        raise DirlError(f"input size {size} is not a multiple of {name}'s patch size {patch}")
+    npre = int(getattr(model, "num_prefix_tokens", 1))
+    has_cls = npre > 0 and getattr(model, "cls_token", None) is not None
+    src = s.source if s.source != "auto" else (
+        "cls" if has_cls and meta.get("embed", "cls") == "cls" else "received")
+    x = sample.inputs(size, meta["mean"], meta["std"])
+    occ = sample.occupancy(size, patch)
+    model.to(device).eval()
+    parts = []
+    with torch.no_grad():
+        for a in range(0, len(x), s.batch_size):
+            parts.append(attention_over_patches(last_layer_attention(model, x[a:a + s.batch_size].to(device)),
+                                                npre, src).cpu())
+    model.cpu()
+    att = torch.cat(parts)  # (n, H, N)
+    mean_map = att.mean(1)
+    g = size // patch
+    return Measured(
+        name, meta, src,
+        per_head={k: v.numpy() for k, v in attention_metrics(att).items()},
+        head_mean={k: v.numpy() for k, v in attention_metrics(mean_map).items()},
+        share=class_share(mean_map[:, None], occ)[:, 0].numpy() if occ is not None else None,
+        area=occ.double().mean(1).numpy() if occ is not None else None,
+        maps=mean_map[: s.n_overlays].reshape(-1, g, g))
+
+
+def untrained_like(meta: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The backbone as the trainer built it before its first step: same architecture and the same
+    seeded initialisation (Trainer seeds torch with `seed`, then builds the student's backbone)."""
+    from dirl.ssl.model import create_backbone
+
+    settings = meta.get("settings", {})
+    torch.manual_seed(int(settings.get("seed", 0)))
+    model = create_backbone(meta["arch"], int(meta["img_size"]), float(settings.get("drop_path", 0.0)))
+    return model, {**meta, "method": UNTRAINED}
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries and comparisons
 def _summary(v: np.ndarray) -> dict[str, float]:
     v = np.asarray(v, dtype=np.float64)
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
@@ -144,137 +262,127 @@ def _summary(v: np.ndarray) -> dict[str, float]:
             "q75": float(np.quantile(v, 0.75))}
 
 
-def _compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:
+def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """b - a per tile: mean, sd, share of tiles where b is higher, Wilcoxon signed-rank p."""
     from scipy.stats import wilcoxon
 
-    out = {}
-    for m in METRICS:
-        d = np.asarray(b[m]) - np.asarray(a[m])
-        p = None
-        if len(d) > 1 and np.any(d != 0):
-            try:
-                p = float(wilcoxon(d).pvalue)
-            except ValueError:
-                p = None
-        out[m] = {"mean_diff": float(d.mean()), "sd_diff": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                  "frac_higher": float((d > 0).mean()), "wilcoxon_p": p}
+    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    p = None
+    if len(d) > 1 and np.any(d != 0):
+        try:
+            p = float(wilcoxon(d).pvalue)
+        except ValueError:
+            p = None
+    return {"mean_diff": float(d.mean()), "sd_diff": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            "frac_higher": float((d > 0).mean()), "wilcoxon_p": p}
+
+
+def describe(m: Measured, class_names: list[str]) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "backbone": m.meta.get("path"), "arch": m.meta.get("arch"), "method": m.meta.get("method"),
+        "seed": m.meta.get("settings", {}).get("seed"), "source": m.source,
+        "n_tokens": int(m.maps.shape[-1] ** 2),
+        "n_heads": int(m.per_head["entropy"].shape[1]),
+        HEADLINE: _summary(m.headline),
+        "mean_of_heads": {k: _summary(v.mean(1)) for k, v in m.per_head.items()},
+        "per_head": {k: [float(x) for x in v.mean(0)] for k, v in m.per_head.items()},
+        "head_averaged_map": {k: _summary(v) for k, v in m.head_mean.items()},
+    }
+    if m.share is not None:
+        share, area = m.share.mean(0), m.area.mean(0)
+        res["class_share"] = {"classes": class_names, "attention": [float(v) for v in share],
+                              "area": [float(v) for v in area],
+                              "enrichment": [float(a / b) if b > 0 else None for a, b in zip(share, area)]}
+    res["per_image"] = {HEADLINE: [float(v) for v in m.headline],
+                        **{f"map_{k}": [float(x) for x in v] for k, v in m.head_mean.items()}}
+    return res
+
+
+def compare(a: Measured, b: Measured) -> dict[str, Any]:
+    """b against a on the same tiles: the headline, the head-averaged map's metrics, and per class the
+    difference in enrichment."""
+    out = {HEADLINE: _paired(a.headline, b.headline),
+           **{f"map_{k}": _paired(a.head_mean[k], b.head_mean[k]) for k in METRICS}}
+    if a.share is not None and b.share is not None:
+        area = a.area.mean(0)
+        out["enrichment_diff"] = [float((b.share.mean(0)[c] - a.share.mean(0)[c]) / area[c]) if area[c] > 0
+                                  else None for c in range(len(area))]
     return out
 
 
-def analyse(backbones: dict[str, str], tiles: list[str], priors: list[str] | None, *, n_tiles: int = 256,
-            size: int | None = None, source: str = "auto", batch_size: int = 32, seed: int = 0,
-            device: str = "auto", n_classes: int | None = None, overlays: str | None = None,
-            n_overlays: int = 8, cohort: str | None = None) -> dict[str, Any]:
-    """Run the diagnostics; returns the cohort summary (see module docstring)."""
-    from dirl import store
-    from dirl.ssl.data import read_n_classes
-    from dirl.ssl.losses import token_occupancy
-    from dirl.encoders import load_backbone
+RUN_NAME = re.compile(r"^(?P<method>.+?)(?:-s(?P<seed>\d+))?$")
 
-    if priors is not None and len(priors) != len(tiles):
-        raise DirlError(f"{len(tiles)} tile stores but {len(priors)} priors stores")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    models = {name: (enc.model, enc.meta) for name, enc in
-              ((n, load_backbone(p)) for n, p in backbones.items())}
-    first = next(iter(models.values()))[1]
-    size = size or int(first["img_size"])
-    stores = [store.open_tiles(t) for t in tiles]
-    maps = [store.open_map(p, "priors", len(ts)) for p, ts in zip(priors, stores)] if priors else None
-    if priors:
-        found = {read_n_classes(p) for p in priors} - {None}
-        if len(found) > 1:
-            raise DirlError(f"priors stores disagree on n_classes: {sorted(found)}")
-        n_classes = found.pop() if found else n_classes
-        if n_classes is None:
-            n_classes = int(max(int(np.asarray(m[: min(len(m), 64)]).max()) for m in maps)) + 1
-            log.warning("priors stores do not record n_classes; using %d from the data", n_classes)
-        class_names = store._open_group(priors[0], "priors").attrs.get("class_names")
-        if not class_names or len(class_names) != n_classes:
-            class_names = ["background", "tissue"] + [f"cell class {k}" for k in range(1, n_classes - 1)]
-    picks = sample_tiles([len(s) for s in stores], n_tiles, seed)
-    if not picks:
-        raise DirlError("no tiles to analyse")
-    results: dict[str, dict[str, Any]] = {}
-    per_image: dict[str, dict[str, list]] = {n: {} for n in models}
-    overlay_maps: dict[str, list[torch.Tensor]] = {n: [] for n in models}
-    overlay_inputs: list[tuple[np.ndarray, np.ndarray | None]] = []
-    for name, (model, meta) in models.items():
-        model.to(dev)
-        npre = int(getattr(model, "num_prefix_tokens", 1))
-        has_cls = npre > 0 and getattr(model, "cls_token", None) is not None
-        # auto: the [CLS] row when the backbone was trained through [CLS], else received attention
-        src = source if source != "auto" else ("cls" if has_cls and meta.get("embed", "cls") == "cls"
-                                               else "received")
-        patch = int(meta.get("patch_size") or model.patch_embed.patch_size[0])
-        if size % patch:
-            raise DirlError(f"input size {size} is not a multiple of {name}'s patch size {patch}")
-        acc: dict[str, list] = {"head_mean": [], "per_head": [], "class_share": [], "class_area": []}
-        for start in range(0, len(picks), batch_size):
-            chunk = picks[start:start + batch_size]
-            xs, pms = [], []
-            for s, r in chunk:
-                img = stores[s].tile(r)
-                prior = np.asarray(maps[s][r]) if maps else None
-                x, pm = _prepare(img, prior, size, meta["mean"], meta["std"])
-                xs.append(x)
-                pms.append(pm)
-                if name == next(iter(models)) and len(overlay_inputs) < n_overlays:
-                    overlay_inputs.append((img, prior))
-            with torch.no_grad():
-                attn = last_layer_attention(model, torch.stack(xs).to(dev))
-            a = attention_over_patches(attn, npre, src).cpu()  # (B, H, N)
-            mean_a = a.mean(1)  # head-averaged distribution
-            acc["head_mean"].append({k: v for k, v in attention_metrics(mean_a).items()})
-            acc["per_head"].append(attention_metrics(a))
-            if maps:
-                occ = token_occupancy(torch.stack(pms), n_classes, patch)  # (B, N, C)
-                acc["class_share"].append(class_share(mean_a[:, None], occ)[:, 0])
-                acc["class_area"].append(occ.double().mean(1))
-            need = n_overlays - sum(len(m) for m in overlay_maps[name])
-            if need > 0:
-                g = size // patch
-                overlay_maps[name].append(mean_a[:need].reshape(-1, g, g))
-        model.cpu()
-        hm = {k: torch.cat([d[k] for d in acc["head_mean"]]).numpy() for k in METRICS}
-        ph = {k: torch.cat([d[k] for d in acc["per_head"]]).numpy() for k in METRICS}  # (n, H)
-        per_image[name] = hm
-        res: dict[str, Any] = {
-            "backbone": str(backbones[name]), "arch": meta.get("arch"), "method": meta.get("method"),
-            "source": src, "n_tokens": (size // patch) ** 2, "n_heads": int(ph["entropy"].shape[1]),
-            "summary": {k: _summary(hm[k]) for k in METRICS},
-            "per_head": {k: [float(v) for v in ph[k].mean(0)] for k in METRICS},
-            "mean_of_heads": {k: _summary(ph[k].mean(1)) for k in METRICS},
-        }
-        if maps:
-            cs = torch.cat(acc["class_share"]).numpy()
-            ca = torch.cat(acc["class_area"]).numpy()
-            share, area = cs.mean(0), ca.mean(0)
-            res["class_share"] = {
-                "classes": list(class_names), "attention": [float(v) for v in share],
-                "area": [float(v) for v in area],
-                "enrichment": [float(s / a) if a > 0 else None for s, a in zip(share, area)]}
-        res["per_image"] = {k: [float(v) for v in hm[k]] for k in METRICS}
-        results[name] = res
-    names = list(models)
-    comparison = {f"{b}_vs_{a}": _compare(per_image[a], per_image[b])
-                  for i, a in enumerate(names) for b in names[i + 1:]}
-    summary = {"cohort": cohort, "n_images": len(picks), "size": size, "seed": seed,
-               "tiles": [[stores[s].slide_id, r] for s, r in picks], "methods": results,
-               "comparison": comparison,
-               "note": "metrics on the head-averaged distribution (summary) and per head (per_head, "
-                       "mean_of_heads); comparison: differences second minus first, paired by tile"}
+
+def by_seed(names: list[str]) -> dict[int, dict[str, str]]:
+    """{seed: {method: run name}}: runs named `<method>-s<seed>` (replicates) or `<method>` (one seed)."""
+    out: dict[int, dict[str, str]] = {}
+    for n in names:
+        m = RUN_NAME.match(n)
+        out.setdefault(int(m["seed"] or 0), {})[m["method"]] = n
+    return out
+
+
+def replicates(measured: dict[str, Measured], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """For method pairs (a, b) such as (dino, dirl) and (untrained, dino): per seed the paired mean
+    difference of the headline (b - a), and over seeds its mean and sd."""
+    seeds = by_seed(list(measured))
+    out: dict[str, Any] = {}
+    for a, b in pairs:
+        rows = {seed: _paired(measured[runs[a]].headline, measured[runs[b]].headline)["mean_diff"]
+                for seed, runs in sorted(seeds.items()) if a in runs and b in runs}
+        if rows:
+            v = np.array(list(rows.values()))
+            out[f"{b}_minus_{a}"] = {"per_seed": {str(k): v_ for k, v_ in rows.items()},
+                                     "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                                     "n_seeds": len(v), "same_sign": bool(np.all(v > 0) or np.all(v < 0))}
+    return out
+
+
+def analyse(backbones: dict[str, str], tiles: list[str], priors: list[str] | None,
+            s: AttentionSettings = AttentionSettings(), *, untrained: bool = False,
+            overlays: str | None = None, cohort: str | None = None) -> dict[str, Any]:
+    """Run the diagnostics on every backbone (and the untrained references); returns the summary."""
+    from dirl.encoders import load_backbone
+    from dirl.runtime import resolve_device
+
+    device = resolve_device(s.device)
+    sample = load_sample(tiles, priors, s.n_tiles, s.seed, s.n_classes)
+    models: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
+    for name, path in backbones.items():
+        enc = load_backbone(path)
+        models[name] = (enc.model, {**enc.meta, "path": str(path)})
+    if untrained:
+        refs: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
+        for name, (_, meta) in models.items():
+            seed = RUN_NAME.match(name)["seed"]
+            ref = f"{UNTRAINED}-s{seed}" if seed is not None else UNTRAINED
+            if ref not in refs:
+                refs[ref] = untrained_like(meta)
+        models = {**refs, **models}
+    measured = {name: measure(name, model, meta, sample, s, device) for name, (model, meta) in models.items()}
+    names = list(measured)
+    seeds = by_seed(names)
+    methods = sorted({m for runs in seeds.values() for m in runs} - {UNTRAINED})
+    pairs = [(UNTRAINED, m) for m in methods] + ([("dino", "dirl")] if {"dino", "dirl"} <= set(methods) else [])
+    summary = {
+        "cohort": cohort, "n_images": len(sample.ids), "seed": s.seed, "headline": HEADLINE,
+        "note": "head_entropy: mean over heads of each head's H/log N (1 = uniform); map_*: metrics of the "
+                "head-averaged map; comparisons: second minus first, paired by tile",
+        "tiles": [list(t) for t in sample.ids],
+        "runs": {n: describe(m, sample.class_names) for n, m in measured.items()},
+        "comparisons": {f"{b}_vs_{a}": compare(measured[a], measured[b])
+                        for i, a in enumerate(names) for b in names[i + 1:]},
+        "replicates": replicates(measured, pairs),
+    }
     if overlays:
-        write_overlays(Path(overlays), overlay_inputs, {n: torch.cat(v) if v else None
-                                                         for n, v in overlay_maps.items()},
-                       [picks[i] for i in range(len(overlay_inputs))], stores, n_classes if maps else 0,
-                       {n: results[n]["per_image"]["entropy"] for n in names}, size)
+        write_overlays(Path(overlays), sample, measured)
     return summary
 
 
-def write_overlays(outdir: Path, inputs, attn_maps: dict[str, torch.Tensor | None], picks, stores,
-                   n_classes: int, entropies: dict[str, list[float]], size: int) -> None:
-    """One PNG per tile (image | prior map | attention of each backbone) and overview.png with all."""
+# --------------------------------------------------------------------------------------------------
+def write_overlays(outdir: Path, sample: Sample, measured: dict[str, Measured]) -> None:
+    """One PNG per tile (image | prior map | each backbone's head-averaged attention, the untrained
+    reference first) and overview.png with all."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,42 +392,43 @@ def write_overlays(outdir: Path, inputs, attn_maps: dict[str, torch.Tensor | Non
     from dirl.store import atomic_path
 
     outdir.mkdir(parents=True, exist_ok=True)
+    n_classes = sample.n_classes if sample.priors is not None else 0
     colours = [(1, 1, 1), (0.95, 0.75, 0.85)] + [plt.cm.tab10(i % 10)[:3] for i in range(max(0, n_classes - 2))]
     cmap = ListedColormap(colours) if n_classes else None
-    names = list(attn_maps)
+    names = list(measured)
     ncol = 1 + (1 if n_classes else 0) + len(names)
+    n = min(len(sample.ids), min(len(m.maps) for m in measured.values()))
 
     def draw(axes, i):
-        img, prior = inputs[i]
+        img = sample.images[i]
         axes[0].imshow(img)
-        axes[0].set_title(f"{stores[picks[i][0]].slide_id} #{picks[i][1]}", fontsize=8)
+        axes[0].set_title(f"{sample.ids[i][0]} #{sample.ids[i][1]}", fontsize=8)
         c = 1
         if n_classes:
-            axes[1].imshow(prior if prior is not None else np.zeros(img.shape[:2]), cmap=cmap,
-                           vmin=-0.5, vmax=n_classes - 0.5, interpolation="nearest")
+            axes[1].imshow(sample.priors[i], cmap=cmap, vmin=-0.5, vmax=n_classes - 0.5, interpolation="nearest")
             axes[1].set_title("prior map", fontsize=8)
             c = 2
-        vmax = max(float(attn_maps[n][i].max()) for n in names)  # one scale per tile: sparsity shows
-        for j, n in enumerate(names):
-            m = attn_maps[n][i][None, None].float()
+        vmax = max(float(measured[k].maps[i].max()) for k in names)  # one scale per tile: sparsity shows
+        for j, k in enumerate(names):
+            m = measured[k].maps[i][None, None].float()
             up = F.interpolate(m, size=img.shape[:2], mode="nearest")[0, 0].numpy()
             axes[c + j].imshow(img)
             axes[c + j].imshow(up, cmap="inferno", alpha=0.6, interpolation="nearest", vmin=0, vmax=vmax)
-            axes[c + j].set_title(f"{n}  H/logN={entropies[n][i]:.2f}", fontsize=8)
+            axes[c + j].set_title(f"{k}  heads H={measured[k].headline[i]:.3f}", fontsize=8)
         for ax in axes:
             ax.axis("off")
 
-    for i in range(len(inputs)):
+    for i in range(n):
         fig, axes = plt.subplots(1, ncol, figsize=(2.6 * ncol, 2.8))
         draw(np.atleast_1d(axes), i)
         fig.tight_layout()
-        sid, row = stores[picks[i][0]].slide_id, picks[i][1]
+        sid, row = sample.ids[i]
         with atomic_path(outdir / f"{sid}_{row}.png") as tmp:
             fig.savefig(tmp, format="png", dpi=90)
         plt.close(fig)
-    if inputs:
-        fig, axes = plt.subplots(len(inputs), ncol, figsize=(2.6 * ncol, 2.6 * len(inputs)), squeeze=False)
-        for i in range(len(inputs)):
+    if n:
+        fig, axes = plt.subplots(n, ncol, figsize=(2.6 * ncol, 2.6 * n), squeeze=False)
+        for i in range(n):
             draw(axes[i], i)
         fig.tight_layout()
         with atomic_path(outdir / "overview.png") as tmp:
@@ -333,8 +442,8 @@ def _parse_backbones(items: list[str]) -> dict[str, str]:
     for it in items:
         name, _, path = it.rpartition("=")
         name = name or Path(path).parent.name or f"backbone{len(out)}"
-        if name in out:
-            raise DirlError(f"backbone name {name!r} given twice; use NAME=PATH")
+        if name in out or name.startswith(UNTRAINED):
+            raise DirlError(f"backbone name {name!r} given twice or reserved; use NAME=PATH")
         out[name] = path
     return out
 
@@ -343,43 +452,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", action="append", required=True,
                    help="[NAME=]path/to/backbone.pt (backbone.json beside it); repeat to compare "
                         "(NAME defaults to the parent directory, e.g. pretrain/dirl -> dirl)")
+    p.add_argument("--untrained", action="store_true", help="add the untrained reference of each seed")
     p.add_argument("--tiles", nargs="+", required=True)
     p.add_argument("--priors", nargs="+", help="priors stores in the order of --tiles (class shares)")
-    p.add_argument("--out", required=True, help="JSON summary; a path containing {method} writes one "
-                   "file per backbone (each with the cross-backbone comparison)")
+    p.add_argument("--out", required=True, help="JSON summary")
     p.add_argument("--overlays", help="directory for overlay PNGs (image | prior | attention per backbone)")
-    p.add_argument("--n-tiles", type=int, default=256, help="tiles sampled over the cohort (default 256)")
-    p.add_argument("--n-overlays", type=int, default=8)
-    p.add_argument("--size", type=int, help="input size (default: the first backbone's img_size)")
-    p.add_argument("--source", choices=("auto", "cls", "received"), default="auto",
-                   help="[CLS] row or mean received attention (auto: cls when there is a class token)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--n-classes", type=int, help="prior classes, if the priors stores do not say")
     p.add_argument("--cohort", help="cohort name recorded in the JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    AttentionSettings.add_arguments(p.add_argument_group("settings (AttentionSettings)"))
 
 
 def main(args: argparse.Namespace) -> None:
     from dirl.store import atomic_path
 
-    backbones = _parse_backbones(args.backbone)
-    summary = analyse(backbones, args.tiles, args.priors, n_tiles=args.n_tiles, size=args.size,
-                      source=args.source, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                      n_classes=args.n_classes, overlays=args.overlays, n_overlays=args.n_overlays,
-                      cohort=args.cohort)
-    outs = ({n: args.out.replace("{method}", n) for n in backbones} if "{method}" in args.out
-            else {None: args.out})
-    for name, path in outs.items():
-        doc = summary if name is None else {**summary, "method": name,
-                                            "methods": {name: summary["methods"][name]},
-                                            "others": {k: {kk: vv for kk, vv in v.items() if kk != "per_image"}
-                                                       for k, v in summary["methods"].items() if k != name}}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        log.info("wrote %s", path)
-    for name, res in summary["methods"].items():
-        s = res["summary"]
-        log.info("%s: H/logN %.3f, Gini %.3f, top-50%% tokens %.3f, top-90%% tokens %.3f (n=%d)", name,
-                 s["entropy"]["mean"], s["gini"]["mean"], s["top50_share"]["mean"], s["top90_share"]["mean"],
+    s = AttentionSettings.from_args(args)
+    summary = analyse(_parse_backbones(args.backbone), args.tiles, args.priors, s, untrained=args.untrained,
+                      overlays=args.overlays, cohort=args.cohort)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    for name, res in summary["runs"].items():
+        log.info("%s: per-head entropy %.4f (head-averaged map %.4f), Gini %.3f, top-50%% tokens %.3f "
+                 "(n=%d)", name, res[HEADLINE]["mean"], res["head_averaged_map"]["entropy"]["mean"],
+                 res["head_averaged_map"]["gini"]["mean"], res["head_averaged_map"]["top50_share"]["mean"],
                  summary["n_images"])
+    for key, r in summary["replicates"].items():
+        log.info("%s per seed: %s; mean %.4f ± %.4f", key,
+                 ", ".join(f"s{k} {v:+.4f}" for k, v in r["per_seed"].items()), r["mean"], r["sd"])

@@ -1,18 +1,19 @@
-"""Patient-level stratified k-fold splits, saved to `splits.json` and reused.
+"""`dirl splits`: patient-level stratified k-fold splits of a cohort, written once to `mil/splits.json`.
+
+    dirl splits --samples samples.tsv --out results/c/mil/splits.json [--folds 5 --val-fraction 0.2]
 
 Splits depend only on the sample sheet (slides, patients, labels) and (folds, val_fraction, seed) — not
-on the feature source — so `dirl` and `dino` features (and every MIL model) are compared on identical
-splits. Each fold holds a test set (the k-fold part), and inside the remaining patients a
-patient-disjoint, stratified validation split for early stopping.
-
-An existing splits file is reused when it was made for the same slides, patients, labels and settings;
-if it differs the run stops and says what differs (pass `resplit=True` / `--resplit` to overwrite).
+on the feature source — so every feature source and MIL model is compared on identical splits. Each
+fold holds a test set (the k-fold part), and inside the remaining patients a patient-disjoint,
+stratified validation split for early stopping. `dirl mil` refuses splits made for another sheet.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,20 @@ import numpy as np
 from dirl import store
 from dirl.errors import ConfigError
 from dirl.mil.data import Cohort
+from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
 VERSION = 1
+
+
+@dataclass(frozen=True)
+class SplitSettings(Settings):
+    """The `mil` section's keys that make the splits."""
+
+    folds: int = 5
+    val_fraction: float = field(default=0.2, metadata={"help": "share of each training fold's patients held "
+                                "out for early stopping (0: none)"})
+    seed: int = 0
 
 
 def _sgkf(n_splits: int, seed: int, y, groups):
@@ -97,32 +109,39 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diff
 
 
-def load_or_make(path: str | Path, cohort: Cohort, folds: int, val_fraction: float = 0.2, seed: int = 0,
-                 resplit: bool = False) -> tuple[dict[str, Any], bool]:
-    """Reuse `path` if it matches the cohort and settings, else make (and write) new splits.
-
-    Returns (splits, reused). A mismatching file is an error unless `resplit`."""
+def load_splits(path: str | Path, cohort: Cohort) -> dict[str, Any]:
+    """The splits at `path`, checked against the cohort (same slides, patients and labels)."""
     path = Path(path)
-    new = make_splits(cohort, folds, val_fraction, seed)
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); delete it or pass --resplit") from e
-        diff = _differences(old, new)
-        if not diff:
-            check_splits(old)
-            log.info("reusing splits %s", path)
-            return old, True
-        if not resplit:
-            raise ConfigError(f"{path} was made for a different cohort or settings ({'; '.join(diff)}); "
-                              "pass --resplit to recompute it (results on the old splits are then not "
-                              "comparable), or point --splits elsewhere")
-        log.warning("recomputing splits %s: %s", path, "; ".join(diff))
-    write_json(path, new)
-    return new, False
+    if not path.exists():
+        raise ConfigError(f"splits file {path} does not exist: make it with `dirl splits`")
+    try:
+        splits = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); make it again with `dirl splits`") from e
+    now = {s: {"patient": p, "label": lab} for s, p, lab in zip(cohort.slide_ids, cohort.patient_ids, cohort.labels)}
+    diff = _differences({**splits, "folds": None}, {**splits, "folds": None, "slides": now, "classes": cohort.classes})
+    if diff:
+        raise ConfigError(f"{path} was made for another sample sheet ({'; '.join(diff)}); make it again with "
+                          "`dirl splits` (results on the old splits are not comparable)")
+    check_splits(splits)
+    return splits
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     with store.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", required=True, help="sample sheet TSV")
+    p.add_argument("--out", required=True, help="splits JSON to write (results/<cohort>/mil/splits.json)")
+    SplitSettings.add_arguments(p.add_argument_group("settings (SplitSettings)"))
+
+
+def main(args: argparse.Namespace) -> None:
+    from dirl.mil.data import read_sample_sheet
+
+    s = SplitSettings.from_args(args)
+    splits = make_splits(read_sample_sheet(args.samples), s.folds, s.val_fraction, s.seed)
+    write_json(args.out, splits)
+    log.info("wrote %s: %d folds over %d slides", args.out, s.folds, len(splits["slides"]))

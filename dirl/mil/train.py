@@ -4,8 +4,7 @@ For each fold of `splits.json` (see splits.py): train one model on the training 
 or a few bags per step with gradient accumulation — never padded), class-weighted cross-entropy, AdamW,
 early stopping on the validation split's loss, keep the best epoch. Then predict the fold's test slides.
 
-Outputs in `--out` (= `mil/{method}/{model}/`):
-  splits.json            the splits used (reused from `--splits` when given and matching)
+Outputs in `--out` (= `mil/{source}/{model}/`), with the cohort's `mil/splits.json` (`dirl splits`):
   fold{i}/model.pt       best checkpoint: state dict, model name/options, classes, epoch, val loss
   predictions.csv        out-of-fold: slide_id, patient_id, label, fold, pred, prob_<class>...
   metrics.json           per fold and mean ± sd (ddof 1): auc (macro one-vs-rest; binary: plain),
@@ -21,7 +20,7 @@ import copy
 import csv
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +29,34 @@ import numpy as np
 from dirl import store
 from dirl.errors import ConfigError
 from dirl.mil.data import Bags, Cohort, open_bags, read_sample_sheet
-from dirl.mil.splits import load_or_make, write_json
+from dirl.mil.splits import write_json
+from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class MilSettings(Settings):
+    """The `mil` section's training settings (`folds`, `val_fraction` and `seed` also make the splits:
+    dirl.mil.splits.SplitSettings)."""
+
     epochs: int = 50
-    patience: int = 10
+    patience: int = 10           # epochs without a better validation loss before stopping
     min_epochs: int = 5
     lr: float = 2e-4
     weight_decay: float = 1e-2
-    bags_per_step: int = 1
-    max_tiles: int = 0          # random subset of a training bag above this size (0: whole bags)
-    standardize: bool = True    # per-dimension feature standardisation from the training tiles
+    bags_per_step: int = 1       # bags per optimiser step (gradient accumulation, no padding)
+    max_tiles: int = 0           # random subset of larger training bags (0: whole bags)
+    standardize: bool = True     # per-dimension z-score of the features (training tiles' statistics)
     hidden: int = 256
     dropout: float = 0.25
-    attention: str = "exact"    # TransMIL: exact (SDPA) or nystrom
+    transmil_attention: str = field(default="exact", metadata={"choices": ("exact", "nystrom"), "help":
+                                    "TransMIL attention: exact softmax (SDPA kernels) or the paper's Nystrom"})
     seed: int = 0
+    heatmaps: int = 4            # attention heatmaps to draw (0: none)
+    device: str = "auto"
+    memory_gb: float = 16.0      # hold bags in RAM up to this size
+    device_cache_gb: float = 4.0  # hold bags on the device up to this
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,8 +128,8 @@ class _DeviceBags:
         return x
 
 
-def model_options(cfg: TrainConfig) -> dict[str, Any]:
-    return {"hidden": cfg.hidden, "dropout": cfg.dropout, "attention": cfg.attention}
+def model_options(cfg: MilSettings) -> dict[str, Any]:
+    return {"hidden": cfg.hidden, "dropout": cfg.dropout, "attention": cfg.transmil_attention}
 
 
 def _feature_stats(bags: Bags, ids: list[str]):
@@ -185,7 +193,7 @@ def _evaluate(model, get, ids: list[str], y: dict[str, int], loss_fn: WeightedBa
 
 
 def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[str], y: dict[str, int],
-               n_classes: int, cfg: TrainConfig, device, fold: int = 0, cache_gb: float = 4.0,
+               n_classes: int, cfg: MilSettings, device, fold: int = 0, cache_gb: float = 4.0,
                get=None) -> tuple[Any, dict[str, Any]]:
     """Train one model; returns (best model, info). `get(slide) -> tensor` can be shared across folds."""
     import torch
@@ -247,7 +255,7 @@ def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[
 
 
 # --------------------------------------------------------------------------------------------------
-def run_cv(cohort: Cohort, bags: Bags, splits: dict[str, Any], model_name: str, out: Path, cfg: TrainConfig,
+def run_cv(cohort: Cohort, bags: Bags, splits: dict[str, Any], model_name: str, out: Path, cfg: MilSettings,
            device, *, excluded: list[str] = (), source: str = "", tiles_dir: Path | None = None,
            n_heatmaps: int = 4, cache_gb: float = 4.0) -> dict[str, Any]:
     import torch
@@ -397,42 +405,17 @@ def _flag(v: str) -> bool:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, label, [patient_id])")
-    p.add_argument("--features", help="feature directory (features/{method}); required unless --splits-only")
+    p.add_argument("--features", required=True, help="feature directory (features/{source})")
+    p.add_argument("--splits", required=True, help="the cohort's splits (`dirl splits`), shared by every "
+                   "feature source and model")
     p.add_argument("--model", default="abmil", help="MIL model: abmil, transmil, meanpool")
-    p.add_argument("--out", help="output directory (mil/{method}/{model}); required unless --splits-only")
+    p.add_argument("--out", required=True, help="output directory (mil/{source}/{model})")
     p.add_argument("--source", help="feature source name for tables (default: the feature directory name)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of each training fold's patients held out for early stopping (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--splits", help="splits file to reuse or create, shared across feature sources "
-                   "(default: OUT/splits.json); a copy is always written to OUT/splits.json")
-    p.add_argument("--splits-only", action="store_true",
-                   help="only make (or check) the --splits file and stop: a workflow rule of its own, so "
-                        "every feature source and model then reuses it")
-    p.add_argument("--resplit", action="store_true",
-                   help="recompute splits when the existing file was made for other slides/settings")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--patience", type=int, default=TrainConfig.patience)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
-    p.add_argument("--bags-per-step", type=int, default=TrainConfig.bags_per_step)
-    p.add_argument("--max-tiles", type=int, default=TrainConfig.max_tiles,
-                   help="random subset of larger training bags (0: whole bags)")
-    p.add_argument("--hidden", type=int, default=TrainConfig.hidden)
-    p.add_argument("--dropout", type=float, default=TrainConfig.dropout)
-    p.add_argument("--transmil-attention", choices=["exact", "nystrom"], default="exact",
-                   help="TransMIL attention: exact softmax (SDPA kernels) or the paper's Nyström approximation")
-    p.add_argument("--no-standardize", nargs="?", const=True, default=False, type=_flag,
-                   help="feed raw features (no per-dim z-score); also takes an explicit true/false")
     p.add_argument("--tiles", help="tile store directory (tiles/) for heatmap thumbnails")
-    p.add_argument("--heatmaps", type=int, default=4, help="number of attention heatmaps (0: none)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is fastest for small bags on a busy "
                         "machine)")
-    p.add_argument("--memory-gb", type=float, default=16.0, help="hold bags in RAM up to this size")
-    p.add_argument("--device-cache-gb", type=float, default=4.0, help="hold bags on the device up to this")
+    MilSettings.add_arguments(p.add_argument_group("settings (MilSettings)"))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -443,30 +426,15 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> None:
+    from dirl.mil.splits import load_splits
     from dirl.runtime import resolve_device
 
+    s = MilSettings.from_args(args)
     cohort = read_sample_sheet(args.samples)
-    if args.splits_only:
-        if not args.splits:
-            raise ConfigError("--splits-only needs --splits PATH")
-        _, reused = load_or_make(args.splits, cohort, args.folds, args.val_fraction, args.seed, args.resplit)
-        log.info("%s splits %s", "checked" if reused else "wrote", args.splits)
-        return
-    if not args.features or not args.out:
-        raise ConfigError("dirl mil needs --features and --out (or --splits-only)")
+    splits = load_splits(args.splits, cohort)
     out = Path(args.out)
-    splits_path = Path(args.splits) if args.splits else out / "splits.json"
-    splits, _ = load_or_make(splits_path, cohort, args.folds, args.val_fraction, args.seed, args.resplit)
-    if splits_path != out / "splits.json":
-        write_json(out / "splits.json", splits)
     bags, empty = open_bags(args.features, cohort.slide_ids)
-    bags.preload([s for s in cohort.slide_ids if s not in set(empty)], args.memory_gb)
-    cfg = TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
-                      bags_per_step=args.bags_per_step, max_tiles=args.max_tiles,
-                      standardize=not args.no_standardize, hidden=args.hidden, dropout=args.dropout,
-                      attention=args.transmil_attention, seed=args.seed)
-    device = resolve_device(args.device)
+    bags.preload([x for x in cohort.slide_ids if x not in set(empty)], s.memory_gb)
     source = args.source or Path(args.features.rstrip("/")).name
-    run_cv(cohort, bags, splits, args.model, out, cfg, device, excluded=empty, source=source,
-           tiles_dir=Path(args.tiles) if args.tiles else None, n_heatmaps=args.heatmaps,
-           cache_gb=args.device_cache_gb)
+    run_cv(cohort, bags, splits, args.model, out, s, resolve_device(s.device), excluded=empty, source=source,
+           tiles_dir=Path(args.tiles) if args.tiles else None, n_heatmaps=s.heatmaps, cache_gb=s.device_cache_gb)

@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+
 from dirl.errors import DirlError
 from dirl.segment import features
+from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,16 @@ def feature_matrix(table: dict[str, np.ndarray], spec: list[list[str]] | tuple =
             raise DirlError(f"unknown feature transform {tr!r} in the phenotype model")
         cols.append(v)
     return np.stack(cols, 1) if cols else np.zeros((0, 0))
+
+
+@dataclass(frozen=True)
+class PhenotypeSettings(Settings):
+    """The `phenotypes` section's keys that fit the cell classes (the others paint the prior maps)."""
+
+    k: int = 4              # number of cell classes
+    sample: int = 50000     # nuclei sampled over the cohort for the fit
+    seed: int = 0
+    n_init: int = 10        # k-means restarts
 
 
 @dataclass
@@ -273,21 +285,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiles", nargs="*", help="their tile stores (for the gallery), matched by slide_id")
     p.add_argument("--out", required=True, help="model.json to write")
     p.add_argument("--gallery", help="PNG of example nuclei per class")
-    p.add_argument("--k", type=int, default=4, help="number of classes")
-    p.add_argument("--sample", type=int, default=50000, help="nuclei sampled for the fit")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-init", type=int, default=10)
+    PhenotypeSettings.add_arguments(p.add_argument_group("settings (PhenotypeSettings)"))
 
 
 def main(args: argparse.Namespace) -> None:
     from dirl.store import atomic_path
 
+    s = PhenotypeSettings.from_args(args)
     cells = [Path(c) for c in args.cells]
-    model, tab, src, cls = fit(cells, k=args.k, sample=args.sample, seed=args.seed, n_init=args.n_init)
+    model, tab, src, cls = fit(cells, k=s.k, sample=s.sample, seed=s.seed, n_init=s.n_init)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(model, indent=1))
     for c in model["classes"]:
         log.info("class %d (prior %d): %-26s n=%d area %.0f µm² H %.2f", c["id"], c["prior_value"],
                  c["description"], c["n"], c["mean"]["area_um2"], c["mean"]["h_od"])
     if args.gallery:
-        write_gallery(args.gallery, model, tab, src, cls, cells, _match_tiles(cells, args.tiles), seed=args.seed)
+        write_gallery(args.gallery, model, tab, src, cls, cells, _match_tiles(cells, args.tiles), seed=s.seed)

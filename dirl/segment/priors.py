@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+
 from dirl.segment import features
 from dirl.segment.phenotype import PhenotypeModel
+from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,13 @@ PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)
 
 
 @dataclass(frozen=True)
-class PriorSettings:
-    dilate_um: float = 1.0
-    glass_sat: float = 0.06
-    glass_value: float = 0.75
-    smooth_um: float = 2.0
+class PriorSettings(Settings):
+    """The `phenotypes` section's keys that paint the maps (the others fit the classes)."""
+
+    dilate_um: float = 1.0      # nuclei grow by this much into the map (their boundary pixels count)
+    glass_sat: float = 0.06     # glass: saturation below this ...
+    glass_value: float = 0.75   # ... and brightness above this, after smoothing
+    smooth_um: float = 2.0      # box smoothing before the glass test
 
 
 def glass_mask(rgb: np.ndarray, mpp: float, s: PriorSettings = PriorSettings()) -> np.ndarray:
@@ -104,12 +108,14 @@ def make_priors(tiles_path: str | Path, cells_path: str | Path, model_path: str 
         order = np.lexsort((tab["label"], tab["tile"]))
         tab = {k: v[order] for k, v in tab.items()}
     cls = model.predict(tab)
-    values = (cls + 2).astype(np.uint8)
+    values = store.prior_value(cls).astype(np.uint8)
     luts = _luts(tab, values, n)
-    attrs = {"slide_id": tiles.slide_id, "mpp": mpp, "tile_px": tp, "k": model.k, "n_classes": model.k + 2,
-             "model": str(Path(model_path)), "cells": str(Path(cells_path)), "settings": asdict(s),
-             "values": model.raw.get("prior_values", {})}
-    counts = np.zeros(model.k + 2, dtype=np.int64)
+    n_classes = store.prior_value(model.k)
+    names = store.prior_class_names([c["description"] for c in model.raw["classes"]])
+    attrs = {"slide_id": tiles.slide_id, "mpp": mpp, "tile_px": tp, "k": model.k, "n_classes": n_classes,
+             "class_names": names, "model": str(Path(model_path)), "cells": str(Path(cells_path)),
+             "settings": asdict(s)}
+    counts = np.zeros(n_classes, dtype=np.int64)
     with store.map_store_writer(out, "priors", n=n, tile_px=tp, dtype="uint8", attrs=attrs) as (root, arr), \
             ThreadPoolExecutor(max(1, threads)) as pool:
         for start in range(0, n, store.SHARD_TILES):
@@ -119,7 +125,7 @@ def make_priors(tiles_path: str | Path, cells_path: str | Path, model_path: str 
                 lambda i, imgs=imgs, labs=labs, start=start: paint(imgs[i], labs[i], luts[start + i], mpp, s),
                 range(stop - start))))
             arr[start:stop] = block
-            counts += np.bincount(block.ravel(), minlength=model.k + 2)[:model.k + 2]
+            counts += np.bincount(block.ravel(), minlength=n_classes)[:n_classes]
         root.attrs["pixel_fractions"] = (counts / max(counts.sum(), 1)).round(5).tolist()
     if overlay:
         write_overlay(overlay, tiles, labels, out, tab, cls, model)
@@ -153,14 +159,14 @@ def write_overlay(path: str | Path, tiles: Any, labels: Any, priors_path: str | 
     k = model.k
     colours = np.concatenate([[(255, 255, 255), (215, 215, 215)], PALETTE[np.arange(k) % len(PALETTE)]])
     tp = tiles.tile_px
-    gap, head = 4, 16 + 14 * (k + 2) + 4
+    names = store.prior_class_names([c["description"] for c in model.raw["classes"]])
+    gap, head = 4, 16 + 14 * len(names) + 4
     canvas = Image.new("RGB", (2 * tp + 3 * gap, head + max(1, len(chosen)) * (tp + gap) + gap), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((gap, 2), f"{tiles.slide_id}: nuclei by class | prior map", fill="black")
-    for c in range(k + 2):
+    for c, label in enumerate(names):
         y = 16 + 14 * c
         draw.rectangle((gap, y, gap + 10, y + 10), fill=tuple(int(v) for v in colours[c]), outline="black")
-        label = model.raw.get("prior_values", {}).get(str(c), f"value {c}")
         draw.text((gap + 14, y - 1), f"{c}: {label}", fill="black")
     bounds = np.searchsorted(tab["tile"], np.arange(len(tiles) + 1)) if len(tab["tile"]) else None
     for r, t in enumerate(chosen):
@@ -169,7 +175,7 @@ def write_overlay(path: str | Path, tiles: Any, labels: Any, priors_path: str | 
         if bounds is not None and bounds[t + 1] > bounds[t]:
             a, b = bounds[t], bounds[t + 1]
             lut = np.zeros(int(lab.max()) + 1, dtype=np.int64)
-            lut[tab["label"][a:b].astype(np.int64)] = cls[a:b] + 2
+            lut[tab["label"][a:b].astype(np.int64)] = store.prior_value(cls[a:b])
             edge = find_boundaries(lab, mode="inner")
             img[edge] = colours[lut[lab[edge]]]
         y = head + r * (tp + gap)
@@ -181,19 +187,15 @@ def write_overlay(path: str | Path, tiles: Any, labels: Any, priors_path: str | 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = PriorSettings()
     p.add_argument("tiles", help="tile store")
     p.add_argument("cells", help="cells store of the same slide")
     p.add_argument("model", help="phenotypes/model.json")
     p.add_argument("out", help="priors store to write, results/<cohort>/priors/{slide}.zarr")
-    p.add_argument("--dilate-um", type=float, default=d.dilate_um)
-    p.add_argument("--glass-sat", type=float, default=d.glass_sat)
-    p.add_argument("--glass-value", type=float, default=d.glass_value)
-    p.add_argument("--smooth-um", type=float, default=d.smooth_um)
     p.add_argument("--overlay", help="QC PNG of a few tiles with class-coloured contours")
     p.add_argument("--threads", type=int, default=2)
+    PriorSettings.add_arguments(p.add_argument_group("settings (PriorSettings)"))
 
 
 def main(args: argparse.Namespace) -> None:
-    s = PriorSettings(args.dilate_um, args.glass_sat, args.glass_value, args.smooth_um)
+    s = PriorSettings.from_args(args)
     make_priors(args.tiles, args.cells, args.model, args.out, s, overlay=args.overlay, threads=args.threads)

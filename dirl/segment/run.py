@@ -9,7 +9,9 @@ slide size. The store is written atomically (a temporary sibling renamed at the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import typing
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dirl.segment import base, features
+from dirl.settings import Settings, comments
 
 log = logging.getLogger(__name__)
 
@@ -115,65 +118,37 @@ def _zip_stream(backend: base.Backend, blocks: Iterator[np.ndarray], mpp: float
 
 
 # --------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def _segment_settings() -> type[Settings]:
+    """The `segmentation` section: `backend` and one flat namespace of every built-in backend's
+    parameters (their Params dataclasses hold the defaults; a backend takes the fields it has)."""
     from dirl.segment.cellpose_backend import CellposeParams
     from dirl.segment.watershed import WatershedParams
 
-    w, c = WatershedParams(), CellposeParams()
+    fields: dict[str, tuple] = {"backend": ("backend", str, dataclasses.field(default="watershed", metadata={
+        "help": f"{' | '.join(base.BACKENDS)} | package.module:Class"}))}
+    for params in (WatershedParams, CellposeParams):
+        hints = typing.get_type_hints(params)
+        for f in dataclasses.fields(params):
+            if f.name == "threads":  # the job's CPUs: `--threads`, not a setting
+                continue
+            if f.name in fields and fields[f.name][2].default != f.default:
+                raise TypeError(f"segmentation.{f.name}: backends disagree on the default")
+            fields.setdefault(f.name, (f.name, hints[f.name], dataclasses.field(
+                default=f.default, metadata={"help": f"{params.__name__}: {comments(params).get(f.name, '')}"})))
+    return dataclasses.make_dataclass("SegmentSettings", list(fields.values()), bases=(Settings,), frozen=True)
+
+
+SegmentSettings = _segment_settings()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tiles", help="tile store, results/<cohort>/tiles/{slide}.zarr")
     p.add_argument("out", help="cells store to write, results/<cohort>/cells/{slide}.zarr")
-    p.add_argument("--backend", default="watershed",
-                   help=f"{' | '.join(base.BACKENDS)} | package.module:Class (default watershed)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (tiles, features, mask post-processing)")
-    p.add_argument("--diameter-um", type=float, default=w.diameter_um,
-                   help="typical nucleus diameter, µm (cellpose: 0 = no rescaling)")
-    p.add_argument("--min-area-um2", type=float, default=w.min_area_um2)
-    p.add_argument("--max-area-um2", type=float, default=w.max_area_um2)
-    g = p.add_argument_group("cellpose")
-    g.add_argument("--model", default=c.model, help="Cellpose model name (e.g. cpsam) or path to weights")
-    g.add_argument("--gpu", default=c.gpu, type=str.lower, choices=["auto", "true", "false"])
-    g.add_argument("--batch-size", type=int, default=c.batch_size, help="256-px network patches per forward")
-    g.add_argument("--flow-threshold", type=float, default=c.flow_threshold)
-    g.add_argument("--cellprob-threshold", type=float, default=c.cellprob_threshold)
-    g.add_argument("--precision", default=c.precision, choices=["auto", "bf16", "fp32"],
-                   help="network precision (auto: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--masks-device", default=c.masks_device, choices=["auto", "cpu"],
-                   help="where Cellpose's flow dynamics run (auto: with the network)")
-    g.add_argument("--net-tiles", type=int, default=c.net_tiles,
-                   help="tiles per network call; masks of one call overlap the next call")
-    g.add_argument("--download", type=_bool, default=c.download,
-                   help="download missing Cellpose weights (true) or fail saying where to put them (false)")
-    g.add_argument("--no-download", dest="download", action="store_false", help="same as --download false")
-    g = p.add_argument_group("watershed")
-    g.add_argument("--background-um", type=float, default=w.background_um)
-    g.add_argument("--sigma-um", type=float, default=w.sigma_um)
-    g.add_argument("--threshold", type=_auto_float, default=None,
-                   help="fixed hematoxylin OD threshold, or auto (per-tile Otsu in [min, max])")
-    g.add_argument("--threshold-min", type=float, default=w.threshold_min)
-    g.add_argument("--threshold-max", type=float, default=w.threshold_max)
-    g.add_argument("--split-h-um", type=float, default=w.split_h_um)
-    g.add_argument("--split-sigma-um", type=float, default=w.split_sigma_um)
-    g.add_argument("--split-intensity", type=float, default=w.split_intensity)
-    g.add_argument("--min-solidity", type=float, default=w.min_solidity)
-
-
-def _bool(v: str) -> bool:
-    s = str(v).lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
-def _auto_float(v: str) -> float | None:
-    return None if str(v).lower() in ("auto", "none", "null", "") else float(v)
-
-
-def options(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("tiles", "out", "backend", "verbose")}
+    SegmentSettings.add_arguments(p.add_argument_group("settings (segment backends' Params)"))
 
 
 def main(args: argparse.Namespace) -> None:
-    with base.create(args.backend, options(args)) as backend:
+    s = SegmentSettings.from_args(args)
+    with base.create(s.backend, {**s.to_dict(), "threads": args.threads}) as backend:
         segment_store(args.tiles, args.out, backend, threads=args.threads)

@@ -1,13 +1,14 @@
-"""The paper's diagnostic: last-layer attention sparsity of DiRL vs DINO on a sample of tiles."""
+"""The paper's diagnostic: last-layer attention sparsity of every pretraining run against the untrained
+backbone of the same seed, on one fixed sample of tiles."""
 
 
 rule attention:
     input:
-        backbones=expand(f"{RESULTS}/pretrain/{{method}}/backbone.pt", method=config["pretrain"]["methods"]),
-        tiles=expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
-        priors=expand(f"{RESULTS}/priors/{{slide}}.zarr", slide=SLIDES),
+        backbones=expand(f"{RESULTS}/pretrain/{{run}}/backbone.pt", run=RUNS),
+        tiles=expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=ATTENTION_SLIDES),
+        priors=expand(f"{RESULTS}/priors/{{slide}}.zarr", slide=ATTENTION_SLIDES),
     output:
-        json=expand(f"{RESULTS}/analysis/attention_{{method}}.json", method=config["pretrain"]["methods"]),
+        json=f"{RESULTS}/analysis/attention.json",
         overlays=report(
             directory(f"{RESULTS}/analysis/attention_overlays"),
             patterns=["{name}.png"],
@@ -17,8 +18,7 @@ rule attention:
     params:
         backbones=lambda w, input: named_paths("--backbone", input.backbones, lambda p: p.parent.name),
         cohort=COHORT,
-        out=lambda w: f"{RESULTS}/analysis/attention_{{method}}.json",  # the tool fills {method}
-        settings=cli_args(config["attention"]),
+        settings=settings("attention"),
     log:
         f"{LOGS}/attention.log",
     benchmark:
@@ -30,6 +30,6 @@ rule attention:
     conda:
         ENV
     shell:
-        "dirl attention {params.backbones} --tiles {input.tiles:q} --priors {input.priors:q} "
-        "--out {params.out:q} --overlays {output.overlays:q} --cohort {params.cohort} {params.settings} "
-        "> {log:q} 2>&1"
+        "dirl attention {params.backbones} --untrained --tiles {input.tiles:q} --priors {input.priors:q} "
+        "--out {output.json:q} --overlays {output.overlays:q} --cohort {params.cohort} "
+        "--settings {params.settings:q} > {log:q} 2>&1"

@@ -47,6 +47,7 @@ shell.prefix(
 
 import dirl.config
 import dirl.samples
+import dirl.settings
 from dirl.errors import DirlError
 
 _schema_path = workflow.source_path("../schemas/config.schema.yaml")
@@ -65,6 +66,10 @@ BENCH = f"benchmarks/{COHORT}"
 ENV = "../../envs/dirl.yaml"
 SAMPLES = {s.slide_id: s for s in SAMPLE_LIST}
 SLIDES = list(SAMPLES)
+ATTENTION_SLIDES = config["attention"]["slides"] or SLIDES
+_unknown = sorted(set(ATTENTION_SLIDES) - set(SLIDES))
+if _unknown:
+    raise WorkflowError(f"config attention.slides: {_unknown} are not slide ids of {config['samples']}")
 # MIL is part of the plan when the sheet has labels and mil.models names a model; otherwise every stage up
 # to features runs (self-supervised pretraining on unlabelled slides is DiRL's main use).
 LABELLED = [s.slide_id for s in dirl.samples.labelled(SAMPLE_LIST)]
@@ -79,30 +84,20 @@ elif workflow.is_main_process:  # cluster jobs re-read the Snakefile: say it onc
                    "MIL and the summary are left out; every stage up to features runs")
 
 
-def cli_args(section, prefix=""):
-    """Config section -> `--key value` flags (nested dicts become --section-key). None means "the
-    command's own default" and is left out; booleans are passed as true/false."""
-    out = []
-    for key, value in section.items():
-        flag = f"--{prefix}{key.replace('_', '-')}"
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = str(value).lower()
-        if isinstance(value, dict):
-            out.append(cli_args(value, prefix=f"{prefix}{key.replace('_', '-')}-"))
-        elif isinstance(value, list):
-            out.append(" ".join([flag] + [shlex.quote(str(v)) for v in value]) if value else "")
-        else:
-            out.append(f"{flag} {shlex.quote(str(value))}")
-    return " ".join(a for a in out if a)
+def settings(section, target=None, **extra):
+    """The `--settings` JSON of a command: its config section without the workflow's keys (job
+    resources, run lists: dirl.settings.SECTIONS), for a shared section only the keys of `target`."""
+    d = dirl.settings.command_settings(section, config[section], target)
+    return json.dumps({**d, **extra}, sort_keys=True)
 
 
 def slide_path(wildcards):
-    """The slide file, declared as input only when it exists: a missing slide fails its own tile job
-    (with a message naming it), not the whole run at start-up."""
+    """The slide file as input when it exists or a rule makes it (synthetic and demo slides); a missing
+    slide is left out, so that it fails its own tile job (naming it), not the whole run at start-up."""
     path = SAMPLES[wildcards.slide].path
-    return path if os.path.exists(path) else []
+    if os.path.exists(path) or any(r.is_producer(path) for r in workflow.rules if r.name != "tile"):
+        return path
+    return []
 
 
 def slide_mpp_arg(wildcards):
@@ -121,10 +116,18 @@ def segment_gpu():
     return 1 if seg["backend"] == "cellpose" and str(seg["gpu"]).lower() != "false" else 0
 
 
-# ---- pretrain
-def pretrain_settings(method):
-    cfg = {k: v for k, v in config["pretrain"].items() if k not in ("methods", "gpus", "threads")}
-    return json.dumps({**cfg, "method": method}, sort_keys=True)
+# ---- pretrain: one run per method and seed (replicates), named `<method>` with one seed, else
+# `<method>-s<seed>`; the name is the run's directory under pretrain/, its feature source and MIL source
+def run_name(method, seed):
+    return method if len(config["pretrain"]["seeds"]) == 1 else f"{method}-s{seed}"
+
+
+RUNS = {run_name(m, seed): (m, seed) for seed in config["pretrain"]["seeds"] for m in config["pretrain"]["methods"]}
+
+
+def pretrain_settings(run):
+    method, seed = RUNS[run]
+    return settings("pretrain", method=method, seed=seed)
 
 
 def pretrain_launcher(wildcards, resources):
@@ -137,11 +140,11 @@ def pretrain_launcher(wildcards, resources):
 
 # ---- extract
 def feature_sources():
-    return list(config["pretrain"]["methods"]) + list(config["extract"]["encoders"])
+    return list(RUNS) + list(config["extract"]["encoders"])
 
 
 def encoder_inputs(wildcards):
-    if wildcards.source in config["pretrain"]["methods"]:
+    if wildcards.source in RUNS:
         return [f"{RESULTS}/pretrain/{wildcards.source}/backbone.pt",
                 f"{RESULTS}/pretrain/{wildcards.source}/backbone.json"]
     weights = config["extract"]["encoders"][wildcards.source].get("weights")
@@ -149,13 +152,14 @@ def encoder_inputs(wildcards):
 
 
 def encoder_args(wildcards):
-    if wildcards.source in config["pretrain"]["methods"]:
+    if wildcards.source in RUNS:
         return f"--encoder {shlex.quote(f'{RESULTS}/pretrain/{wildcards.source}/backbone.pt')}"
     enc = config["extract"]["encoders"][wildcards.source]
-    args = cli_args({k: v for k, v in enc.items() if k != "model_kwargs"})
+    args = [f"--encoder {shlex.quote(enc['encoder'])}"]
+    args += [f"--{k.replace('_', '-')} {shlex.quote(str(enc[k]))}" for k in ("weights", "embed", "img_size") if k in enc]
     if enc.get("model_kwargs"):
-        args += f" --model-kwargs {shlex.quote(json.dumps(enc['model_kwargs']))}"
-    return args
+        args.append(f"--model-kwargs {shlex.quote(json.dumps(enc['model_kwargs']))}")
+    return " ".join(args)
 
 
 # ---- mil
@@ -163,5 +167,4 @@ def labelled_slides():
     return LABELLED
 
 
-def mil_settings():
-    return cli_args({k: v for k, v in config["mil"].items() if k not in ("models", "threads")})
+

@@ -13,7 +13,7 @@ rule extract:
         f"{RESULTS}/features/{{source}}/{{slide}}.h5",
     params:
         encoder=encoder_args,
-        settings=cli_args({k: v for k, v in config["extract"].items() if k not in ("encoders", "threads", "gpus")}),
+        settings=settings("extract"),
     log:
         f"{LOGS}/extract/{{source}}/{{slide}}.log",
     benchmark:
@@ -27,4 +27,4 @@ rule extract:
         ENV
     shell:
         "dirl extract {input.tiles:q} {params.encoder} --out {output:q} --threads {threads} "
-        "{params.settings} > {log:q} 2>&1"
+        "--settings {params.settings:q} > {log:q} 2>&1"

@@ -1,30 +1,24 @@
 """Stage 6: cross-validated slide-level MIL classifiers per feature source and model, and the summary.
 
-All feature sources share one splits file (computed by the first MIL job, reused after), so DiRL and
-DINO features are compared on identical patient-level folds.
+All feature sources and models share one splits file (`dirl splits`), so DiRL and DINO features are
+compared on identical patient-level folds.
 """
 
 
 rule mil_splits:
-    """Patient-level stratified folds, written once; every source and model reads the same file."""
+    """Patient-level stratified folds, made once per cohort; every source and model reads the same file."""
     input:
         samples=config["samples"],
     output:
         f"{RESULTS}/mil/splits.json",
     params:
-        folds=config["mil"]["folds"],
-        val=config["mil"]["val_fraction"],
-        seed=config["mil"]["seed"],
-        features=f"{RESULTS}/features",
-        scratch=f"{RESULTS}/mil/.splits",
+        settings=settings("mil", "dirl.mil.splits:SplitSettings"),
     log:
         f"{LOGS}/mil/splits.log",
     conda:
         ENV
     shell:
-        "dirl mil --samples {input.samples:q} --features {params.features:q} --splits {output:q} "
-        "--splits-only --folds {params.folds} --val-fraction {params.val} --seed {params.seed} "
-        "--out {params.scratch:q} > {log:q} 2>&1"
+        "dirl splits --samples {input.samples:q} --out {output:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule mil:
@@ -44,7 +38,7 @@ rule mil:
             labels={"features": "{source}", "model": "{model}"},
         ),
     params:
-        settings=mil_settings(),
+        settings=settings("mil", "dirl.mil.train:MilSettings"),
         features=lambda w: f"{RESULTS}/features/{w.source}",
         out=lambda w, output: str(Path(output.metrics).parent),
         tiles=f"{RESULTS}/tiles",
@@ -61,23 +55,23 @@ rule mil:
     shell:
         "dirl mil --samples {input.samples:q} --features {params.features:q} --model {wildcards.model} "
         "--splits {input.splits:q} --tiles {params.tiles:q} --out {params.out:q} --threads {threads} "
-        "{params.settings} "
-        "> {log:q} 2>&1"
+        "--settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule summary:
     input:
-        expand(f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
-               source=feature_sources(), model=config["mil"]["models"]),
+        metrics=expand(f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
+                       source=feature_sources(), model=config["mil"]["models"]),
+        attention=rules.attention.output.json,
     output:
         tsv=f"{RESULTS}/summary.tsv",
         md=report(f"{RESULTS}/summary.md", caption="../report/summary.rst", category="0. Summary"),
     params:
-        named=lambda w, input: named_paths("--metrics", input, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"),
+        named=lambda w, input: named_paths("--metrics", input.metrics, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"),
         out=lambda w, output: str(Path(output.tsv).parent),
     log:
         f"{LOGS}/summary.log",
     conda:
         ENV
     shell:
-        "dirl summary {params.named} --out {params.out:q} > {log:q} 2>&1"
+        "dirl summary {params.named} --attention {input.attention:q} --out {params.out:q} > {log:q} 2>&1"

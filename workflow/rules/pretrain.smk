@@ -1,4 +1,4 @@
-"""Stage 4: self-supervised pretraining, DiRL and the DINO baseline, on every tile of the cohort.
+"""Stage 4: self-supervised pretraining, DiRL and the DINO baseline, one run per method and seed.
 
 The checkpoint and log.jsonl are not declared outputs on purpose: Snakemake deletes a job's outputs
 before it reruns it, and a killed pretraining job must resume from its last checkpoint instead of
@@ -9,27 +9,27 @@ starting over. The trainer itself restarts from scratch when the settings of the
 rule pretrain:
     input:
         tiles=expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
-        priors=lambda w: expand(f"{RESULTS}/priors/{{slide}}.zarr", slide=SLIDES) if w.method == "dirl" else [],
+        priors=lambda w: expand(f"{RESULTS}/priors/{{slide}}.zarr", slide=SLIDES) if RUNS[w.run][0] == "dirl" else [],
     output:
-        backbone=f"{RESULTS}/pretrain/{{method}}/backbone.pt",
-        meta=f"{RESULTS}/pretrain/{{method}}/backbone.json",
+        backbone=f"{RESULTS}/pretrain/{{run}}/backbone.pt",
+        meta=f"{RESULTS}/pretrain/{{run}}/backbone.json",
         curves=report(
-            f"{RESULTS}/pretrain/{{method}}/loss_curves.png",
+            f"{RESULTS}/pretrain/{{run}}/loss_curves.png",
             caption="../report/pretrain.rst",
             category="3. Pretraining",
-            labels={"method": "{method}"},
+            labels={"run": "{run}"},
         ),
     wildcard_constraints:
-        method="dirl|dino",
+        run="|".join(re.escape(r) for r in RUNS),
     params:
-        settings=lambda w: pretrain_settings(w.method),
+        settings=lambda w: pretrain_settings(w.run),
         priors=lambda w, input: ("--priors " + " ".join(shlex.quote(p) for p in input.priors)) if input.priors else "",
         outdir=lambda w, output: str(Path(output.backbone).parent),
         launcher=pretrain_launcher,
     log:
-        f"{LOGS}/pretrain/{{method}}.log",
+        f"{LOGS}/pretrain/{{run}}.log",
     benchmark:
-        f"{BENCH}/pretrain/{{method}}.tsv"
+        f"{BENCH}/pretrain/{{run}}.tsv"
     threads: config["pretrain"]["threads"]
     resources:
         mem_mb=16000,

@@ -8,7 +8,7 @@ rule segment:
     output:
         cells=directory(f"{RESULTS}/cells/{{slide}}.zarr"),
     params:
-        settings=cli_args({k: v for k, v in config["segmentation"].items() if k != "threads"}),
+        settings=settings("segmentation"),
     log:
         f"{LOGS}/segment/{{slide}}.log",
     benchmark:
@@ -21,7 +21,7 @@ rule segment:
     conda:
         ENV
     shell:
-        "dirl segment {input.tiles:q} {output.cells:q} --threads {threads} {params.settings} > {log:q} 2>&1"
+        "dirl segment {input.tiles:q} {output.cells:q} --threads {threads} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule phenotype:
@@ -36,7 +36,7 @@ rule phenotype:
             category="2. Nuclei and cell classes",
         ),
     params:
-        settings=cli_args({k: config["phenotypes"][k] for k in ("k", "sample", "seed", "n_init")}),
+        settings=settings("phenotypes", "dirl.segment.phenotype:PhenotypeSettings"),
     log:
         f"{LOGS}/phenotype.log",
     benchmark:
@@ -48,7 +48,7 @@ rule phenotype:
         ENV
     shell:
         "dirl phenotype {input.cells:q} --tiles {input.tiles:q} --out {output.model:q} "
-        "--gallery {output.gallery:q} {params.settings} > {log:q} 2>&1"
+        "--gallery {output.gallery:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule priors:
@@ -65,7 +65,7 @@ rule priors:
             labels={"slide": "{slide}"},
         ),
     params:
-        settings=cli_args({k: config["phenotypes"][k] for k in ("dilate_um", "glass_sat", "glass_value", "smooth_um")}),
+        settings=settings("phenotypes", "dirl.segment.priors:PriorSettings"),
     log:
         f"{LOGS}/priors/{{slide}}.log",
     benchmark:
@@ -78,4 +78,4 @@ rule priors:
         ENV
     shell:
         "dirl priors {input.tiles:q} {input.cells:q} {input.model:q} {output.priors:q} "
-        "--overlay {output.overlay:q} --threads {threads} {params.settings} > {log:q} 2>&1"
+        "--overlay {output.overlay:q} --threads {threads} --settings {params.settings:q} > {log:q} 2>&1"

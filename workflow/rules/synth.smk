@@ -7,17 +7,13 @@ rule synth:
     wildcard_constraints:
         fmt="svs|tiff",
     params:
-        args=lambda w: cli_args(
-            {k: v for k, v in config["synth"][w.name].items() if k not in ("populations",)}
-        )
-        + " --population "
-        + " ".join(config["synth"][w.name]["populations"]),
+        settings=lambda w: json.dumps(config["synth"][w.name], sort_keys=True),
     log:
         f"{LOGS}/synth/{{name}}.{{fmt}}.log",
     conda:
         ENV
     shell:
-        "dirl synth {output:q} {params.args} > {log:q} 2>&1"
+        "dirl synth {output:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule demo_slide:

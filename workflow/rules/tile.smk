@@ -14,7 +14,7 @@ rule tile:
         ),
     params:
         slide=lambda w: SAMPLES[w.slide].path,
-        settings=cli_args({k: v for k, v in config["tiling"].items() if k != "threads"}),
+        settings=settings("tiling"),
         mpp=slide_mpp_arg,
         on_error="empty" if config["allow_failed_slides"] else "fail",
     log:
@@ -29,7 +29,7 @@ rule tile:
         ENV
     shell:
         "dirl tile {params.slide:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
-        "--qc {output.qc:q} --threads {threads} --on-error {params.on_error} {params.settings} "
+        "--qc {output.qc:q} --threads {threads} --on-error {params.on_error} --settings {params.settings:q} "
         "> {log:q} 2>&1"
 
 
