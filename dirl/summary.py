@@ -145,7 +145,7 @@ def markdown(rows: list[Row], classes: str, folds: str) -> str:
         out += ["## Attention: mean per-head entropy H/log N (1 = uniform; lower = sparser)", "",
                 "| seed | " + " | ".join(methods + [f"Δ {d}" for d in deltas]) + " |",
                 "|" + "---|" * (1 + len(methods) + len(deltas))]
-        for seed in seeds + ["all"]:
+        for seed in seeds + (["all"] if len(seeds) > 1 else []):
             cells = []
             for m in methods:
                 r = next((r for r in att if r.source == m and r.seed == seed), None)

@@ -322,6 +322,13 @@ def by_seed(names: list[str]) -> dict[int, dict[str, str]]:
     return out
 
 
+def _run_order(name: str) -> tuple[int, int, str]:
+    """Seed, then untrained, dino, dirl, the rest: the order of overlay columns and tables."""
+    m = RUN_NAME.match(name)
+    rank = {UNTRAINED: 0, "dino": 1, "dirl": 2}.get(m["method"], 3)
+    return int(m["seed"] or 0), rank, name
+
+
 def replicates(measured: dict[str, Measured], pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """For method pairs (a, b) such as (dino, dirl) and (untrained, dino): per seed the paired mean
     difference of the headline (b - a), and over seeds its mean and sd."""
@@ -359,6 +366,7 @@ def analyse(backbones: dict[str, str], tiles: list[str], priors: list[str] | Non
             if ref not in refs:
                 refs[ref] = untrained_like(meta)
         models = {**refs, **models}
+    models = dict(sorted(models.items(), key=lambda kv: _run_order(kv[0])))
     measured = {name: measure(name, model, meta, sample, s, device) for name, (model, meta) in models.items()}
     names = list(measured)
     seeds = by_seed(names)
