@@ -57,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from dirl.errors import DirlError
+    from dirl.runtime import allocated_cpus
 
+    cpus = allocated_cpus()
+    if cpus and getattr(args, "threads", None) is not None and args.threads != cpus:
+        # in a SLURM job: use what the allocation gave, not what the submitting machine's --cores allowed
+        logging.getLogger("dirl").info("%d CPU threads (the SLURM allocation; asked for %d)", cpus, args.threads)
+        args.threads = cpus
     try:
         module.main(args)
     except DirlError as e:

@@ -51,6 +51,13 @@ def enable_tf32(device: Any) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def allocated_cpus() -> int | None:
+    """The CPUs SLURM allocated to this job (`SLURM_CPUS_PER_TASK`), or None outside a SLURM job."""
+    if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    return None
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run with `n` torch CPU threads (0: unchanged), restoring the previous count afterwards."""

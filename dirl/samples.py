@@ -2,8 +2,7 @@
 
 A tab-separated file with a header row. Columns: `slide_id` and `path` (required), `patient_id` (slides
 of one patient never straddle folds; default: the slide id), `label` (slide class for MIL; empty =
-unlabelled, pretraining only), `mpp` (µm/px for slides whose metadata lacks it) and `nuclei` (a file of
-typed nuclei to import). A line whose first character is `#` is a comment; `#` anywhere else is data
+unlabelled, pretraining only) and `mpp` (µm/px for slides whose metadata lacks it). A line whose first character is `#` is a comment; `#` anywhere else is data
 (a path `CMU#1.svs`, a patient `case#1`). Every error names the file, the line and the column.
 """
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from dirl.errors import ConfigError
 
-COLUMNS = ("slide_id", "path", "patient_id", "label", "mpp", "nuclei")
+COLUMNS = ("slide_id", "path", "patient_id", "label", "mpp")
 REQUIRED = ("slide_id", "path")
 # letters, digits, '.', '_' and '-': safe as a file name on every file system and in Snakemake wildcards
 SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -29,7 +28,6 @@ class Sample:
     patient_id: str
     label: str | None = None
     mpp: float | None = None
-    nuclei: str | None = None
     line: int = 0  # line in the sheet (1 = header), for messages
 
 
@@ -51,7 +49,7 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
     if missing:
         hint = " (is it tab-separated?)" if len(columns) == 1 else ""
         raise ConfigError(f"sample sheet {path}: missing column(s) {missing}{hint}; expected "
-                          f"{', '.join(COLUMNS)} (the last four optional)")
+                          f"{', '.join(COLUMNS)} (the last three optional)")
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         raise ConfigError(f"sample sheet {path}: unknown column(s) {unknown}; known: {', '.join(COLUMNS)}")
@@ -80,10 +78,9 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
     if not SLIDE_ID.match(sid):
         raise ConfigError(f"{where}: slide_id {sid!r} may hold only letters, digits, '.', '_' and '-' "
                           "(it names every output file of the slide)")
-    for c in ("path", "nuclei"):
-        if c in rec and re.search(r"[{}]", rec[c]):
-            raise ConfigError(f"{where} ({sid}): {c} {rec[c]!r} contains '{{' or '}}', which Snakemake "
-                              "reads as a wildcard; rename the file or point to a link without them")
+    if re.search(r"[{}]", rec["path"]):
+        raise ConfigError(f"{where} ({sid}): path {rec['path']!r} contains '{{' or '}}', which Snakemake "
+                          "reads as a wildcard; rename the file or point to a link without them")
     mpp = None
     if "mpp" in rec:
         try:
@@ -92,7 +89,7 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
             raise ConfigError(f"{where} ({sid}): mpp {rec['mpp']!r} is not a number") from None
         if not math.isfinite(mpp) or mpp <= 0:
             raise ConfigError(f"{where} ({sid}): mpp {rec['mpp']!r} must be a positive number (µm/px)")
-    return Sample(sid, rec["path"], rec.get("patient_id", sid), rec.get("label"), mpp, rec.get("nuclei"), i)
+    return Sample(sid, rec["path"], rec.get("patient_id", sid), rec.get("label"), mpp, i)
 
 
 def _check_cohort(path: Path, samples: list[Sample]) -> None:

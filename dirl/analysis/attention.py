@@ -466,15 +466,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="JSON summary")
     p.add_argument("--overlays", help="directory for overlay PNGs (image | prior | attention per backbone)")
     p.add_argument("--cohort", help="cohort name recorded in the JSON")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     AttentionSettings.add_arguments(p.add_argument_group("settings (AttentionSettings)"))
 
 
 def main(args: argparse.Namespace) -> None:
     from dirl.store import atomic_path
 
+    from dirl.runtime import torch_threads
+
     s = AttentionSettings.from_args(args)
-    summary = analyse(_parse_backbones(args.backbone), args.tiles, args.priors, s, untrained=args.untrained,
-                      overlays=args.overlays, cohort=args.cohort)
+    with torch_threads(args.threads):
+        summary = analyse(_parse_backbones(args.backbone), args.tiles, args.priors, s, untrained=args.untrained,
+                          overlays=args.overlays, cohort=args.cohort)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
     for name, res in summary["runs"].items():

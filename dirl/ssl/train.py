@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from dirl import __version__
 from dirl.errors import DirlError
-from dirl.runtime import resolve_device
+from dirl.runtime import resolve_device, torch_threads
 from dirl.ssl.augment import IMAGENET_MEAN, IMAGENET_STD
 from dirl.ssl.plots import plot_losses
 from dirl.ssl.settings import PretrainSettings, settings_diff
@@ -284,6 +284,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "for workflows that rerun the stage when its settings change")
     p.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after this many steps in "
                    "total (a rerun resumes); for time-limited jobs")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of this job, shared by its processes "
+                   "(0: torch's default)")
     PretrainSettings.add_arguments(p.add_argument_group("settings (dirl.ssl.settings.PretrainSettings)"))
 
 
@@ -295,9 +297,11 @@ def main(args: argparse.Namespace) -> None:
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     try:
-        Run(args.outdir, args.tiles, args.priors, s, args.n_classes,
-            args.restart_on_mismatch).run(args.stop_after_steps)
+        with torch_threads(max(1, args.threads // local) if args.threads else 0):
+            Run(args.outdir, args.tiles, args.priors, s, args.n_classes,
+                args.restart_on_mismatch).run(args.stop_after_steps)
     finally:
         if n_procs > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -23,13 +23,14 @@ rule attention:
         f"{LOGS}/attention.log",
     benchmark:
         f"{BENCH}/attention.tsv"
+    threads: config["extract"]["threads"]
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=config["extract"]["gpus"],
+        **job(config["extract"]["threads"], config["extract"]["gpus"]),
     conda:
         ENV
     shell:
         "dirl attention {params.backbones} --untrained --tiles {input.tiles:q} --priors {input.priors:q} "
-        "--out {output.json:q} --overlays {output.overlays:q} --cohort {params.cohort} "
+        "--out {output.json:q} --overlays {output.overlays:q} --cohort {params.cohort} --threads {threads} "
         "--settings {params.settings:q} > {log:q} 2>&1"

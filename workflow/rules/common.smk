@@ -110,6 +110,17 @@ def named_paths(flag, paths, name):
     return " ".join(f"{flag} {shlex.quote(f'{name(Path(p))}={p}')}" for p in paths)
 
 
+# ---- job resources on a cluster: CPUs and GPUs follow the cohort config, partitions and GPU model
+# are the site's (config section `slurm`, set by the SLURM profile); ignored when running locally
+def job(threads, gpus=0):
+    """resources of a job: `cpus_per_task` (the configured threads, not capped by the submitting
+    machine's cores), `gpu`, and the partition and GPU model for that many GPUs."""
+    site = config["slurm"]
+    return {"cpus_per_task": int(threads), "gpu": int(gpus),
+            "slurm_partition": lambda w: site["gpu_partition" if gpus else "cpu_partition"],
+            "gpu_model": lambda w: site["gpu_model"] if gpus else None}
+
+
 # ---- segment
 def segment_gpu():
     seg = config["segmentation"]

@@ -22,7 +22,7 @@ rule extract:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=config["extract"]["gpus"],
+        **job(config["extract"]["threads"], config["extract"]["gpus"]),
     conda:
         ENV
     shell:

@@ -50,6 +50,7 @@ rule mil:
     resources:
         mem_mb=8000,
         runtime=120,
+        **job(config["mil"]["threads"]),
     conda:
         ENV
     shell:

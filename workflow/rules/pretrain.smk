@@ -34,9 +34,9 @@ rule pretrain:
     resources:
         mem_mb=16000,
         runtime=1440,
-        gpu=config["pretrain"]["gpus"],
+        **job(config["pretrain"]["threads"], config["pretrain"]["gpus"]),
     conda:
         ENV
     shell:
         "{params.launcher} pretrain {params.outdir:q} --tiles {input.tiles:q} {params.priors} "
-        "--settings {params.settings:q} --restart-on-mismatch >> {log:q} 2>&1"
+        "--settings {params.settings:q} --threads {threads} --restart-on-mismatch >> {log:q} 2>&1"

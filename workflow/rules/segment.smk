@@ -17,7 +17,7 @@ rule segment:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=segment_gpu(),
+        **job(config["segmentation"]["threads"], segment_gpu()),
     conda:
         ENV
     shell:
@@ -44,6 +44,7 @@ rule phenotype:
     resources:
         mem_mb=8000,
         runtime=60,
+        **job(1),
     conda:
         ENV
     shell:
@@ -74,6 +75,7 @@ rule priors:
     resources:
         mem_mb=4000,
         runtime=60,
+        **job(config["segmentation"]["threads"]),
     conda:
         ENV
     shell:

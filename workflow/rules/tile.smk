@@ -25,6 +25,7 @@ rule tile:
     resources:
         mem_mb=4000,
         runtime=60,
+        **job(config["tiling"]["threads"]),
     conda:
         ENV
     shell:
