@@ -352,6 +352,56 @@ def open_map(path: str | os.PathLike, name: str, n_tiles: int | None = None) -> 
     return arr
 
 
+# cells/{slide}.zarr: the nucleus table, group `cells` with one 1-D array per column
+NUCLEI = "cells"
+
+
+class NucleusTableWriter:
+    """Append rows to the column arrays of a cells store's table, block by block (dirl.segment.features
+    defines the columns and their dtypes)."""
+
+    CHUNK = 65536
+
+    def __init__(self, root: zarr.Group, columns: Mapping[str, str], attrs: Mapping[str, Any] | None = None):
+        self.columns = dict(columns)
+        self.group = root.create_group(NUCLEI)
+        self.arrays = {k: self.group.create_array(k, shape=(0,), dtype=v, chunks=(self.CHUNK,))
+                       for k, v in self.columns.items()}
+        self.n = 0
+        self.group.attrs.update({"columns": list(self.columns), **(attrs or {})})
+
+    def append(self, cols: Mapping[str, np.ndarray]) -> None:
+        m = len(next(iter(cols.values()))) if cols else 0
+        if m == 0:
+            return
+        for k, a in self.arrays.items():
+            a.resize((self.n + m,))
+            a[self.n:] = np.asarray(cols[k], dtype=self.columns[k])
+        self.n += m
+
+    def close(self) -> None:
+        self.group.attrs["n"] = self.n
+
+
+def read_nuclei(path: str | os.PathLike, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Columns of the nucleus table of a cells store (all it has by default)."""
+    g = _open_group(path, "cells")
+    if NUCLEI not in g:
+        raise StoreError(f"cells store {path} has no {NUCLEI!r} table; delete it and rerun `dirl segment`")
+    t = g[NUCLEI]
+    want = list(t.attrs.get("columns", [])) if columns is None else columns
+    missing = [c for c in want if c not in t]
+    if missing:
+        raise StoreError(f"cells store {path} lacks columns {missing} (written by an older dirl?); "
+                         "rerun `dirl segment`")
+    return {c: np.asarray(t[c][:]) for c in want}
+
+
+def nucleus_count(path: str | os.PathLike) -> int:
+    g = _open_group(path, "cells")
+    return int(g[NUCLEI].attrs.get("n", g[NUCLEI]["tile"].shape[0]))
+
+
 # --------------------------------------------------------------------------------------------------
 # features/{method}/{slide}.h5
 def write_features(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, *,

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from dirl.errors import ConfigError, DirlError
+from dirl.imaging import DAB, EOSIN, HEMATOXYLIN, unit
 from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,7 @@ NOISE_SD = 1.4            # sensor noise, RGB units
 WHITE = np.array([241.0, 239.0, 240.5], dtype=np.float32)  # glass
 
 
-def _unit(v: Sequence[float]) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return v / np.linalg.norm(v)
-
-
-# skimage.color.rgb_from_hed rows (Ruifrok & Johnston): hematoxylin, eosin, residual (DAB direction)
-_H, _E, _R = _unit((0.65, 0.70, 0.29)), _unit((0.07, 0.99, 0.11)), _unit((0.27, 0.57, 0.78))
+_H, _E, _R = unit(HEMATOXYLIN), unit(EOSIN), unit(DAB)  # the residual direction tints both stains
 H_OD = (_H + 0.25 * _R).astype(np.float32)   # OD per unit hematoxylin, per RGB channel
 E_OD = (_E + 0.80 * _R).astype(np.float32)   # OD per unit eosin
 INK_OD = np.log10(WHITE / np.array([55.0, 75.0, 165.0])).astype(np.float32)  # blue marker

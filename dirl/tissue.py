@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dirl.imaging import otsu
 from dirl.settings import Settings
 
 
@@ -83,7 +84,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSe
     hsv = _hsv(rgb)
     _, s, v = hsv
     candidates = v > settings.dark_max
-    t = _otsu(s[candidates]) if candidates.sum() > 16 else settings.sat_max
+    t = otsu(s[candidates]) if candidates.sum() > 16 else settings.sat_max
     t = float(np.clip(t, settings.sat_min, settings.sat_max))
     mask = candidates & (s > t)
     r = max(1, round(settings.close_um / mpp))
@@ -95,18 +96,6 @@ def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSe
     if settings.pen:  # after closing and filling, which would otherwise bridge a stroke across tissue
         mask &= ~(ink if ink is not None else ink_mask(rgb, mpp, hsv))
     return _drop_small(mask, int(settings.min_area_um2 / px_area))
-
-
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1]."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = ((hist * centres).sum() - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[np.argmax(between)])
 
 
 def fraction_in_boxes(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -92,15 +92,15 @@ def test_killed_segmentation(tiles: Path, tmp_path: Path) -> None:
     out, clean = tmp_path / "cells" / "s.zarr", tmp_path / "clean.zarr"
     args = ["--threads", "1"]
     patch = """
-        from dirl.segment import features
-        original = features.TableWriter.append
+        from dirl import store
+        original = store.NucleusTableWriter.append
         calls = []
         def append(self, cols):
             calls.append(1)
             if len(calls) == 2:  # one shard of masks and nuclei written
                 pause()
             return original(self, cols)
-        features.TableWriter.append = append
+        store.NucleusTableWriter.append = append
     """
     kill_at(patch, ["segment", str(tiles), str(out), *args], tmp_path / "reached")
     assert not out.exists() and in_progress(out)

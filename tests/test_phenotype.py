@@ -8,6 +8,7 @@ import pytest
 
 from dirl.cli import main as cli
 from dirl.errors import DirlError
+from dirl import store
 from dirl.segment import features, phenotype
 from dirl.segment.phenotype import PhenotypeModel
 
@@ -29,7 +30,7 @@ def _two_population_slides(tmp_path):
         from dirl import store
 
         lab = np.asarray(store.open_map(out, "labels")[:])
-        t = features.read_table(out, ["tile", "label"])
+        t = store.read_nuclei(out, ["tile", "label"])
         pop = np.array([n.population for n in nuclei])
         rows = []
         for tile, label in zip(t["tile"], t["label"], strict=True):
@@ -54,7 +55,7 @@ def test_two_populations_are_separated(slides, tmp_path):
                 "--gallery", str(tmp_path / "g.png")]) == 0
     model = PhenotypeModel.load(out)
     assert model.k == 2 and model.centroids.shape == (2, len(phenotype.FEATURES))
-    pred = np.concatenate([model.predict(features.read_table(c)) for c in cells])
+    pred = np.concatenate([model.predict(store.read_nuclei(c)) for c in cells])
     pop = np.concatenate(truth)
     ok = pop >= 0
     # class 0 is the smaller nuclei: lymphocytes; class 1 the tumour nuclei
@@ -74,7 +75,7 @@ def test_k4_classes_are_pure(slides):
     cells, _, truth = slides
     model, tab, src, cls = phenotype.fit(cells, k=4, seed=0)
     pred = np.concatenate([PhenotypeModel(4, model["features"], np.array(model["mean"]), np.array(model["std"]),
-                                          np.array(model["centroids"]), model).predict(features.read_table(c))
+                                          np.array(model["centroids"]), model).predict(store.read_nuclei(c))
                            for c in cells])
     pop = np.concatenate(truth)
     ok = pop >= 0

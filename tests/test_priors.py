@@ -73,7 +73,7 @@ def test_priors_end_to_end_synthetic(tmp_path):
     assert p.max() <= 3 + 1
     # every nucleus pixel carries its class; classes come from the model
     model = PhenotypeModel.load(model_path)
-    t = features.read_table(cells)
+    t = store.read_nuclei(cells)
     cls = model.predict(t) + 2
     for r in range(0, len(t["tile"]), max(1, len(t["tile"]) // 30)):
         m = lab[t["tile"][r]] == t["label"][r]

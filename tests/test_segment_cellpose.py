@@ -96,7 +96,7 @@ def test_cellpose_backend_end_to_end(random_weights, tmp_path, monkeypatch):
     assert labels.shape == (1, 128, 128) and labels.dtype == np.uint32
     lab = np.asarray(labels[0])
     assert set(np.unique(lab)) == set(range(int(lab.max()) + 1))
-    t = features.read_table(out)
+    t = store.read_nuclei(out)
     assert len(t["tile"]) == int(lab.max()) and set(t) == set(features.COLUMNS)
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["backend"] == "cellpose" and g.attrs["model"] == str(random_weights)

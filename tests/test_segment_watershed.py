@@ -72,7 +72,7 @@ def test_third_backend_by_import_path(tmp_path):
     assert rc == 0
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert g.attrs["backend"] == "dark" and g["labels"].shape == (4, 128, 128)
-    assert features.table_length(tmp_path / "c.zarr") > 10
+    assert store.nucleus_count(tmp_path / "c.zarr") > 10
 
 
 def test_features_agree_with_regionprops():
@@ -153,7 +153,7 @@ def _check_cells_store(cells, tiles_path, mpp):
     tiles = store.open_tiles(tiles_path)
     labels = store.open_map(cells, "labels", len(tiles))
     assert labels.dtype == np.uint32 and labels.shape == (len(tiles), tiles.tile_px, tiles.tile_px)
-    t = features.read_table(cells)
+    t = store.read_nuclei(cells)
     assert all(t[c].dtype == np.dtype(d) for c, d in features.COLUMNS.items())
     lab = np.asarray(labels[:])
     # one row per instance, ids consecutive per tile, rows sorted by (tile, label)
@@ -209,7 +209,7 @@ def test_segment_store_shards_and_empty(tmp_path, monkeypatch):
     empty = write_tiles(tmp_path / "e.zarr", np.zeros((0, 64, 64, 3), np.uint8), np.zeros((0, 2), np.int64), mpp=0.5)
     assert cli(["segment", str(empty), str(tmp_path / "ce.zarr")]) == 0
     assert store.open_map(tmp_path / "ce.zarr", "labels", 0).shape == (0, 64, 64)
-    assert all(len(v) == 0 for v in features.read_table(tmp_path / "ce.zarr").values())
+    assert all(len(v) == 0 for v in store.read_nuclei(tmp_path / "ce.zarr").values())
     # a failed run leaves nothing at the output path
     with pytest.raises(StoreError):
         store.open_map(tmp_path / "missing.zarr", "labels")

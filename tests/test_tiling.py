@@ -11,7 +11,8 @@ from dirl import store
 from dirl.errors import SlideError, StoreError
 from dirl.slide import Slide
 from dirl.tiling import TileSettings, plan, tile_slide
-from dirl.tissue import _otsu, fraction_in_boxes, ink_mask, tissue_mask
+from dirl.imaging import otsu
+from dirl.tissue import fraction_in_boxes, ink_mask, tissue_mask
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_incomplete_store_is_rejected(tmp_path: Path) -> None:
 def test_otsu_splits_two_modes() -> None:
     rng = np.random.default_rng(0)
     v = np.concatenate([rng.normal(0.03, 0.01, 5000), rng.normal(0.4, 0.05, 5000)]).clip(0, 1)
-    t = _otsu(v)
+    t = otsu(v)
     assert abs(int((v > t).sum()) - 5000) < 10  # the threshold falls between the modes
 
 

@@ -31,13 +31,11 @@ from typing import Any
 
 import numpy as np
 
-# Ruifrok & Johnston (2001) H&E optical-density vectors (as in scikit-image / QuPath's "H&E default").
-_H = np.array([0.650, 0.704, 0.286])
-_E = np.array([0.072, 0.990, 0.105])
+from dirl.imaging import EOSIN, HEMATOXYLIN, unit
 
 
 def _stain_matrix() -> np.ndarray:
-    h, e = _H / np.linalg.norm(_H), _E / np.linalg.norm(_E)
+    h, e = unit(HEMATOXYLIN), unit(EOSIN)
     r = np.cross(h, e)
     r /= np.linalg.norm(r)
     return np.linalg.inv(np.stack([h, e, r])).astype(np.float32)  # OD (.., 3) @ inv -> (h, e, residual)
@@ -52,7 +50,6 @@ COLUMNS: dict[str, str] = {
     "eccentricity": "float32", "solidity": "float32", "circularity": "float32", "h_od": "float32",
     "e_od": "float32", "h_od_std": "float32", "h_od_ring": "float32", "border": "uint8",
 }
-TABLE = "cells"
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -172,58 +169,3 @@ def concat(parts: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         return empty_columns()
     return {k: np.concatenate([p[k] for p in parts]).astype(COLUMNS[k], copy=False) for k in COLUMNS}
-
-
-# --------------------------------------------------------------------------------------------------
-# the table inside a cells store
-class TableWriter:
-    """Append rows to the column arrays of the `cells` group, block by block."""
-
-    CHUNK = 65536
-
-    def __init__(self, root: Any, attrs: Mapping[str, Any] | None = None):
-        self.group = root.create_group(TABLE)
-        self.arrays = {k: self.group.create_array(k, shape=(0,), dtype=v, chunks=(self.CHUNK,))
-                       for k, v in COLUMNS.items()}
-        self.n = 0
-        self.group.attrs.update({"columns": list(COLUMNS), **(attrs or {})})
-
-    def append(self, cols: Mapping[str, np.ndarray]) -> None:
-        m = len(cols["tile"])
-        if m == 0:
-            return
-        for k, a in self.arrays.items():
-            a.resize((self.n + m,))
-            a[self.n:] = np.asarray(cols[k], dtype=COLUMNS[k])
-        self.n += m
-
-    def close(self) -> None:
-        self.group.attrs["n"] = self.n
-
-
-def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Columns of the nuclei table of a cells store (all by default)."""
-    import zarr
-
-    from dirl.errors import StoreError
-
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"cells store {path} does not exist: run `dirl segment` first")
-    g = zarr.open_group(str(path), mode="r")
-    if TABLE not in g:
-        raise StoreError(f"cells store {path} has no {TABLE!r} table; delete it and rerun `dirl segment`")
-    t = g[TABLE]
-    want = list(COLUMNS) if columns is None else columns
-    missing = [c for c in want if c not in t]
-    if missing:
-        raise StoreError(f"cells store {path} lacks columns {missing} (written by an older dirl?); "
-                         "rerun `dirl segment`")
-    return {c: np.asarray(t[c][:]) for c in want}
-
-
-def table_length(path: str | os.PathLike) -> int:
-    import zarr
-
-    g = zarr.open_group(str(path), mode="r")
-    return int(g[TABLE]["tile"].shape[0])

@@ -25,6 +25,7 @@ import numpy as np
 
 
 from dirl.errors import DirlError
+from dirl import store
 from dirl.segment import features
 from dirl.settings import Settings
 
@@ -118,7 +119,7 @@ def sample_nuclei(cells: list[Path], n: int, seed: int, columns: list[str]
     rng = np.random.default_rng(seed)
     n_all, n_inner = [], []
     for p in cells:  # pass 1: counts only
-        b = features.read_table(p, ["border"])["border"]
+        b = store.read_nuclei(p, ["border"])["border"]
         n_all.append(len(b))
         n_inner.append(int((b == 0).sum()))
     total = int(sum(n_all))
@@ -133,7 +134,7 @@ def sample_nuclei(cells: list[Path], n: int, seed: int, columns: list[str]
         sel = pick[(pick >= offsets[i]) & (pick < offsets[i + 1])] - offsets[i]
         if len(sel) == 0:
             continue
-        t = features.read_table(p, sorted(set(columns) | {"border"}))
+        t = store.read_nuclei(p, sorted(set(columns) | {"border"}))
         rows = np.flatnonzero(t["border"] == 0)[sel] if inner_only else sel
         parts.append({c: t[c][rows] for c in columns})
         src.append(np.full(len(rows), i))
@@ -260,20 +261,13 @@ def write_gallery(path: str | os.PathLike, model: dict[str, Any], tab: dict[str,
 
 def _match_tiles(cells: list[Path], tiles: list[str] | None) -> list[Path | None]:
     """The tile store of each cells store: by slide_id, else by position, else the `tiles` attr."""
-    import zarr
-
     ids = []
     for p in cells:
-        g = zarr.open_group(str(p), mode="r")
-        ids.append((g.attrs.get("slide_id"), g.attrs.get("tiles")))
+        a = store.map_attrs(p, "cells")
+        ids.append((a.get("slide_id"), a.get("tiles")))
     if not tiles:
         return [Path(t) if t and Path(t).exists() else None for _, t in ids]
-    by_id = {}
-    for t in tiles:
-        try:
-            by_id[str(zarr.open_group(str(t), mode="r").attrs.get("slide_id"))] = Path(t)
-        except Exception as e:
-            raise DirlError(f"tile store {t} cannot be opened ({e})") from e
+    by_id = {store.open_tiles(t).slide_id: Path(t) for t in tiles}
     out = [by_id.get(str(sid)) for sid, _ in ids]
     if any(o is None for o in out) and len(tiles) == len(cells):
         out = [Path(t) for t in tiles]

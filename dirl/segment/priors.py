@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 
+from dirl import store
 from dirl.segment import features
 from dirl.segment.phenotype import PhenotypeModel
 from dirl.settings import Settings
@@ -103,7 +104,7 @@ def make_priors(tiles_path: str | Path, cells_path: str | Path, model_path: str 
     n, tp, mpp = len(tiles), tiles.tile_px, tiles.mpp
     labels = store.open_map(cells_path, "labels", n)
     model = PhenotypeModel.load(model_path)
-    tab = features.read_table(cells_path)
+    tab = store.read_nuclei(cells_path)
     if len(tab["tile"]) and np.any(np.diff(tab["tile"]) < 0):
         order = np.lexsort((tab["label"], tab["tile"]))
         tab = {k: v[order] for k, v in tab.items()}

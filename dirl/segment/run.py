@@ -65,7 +65,7 @@ def segment_store(tiles_path: str | Path, out: str | Path, backend: base.Backend
             ThreadPoolExecutor(max(1, threads)) as pool, \
             ThreadPoolExecutor(1) as reader, \
             tqdm(total=n, unit="tile", desc=f"segment {tiles.slide_id}", disable=None, mininterval=2) as bar:
-        table = features.TableWriter(root, {"mpp": mpp, "units": {"x": "level-0 px", "y": "level-0 px",
+        table = store.NucleusTableWriter(root, features.COLUMNS, {"mpp": mpp, "units": {"x": "level-0 px", "y": "level-0 px",
                                                                   "area_um2": "µm²"}})
         start = 0
         for labels, images in _zip_stream(backend, _blocks(tiles, step, reader), mpp):

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from dirl.segment.base import Backend, CommonParams
+from dirl.imaging import otsu
 from dirl.segment.features import stain_od
 
 
@@ -53,17 +54,12 @@ def _disk(r: int) -> np.ndarray:
     return np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
 
 
-def _otsu(v: np.ndarray, lo: float, hi: float) -> float:
+def _otsu(v: np.ndarray, hi: float) -> float:
+    """Otsu on hematoxylin OD up to its 99.5th percentile (bright outliers would squeeze the histogram);
+    `hi` for a tile with too few tissue pixels to have two modes."""
     if v.size < 16:
         return hi
-    hist, edges = np.histogram(v, bins=128, range=(0.0, max(float(np.percentile(v, 99.5)), 1e-3)))
-    c = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    s = np.cumsum(hist * c)
-    m0 = s / np.maximum(w0, 1)
-    m1 = (s[-1] - s) / np.maximum(w1, 1)
-    return float(c[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+    return otsu(v, bins=128, value_range=(0.0, max(float(np.percentile(v, 99.5)), 1e-3)))
 
 
 def _reconstruct(seed: np.ndarray, mask: np.ndarray, max_iter: int = 512) -> np.ndarray:
@@ -123,7 +119,7 @@ def segment_tile(rgb: np.ndarray, mpp: float, p: WatershedParams) -> np.ndarray:
         t = p.threshold
     else:
         tissue = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < 220  # not white glass
-        t = float(np.clip(_otsu(hs[tissue], p.threshold_min, p.threshold_max),
+        t = float(np.clip(_otsu(hs[tissue], p.threshold_max),
                           p.threshold_min, p.threshold_max))
     fg = hs > t
     if not fg.any():
