@@ -38,6 +38,9 @@ bench: venv
 	$(BIN)/python bench/run_all.py
 
 lint: venv
+	$(BIN)/ruff check dirl tests bench
+	$(BIN)/ruff format --check dirl tests bench
+	$(BIN)/snakefmt --check workflow Snakefile
 	$(BIN)/snakemake --lint
 
 clean-demo:

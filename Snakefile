@@ -1,8 +1,8 @@
 """DiRL: whole slides -> tiles -> nuclei and priors -> DiRL/DINO pretraining -> features -> MIL.
 
-    snakemake --cores all                                # the demo cohort (config/config.yaml)
-    snakemake --cores all --configfile config/cohorts/<name>.yaml
-    snakemake --profile profiles/slurm                   # on a SLURM cluster
+snakemake --cores all                                # the demo cohort (config/config.yaml)
+snakemake --cores all --configfile config/cohorts/<name>.yaml
+snakemake --profile profiles/slurm                   # on a SLURM cluster
 """
 
 
@@ -26,6 +26,7 @@ include: "workflow/rules/mil.smk"
 
 
 rule all:
+    default_target: True
     input:
         expand(f"{RESULTS}/qc/{{slide}}.png", slide=SLIDES),
         expand(f"{RESULTS}/priors/{{slide}}.png", slide=SLIDES),
@@ -35,4 +36,3 @@ rule all:
         expand(f"{RESULTS}/features/{{source}}/{{slide}}.h5", source=feature_sources(), slide=SLIDES),
         f"{RESULTS}/failed_slides.txt",
         f"{RESULTS}/summary.tsv" if RUN_MIL else [],
-    default_target: True

@@ -1,4 +1,5 @@
 """Shared by the stage benchmarks: print the result as JSON and optionally keep a copy."""
+
 from __future__ import annotations
 
 import json

@@ -11,10 +11,10 @@
 Goal: extract >= 90 % of bare. Same process, same run; the tile store is synthetic H&E from
 dirl.synth (64 rendered tiles, flipped/rotated to fill the slide so compression is realistic).
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from emit import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,16 +33,14 @@ def make_store(path: Path, n: int, tile_px: int, codec: str) -> None:
 
     side = 8
     pops = (synth.POPULATIONS["lymphocyte"], synth.POPULATIONS["tumour"])
-    rgb, _, _ = synth.render(0, 0, side * tile_px, side * tile_px, mpp=0.5, populations=pops, seed=0,
-                             tissue="full")
+    rgb, _, _ = synth.render(0, 0, side * tile_px, side * tile_px, mpp=0.5, populations=pops, seed=0, tissue="full")
     base = rgb.reshape(side, tile_px, side, tile_px, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile_px, tile_px, 3)
     grid = int(np.ceil(np.sqrt(n)))
     coords = np.array([(x * tile_px, y * tile_px) for y in range(grid) for x in range(grid)][:n], np.int64)
-    attrs = dict(slide_id=path.stem, source="synthetic", mpp=0.5, slide_mpp=0.5, tile_px=tile_px,
-                 tile_px_level0=tile_px, read_level=0, level0_width=grid * tile_px,
-                 level0_height=grid * tile_px)
-    with store.tile_store_writer(path, coords=coords, tissue=np.ones(n), tile_px=tile_px, attrs=attrs,
-                                 codec=codec) as w:
+    attrs = store.TileAttrs.without_slide(path.stem, tile_px, width=grid * tile_px, height=grid * tile_px)
+    with store.tile_store_writer(
+        path, coords=coords, tissue=np.ones(n), tile_px=tile_px, attrs=attrs, codec=codec
+    ) as w:
         step = w.shard
         for a in range(0, n, step):
             k = np.arange(a, min(n, a + step))
@@ -76,8 +73,7 @@ def main() -> None:
 
     from dirl import store
     from dirl.encoders import load_timm
-    from dirl.extract import (Preprocess, _default_batch_size, _loader, default_workers, extract_slide,
-                              prepare_model)
+    from dirl.extract import Preprocess, _default_batch_size, _loader, default_workers, extract_slide, prepare_model
     from dirl.runtime import resolve_device
 
     if a.threads:
@@ -123,8 +119,7 @@ def main() -> None:
     def pipeline() -> float:
         out = work / "features.h5"
         t = time.perf_counter()
-        extract_slide(tiles_path, out, enc, device, batch=batch, workers=workers, amp_dtype=amp,
-                      channels_last=cl)
+        extract_slide(tiles_path, out, enc, device, batch=batch, workers=workers, amp_dtype=amp, channels_last=cl)
         sync()
         return time.perf_counter() - t
 
@@ -142,8 +137,15 @@ def main() -> None:
     res = {
         "bench": "extract",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(), "cpus": cpus, "arch": a.arch, "img": a.img, "embed": a.embed,
-        "precision": str(amp).replace("torch.", "") if amp else "fp32", "tiles": n, "batch": batch, "workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": cpus,
+        "arch": a.arch,
+        "img": a.img,
+        "embed": a.embed,
+        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "tiles": n,
+        "batch": batch,
+        "workers": workers,
         "codec": a.codec,
         "store_mb": round(sum(f.stat().st_size for f in tiles_path.rglob("*") if f.is_file()) / 2**20, 1),
         "bare_tiles_per_s": round(n / best["bare"], 1),

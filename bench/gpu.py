@@ -19,6 +19,7 @@ others still run):
   fidelity   config/cohorts/fidelity_gpu.yaml through the workflow: DINO's per-head attention entropy
              >= 0.05 below the untrained backbone's, DiRL against DINO, three seeds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,14 @@ PY = sys.executable
 def run(cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        p = subprocess.run(
+            cmd,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
         out = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-3000:]}
     except subprocess.TimeoutExpired as e:
         out = {"rc": "timeout", "stdout": e.stdout or "", "stderr": str(e.stderr or "")[-3000:]}
@@ -59,8 +66,12 @@ def last_json(text: str) -> dict[str, Any] | None:
 
 def bench(script: str, args: list[str], timeout: float) -> dict[str, Any]:
     r = run([PY, str(HERE / script), *args], timeout)
-    return {"ok": r["rc"] == 0, "seconds": r["seconds"], "result": last_json(r["stdout"]) if r["rc"] == 0 else None,
-            "error": None if r["rc"] == 0 else r["stderr"][-1500:]}
+    return {
+        "ok": r["rc"] == 0,
+        "seconds": r["seconds"],
+        "result": last_json(r["stdout"]) if r["rc"] == 0 else None,
+        "error": None if r["rc"] == 0 else r["stderr"][-1500:],
+    }
 
 
 def cohort(work: Path, tiles: int, img: int) -> tuple[Path, Path]:
@@ -76,18 +87,37 @@ def cohort(work: Path, tiles: int, img: int) -> tuple[Path, Path]:
     return t, p
 
 
-def pretrain(work: Path, tiles: Path, priors: Path, settings: dict, steps: int, timeout: float,
-             launcher: list[str] | None = None) -> dict[str, Any]:
+def pretrain(
+    work: Path, tiles: Path, priors: Path, settings: dict, steps: int, timeout: float, launcher: list[str] | None = None
+) -> dict[str, Any]:
     out = work / f"run-{len(list(work.glob('run-*')))}"
-    cmd = [*(launcher or [PY, "-m", "dirl.cli"]), "pretrain", str(out), "--tiles", str(tiles), "--priors", str(priors),
-           "--settings", json.dumps(settings), "--stop-after-steps", str(steps)]
+    cmd = [
+        *(launcher or [PY, "-m", "dirl.cli"]),
+        "pretrain",
+        str(out),
+        "--tiles",
+        str(tiles),
+        "--priors",
+        str(priors),
+        "--settings",
+        json.dumps(settings),
+        "--stop-after-steps",
+        str(steps),
+    ]
     r = run(cmd, timeout)
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() else []
     steady = rows[1:] or rows  # the first log line holds worker start-up and compilation
-    res = {"ok": r["rc"] == 0 and bool(rows), "seconds": r["seconds"], "error": None if r["rc"] == 0 else r["stderr"][-1500:]}
+    res = {
+        "ok": r["rc"] == 0 and bool(rows),
+        "seconds": r["seconds"],
+        "error": None if r["rc"] == 0 else r["stderr"][-1500:],
+    }
     if steady:
-        res.update(images_per_s=sum(x["images_per_s"] for x in steady) / len(steady),
-                   data_wait_frac=sum(x["data_wait_frac"] for x in steady) / len(steady), steps=rows[-1]["step"])
+        res.update(
+            images_per_s=sum(x["images_per_s"] for x in steady) / len(steady),
+            data_wait_frac=sum(x["data_wait_frac"] for x in steady) / len(steady),
+            steps=rows[-1]["step"],
+        )
     return res
 
 
@@ -105,13 +135,13 @@ import logging
 logging.basicConfig(level=logging.INFO)
 enc = load_timm("vit_tiny_patch16_224" if {dry} else "vit_small_patch16_224", "random", embed_kind="cls")
 enc.model.to(dev).eval()
-a = extract_slide({str(tiles)!r}, {str(work / 'free.h5')!r}, enc, dev, batch=1024, workers=2)
+a = extract_slide({str(tiles)!r}, {str(work / "free.h5")!r}, enc, dev, batch=1024, workers=2)
 hog = None
 if not {dry}:
     free, total = torch.cuda.mem_get_info()
     hog = torch.empty(int(free - 3 * 2**30), dtype=torch.uint8, device=dev)  # leave ~3 GB
-b = extract_slide({str(tiles)!r}, {str(work / 'hogged.h5')!r}, enc, dev, batch=1024, workers=2)
-x, _, _ = store.read_features({str(work / 'free.h5')!r}); y, _, _ = store.read_features({str(work / 'hogged.h5')!r})
+b = extract_slide({str(tiles)!r}, {str(work / "hogged.h5")!r}, enc, dev, batch=1024, workers=2)
+x, _, _ = store.read_features({str(work / "free.h5")!r}); y, _, _ = store.read_features({str(work / "hogged.h5")!r})
 print(json.dumps({{"max_abs_diff": float(abs(x - y).max()), "tiles": len(x)}}))
 """
     r = run([PY, "-c", code], timeout)
@@ -124,8 +154,15 @@ print(json.dumps({{"max_abs_diff": float(abs(x - y).max()), "tiles": len(x)}}))
 
 def fidelity(dry: bool, timeout: float) -> dict[str, Any]:
     """The README's command on the GPU config, in the checkout (results/fidelity_gpu/)."""
-    args = [PY, "-m", "snakemake", "--configfile", "config/cohorts/fidelity_gpu.yaml",
-            "--cores", str(os.cpu_count() or 2)]
+    args = [
+        PY,
+        "-m",
+        "snakemake",
+        "--configfile",
+        "config/cohorts/fidelity_gpu.yaml",
+        "--cores",
+        str(os.cpu_count() or 2),
+    ]
     if dry:  # the CPU dry run: the plan only
         args.append("-n")
     r = run(args, timeout)
@@ -137,13 +174,21 @@ def fidelity(dry: bool, timeout: float) -> dict[str, Any]:
 
 
 def report(path: Path, res: dict[str, Any], device: str, dry: bool) -> None:
-    lines = [f"# GPU figures ({'CPU dry run, tiny sizes: not figures' if dry else device})", "",
-             f"{dt.datetime.now().isoformat(timespec='seconds')}, `python bench/gpu.py{' --dry-run' if dry else ''}`, "
-             f"{platform.node()}, {os.cpu_count()} CPUs", ""]
+    lines = [
+        f"# GPU figures ({'CPU dry run, tiny sizes: not figures' if dry else device})",
+        "",
+        f"{dt.datetime.now().isoformat(timespec='seconds')}, `python bench/gpu.py{' --dry-run' if dry else ''}`, "
+        f"{platform.node()}, {os.cpu_count()} CPUs",
+        "",
+    ]
     for name, r in res.items():
         ok = r.get("ok")
         lines.append(f"## {name}: {'ok' if ok else 'FAILED'} ({r.get('seconds', 0):.0f} s)")
-        body = r.get("result") if isinstance(r.get("result"), dict) else {k: v for k, v in r.items() if k not in ("ok", "error", "summary_md")}
+        body = (
+            r.get("result")
+            if isinstance(r.get("result"), dict)
+            else {k: v for k, v in r.items() if k not in ("ok", "error", "summary_md")}
+        )
         if body:
             lines += ["```json", json.dumps(body, indent=1)[:4000], "```"]
         if r.get("summary_md"):
@@ -168,25 +213,56 @@ def main() -> None:
     img = 32 if dry else 224
     tiles, priors = cohort(work, 64 if dry else 8192, img)
     arch = "vit_tiny_patch16_224" if dry else "vit_small_patch16_224"
-    base = {"arch": arch, "img_size": img, "batch_size": 8 if dry else 256, "out_dim": 256 if dry else 65536,
-            "dense_out_dim": 128 if dry else 4096, "epochs": 100, "warmup_epochs": 0, "head_bn": True,
-            "num_workers": 1 if dry else 15, "precision": "fp32" if dry else "bf16", "log_every": 2 if dry else 20,
-            "device": "cpu" if dry else "cuda"}
+    base = {
+        "arch": arch,
+        "img_size": img,
+        "batch_size": 8 if dry else 256,
+        "out_dim": 256 if dry else 65536,
+        "dense_out_dim": 128 if dry else 4096,
+        "epochs": 100,
+        "warmup_epochs": 0,
+        "head_bn": True,
+        "num_workers": 1 if dry else 15,
+        "precision": "fp32" if dry else "bf16",
+        "log_every": 2 if dry else 20,
+        "device": "cpu" if dry else "cuda",
+    }
     steps = 6 if dry else 200
     sections = {
         "loaders": lambda: bench("loaders.py", ["--small"] if dry else ["--img", "224"], 300),
-        "step": lambda: bench("pretrain.py", ["--small", "--device", "cpu", "--steps", "2", "--warmup", "1"] if dry else
-                              ["--device", "cuda", "--precision", "bf16", "--steps", "20", "--warmup", "5"], 400),
-        "step_compiled": lambda: {"ok": True, "skipped": "dry run"} if dry else
-        bench("pretrain.py", ["--device", "cuda", "--precision", "bf16", "--compile", "--steps", "20", "--warmup", "10"], 600),
+        "step": lambda: bench(
+            "pretrain.py",
+            ["--small", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+            if dry
+            else ["--device", "cuda", "--precision", "bf16", "--steps", "20", "--warmup", "5"],
+            400,
+        ),
+        "step_compiled": lambda: (
+            {"ok": True, "skipped": "dry run"}
+            if dry
+            else bench(
+                "pretrain.py",
+                ["--device", "cuda", "--precision", "bf16", "--compile", "--steps", "20", "--warmup", "10"],
+                600,
+            )
+        ),
         "train_dino": lambda: pretrain(work, tiles, priors, {**base, "method": "dino"}, steps, 600),
         "train_dirl": lambda: pretrain(work, tiles, priors, {**base, "method": "dirl"}, steps, 600),
-        "extract": lambda: bench("extract.py", ["--small", "--device", "cpu"] if dry else
-                                 ["--device", "cuda", "--tiles", "16384", "--workers", "15"], 600),
+        "extract": lambda: bench(
+            "extract.py",
+            ["--small", "--device", "cpu"] if dry else ["--device", "cuda", "--tiles", "16384", "--workers", "15"],
+            600,
+        ),
         "cellpose": lambda: bench("segment.py", ["--small"] if dry else ["--cellpose-tiles", "512"], 600),
-        "torchrun": lambda: pretrain(work, tiles, priors, {**base, "method": "dirl"}, 4 if dry else 20, 300,
-                                     launcher=[PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                                               "-m", "dirl.cli"]),
+        "torchrun": lambda: pretrain(
+            work,
+            tiles,
+            priors,
+            {**base, "method": "dirl"},
+            4 if dry else 20,
+            300,
+            launcher=[PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "dirl.cli"],
+        ),
         "oom": lambda: oom(work, tiles, dry, 600),
         "fidelity": lambda: fidelity(dry, 900),
     }

@@ -14,6 +14,7 @@ synthetic H&E tile store (zstd, as the tile stage writes it) with a prior map pe
 - decode:             the store read alone (the floor of `extract`)
 Goals (per core): pretraining >= 100 images/s, extraction >= 500 tiles/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from emit import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,8 +42,9 @@ def make_priors(tiles_path: Path, out: Path, n_classes: int = 6) -> None:
     rng = np.random.default_rng(0)
     t = ts.tile_px
     yy, xx = np.mgrid[:t, :t]
-    with store.map_store_writer(out, "priors", n=len(ts), tile_px=t, dtype="uint8",
-                                attrs={"slide_id": ts.slide_id, "n_classes": n_classes}) as (_, arr):
+    with store.map_store_writer(
+        out, "priors", n=len(ts), tile_px=t, dtype="uint8", attrs={"slide_id": ts.slide_id, "n_classes": n_classes}
+    ) as (_, arr):
         for a in range(0, len(ts), store.SHARD_TILES):
             b = min(len(ts), a + store.SHARD_TILES)
             block = np.ones((b - a, t, t), np.uint8)
@@ -55,14 +56,14 @@ def make_priors(tiles_path: Path, out: Path, n_classes: int = 6) -> None:
             arr[a:b] = block
 
 
-def time_pretrain_loader(tiles: Path, priors: Path | None, img: int, local: int, batch: int,
-                         seconds: float) -> dict[str, float]:
+def time_pretrain_loader(
+    tiles: Path, priors: Path | None, img: int, local: int, batch: int, seconds: float
+) -> dict[str, float]:
     import torch
 
     from dirl.ssl.data import CohortDataset, EpochBatchSampler, ViewConfig
 
-    views = ViewConfig(global_size=img, global_scale=(0.14, 1.0), local_number=local, local_size=96,
-                       color_jitter=0.5)
+    views = ViewConfig(global_size=img, global_scale=(0.14, 1.0), local_number=local, local_size=96, color_jitter=0.5)
     ds = CohortDataset([tiles], [priors] if priors else None, 6 if priors else None, 16, views)
     sampler = EpochBatchSampler(len(ds), batch)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0)
@@ -133,13 +134,19 @@ def main() -> None:
         "extract": time_extract_loader(tiles, a.batch, a.seconds, preprocess=True),
         "decode": time_extract_loader(tiles, a.batch, a.seconds, preprocess=False),
     }
-    out = {"stage": "loaders", "img": a.img, "tiles": a.tiles, "torch_threads": torch.get_num_threads(),
-           "cpus": len(os.sched_getaffinity(0)), **res,
-           "pretrain_images_per_s_per_core": res["pretrain_dirl"]["images_per_s"],
-           "pretrain_multicrop_images_per_s_per_core": res["pretrain_multicrop"]["images_per_s"],
-           "extract_tiles_per_s_per_core": res["extract"]["tiles_per_s"],
-           "extract_over_decode": res["extract"]["tiles_per_s"] / res["decode"]["tiles_per_s"],
-           "goals": GOALS}
+    out = {
+        "stage": "loaders",
+        "img": a.img,
+        "tiles": a.tiles,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": len(os.sched_getaffinity(0)),
+        **res,
+        "pretrain_images_per_s_per_core": res["pretrain_dirl"]["images_per_s"],
+        "pretrain_multicrop_images_per_s_per_core": res["pretrain_multicrop"]["images_per_s"],
+        "extract_tiles_per_s_per_core": res["extract"]["tiles_per_s"],
+        "extract_over_decode": res["extract"]["tiles_per_s"] / res["decode"]["tiles_per_s"],
+        "goals": GOALS,
+    }
     emit(out, a.out)
 
 

@@ -7,17 +7,16 @@ Bags are random features of whole-slide sizes (log-normal tile counts, median `-
 on the device as `dirl mil` does when they fit; one bag per step, class-weighted cross-entropy, AdamW,
 the training loop of dirl.mil.train (train_fold), timed over whole epochs after a warm-up epoch.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
 from emit import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,9 +41,9 @@ def main() -> None:
 
     import torch
 
-    from dirl.runtime import resolve_device
     from dirl.mil.data import Bags
     from dirl.mil.train import MilSettings, _DeviceBags, train_fold
+    from dirl.runtime import resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -57,35 +56,52 @@ def main() -> None:
     ids = sorted(cache)
     get = _DeviceBags(bags, ids, device, cache_gb=8.0)
     tiles = int(sizes.sum())
-    res = {"bench": "mil",
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-           "torch_threads": torch.get_num_threads(), "bags": a.bags, "dim": a.dim, "tiles": tiles,
-           "tiles_per_bag": {"median": int(np.median(sizes)), "max": int(sizes.max())},
-           "transmil_attention": a.transmil_attention, "models": {}}
+    res = {
+        "bench": "mil",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "bags": a.bags,
+        "dim": a.dim,
+        "tiles": tiles,
+        "tiles_per_bag": {"median": int(np.median(sizes)), "max": int(sizes.max())},
+        "transmil_attention": a.transmil_attention,
+        "models": {},
+    }
     for name in a.models.split(","):
         # warm-up epoch, then timed epochs; no validation split: pure training throughput
         warm = MilSettings(epochs=1, seed=0, standardize=False, transmil_attention=a.transmil_attention)
-        train_fold(name, bags, ids, [], y, 2, warm,
-                   device, get=get)
+        train_fold(name, bags, ids, [], y, 2, warm, device, get=get)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        _, info = train_fold(name, bags, ids, [], y, 2,
-                             MilSettings(epochs=a.epochs, min_epochs=a.epochs, seed=0, standardize=False,
-                                         transmil_attention=a.transmil_attention),
-                             device, get=get)
+        _, info = train_fold(
+            name,
+            bags,
+            ids,
+            [],
+            y,
+            2,
+            MilSettings(
+                epochs=a.epochs, min_epochs=a.epochs, seed=0, standardize=False, transmil_attention=a.transmil_attention
+            ),
+            device,
+            get=get,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        entry = {"bags_per_s": round(a.bags * a.epochs / dt, 2), "tiles_per_s": round(tiles * a.epochs / dt),
-                 "seconds": round(dt, 3)}
+        entry = {
+            "bags_per_s": round(a.bags * a.epochs / dt, 2),
+            "tiles_per_s": round(tiles * a.epochs / dt),
+            "seconds": round(dt, 3),
+        }
         if device.type == "cuda":
             entry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         res["models"][name] = entry
     base = res["models"].get("meanpool", {}).get("bags_per_s")
     if base:
-        for name, e in res["models"].items():
+        for e in res["models"].values():
             e["vs_meanpool"] = round(e["bags_per_s"] / base, 3)
     emit(res, a.out)
 

@@ -10,10 +10,10 @@ prints one JSON object with images/s, seconds per step (median), peak memory and
 (seconds per DiRL step / seconds per DINO step; the goal is <= 1.10). Inputs are synthetic tensors built
 once: data loading and the prior-to-token pooling (done in DataLoader workers) are not timed.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -25,15 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from emit import emit
+
 from dirl.ssl.losses import token_occupancy  # noqa: E402
 from dirl.ssl.settings import PretrainSettings  # noqa: E402
 from dirl.ssl.trainer import Trainer  # noqa: E402
 
-from emit import emit
 
-
-def synthetic_batch(b: int, size: int, patch: int, n_classes: int, local: int, local_size: int,
-                    seed: int = 0) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    b: int, size: int, patch: int, n_classes: int, local: int, local_size: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # prior maps: background border, tissue, a few discs of each cell class
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -43,12 +44,15 @@ def synthetic_batch(b: int, size: int, patch: int, n_classes: int, local: int, l
         for _ in range(3):
             c = torch.rand(b * 2, 2, generator=g) * size
             r = size / 20 * (1 + torch.rand(b * 2, 1, 1, generator=g))
-            disc = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2 < r ** 2
+            disc = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2 < r**2
             maps[disc] = k
     occ = token_occupancy(maps, n_classes, patch).view(b, 2, -1, n_classes)
-    return {"global": torch.randn(b, 2, 3, size, size, generator=g),
-            "local": torch.randn(b, local, 3, local_size, local_size, generator=g),
-            "occupancy": occ, "overlap": torch.ones(b, 2, occ.shape[2])}
+    return {
+        "global": torch.randn(b, 2, 3, size, size, generator=g),
+        "local": torch.randn(b, local, 3, local_size, local_size, generator=g),
+        "occupancy": occ,
+        "overlap": torch.ones(b, 2, occ.shape[2]),
+    }
 
 
 def main() -> None:
@@ -72,19 +76,33 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
-                       else ("cpu" if a.device == "auto" else a.device))
+    dev = torch.device(
+        "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
+    )
     arch = a.arch or ("vit_tiny_patch16_224" if a.small else "vit_small_patch16_224")
     size = a.img_size or (96 if a.small else 224)
     bs = a.batch_size or (256 if dev.type == "cuda" else 8)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    common = dict(arch=arch, img_size=size, batch_size=bs, out_dim=a.out_dim, dense_out_dim=a.dense_out_dim,
-                  epochs=1, warmup_epochs=0, freeze_last_layer=0, precision=a.precision, compile=a.compile,
-                  local_crops_number=a.local_crops, match=a.match, device=dev.type)
-    trainers = {m: Trainer(PretrainSettings(method=m, **common).validate(), a.n_classes, dev, 10 ** 6)
-                for m in ("dino", "dirl")}
+    common = dict(
+        arch=arch,
+        img_size=size,
+        batch_size=bs,
+        out_dim=a.out_dim,
+        dense_out_dim=a.dense_out_dim,
+        epochs=1,
+        warmup_epochs=0,
+        freeze_last_layer=0,
+        precision=a.precision,
+        compile=a.compile,
+        local_crops_number=a.local_crops,
+        match=a.match,
+        device=dev.type,
+    )
+    trainers = {
+        m: Trainer(PretrainSettings(method=m, **common).validate(), a.n_classes, dev, 10**6) for m in ("dino", "dirl")
+    }
     patch = trainers["dino"].patch
     batch = synthetic_batch(bs, size, patch, a.n_classes, a.local_crops, 96 if size >= 192 else size // 2)
     if dev.type == "cuda":
@@ -114,22 +132,32 @@ def main() -> None:
     res = {
         "benchmark": "pretrain step: DiRL (DINO + dense prior loss) vs DINO baseline",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(), "arch": arch, "img_size": size, "batch_size": bs,
-        "out_dim": a.out_dim, "dense_out_dim": a.dense_out_dim, "n_classes": a.n_classes,
-        "local_crops": a.local_crops, "match": a.match,
-        "precision": str(trainers["dino"].amp_dtype).replace("torch.", ""), "compile": a.compile,
-        "steps": a.steps, "warmup": a.warmup,
-        "dino": {"s_per_step": med["dino"], "images_per_s": bs / med["dino"],
-                 "s_per_step_all": times["dino"]},
-        "dirl": {"s_per_step": med["dirl"], "images_per_s": bs / med["dirl"],
-                 "s_per_step_all": times["dirl"],
-                 "dense_pairs_per_image": last["dirl"]["dense_pairs_per_image"]},
+        "torch_threads": torch.get_num_threads(),
+        "arch": arch,
+        "img_size": size,
+        "batch_size": bs,
+        "out_dim": a.out_dim,
+        "dense_out_dim": a.dense_out_dim,
+        "n_classes": a.n_classes,
+        "local_crops": a.local_crops,
+        "match": a.match,
+        "precision": str(trainers["dino"].amp_dtype).replace("torch.", ""),
+        "compile": a.compile,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "dino": {"s_per_step": med["dino"], "images_per_s": bs / med["dino"], "s_per_step_all": times["dino"]},
+        "dirl": {
+            "s_per_step": med["dirl"],
+            "images_per_s": bs / med["dirl"],
+            "s_per_step_all": times["dirl"],
+            "dense_pairs_per_image": last["dirl"]["dense_pairs_per_image"],
+        },
         "dirl_over_dino_ratio": med["dirl"] / med["dino"],
         "goal": "dirl_over_dino_ratio <= 1.10",
     }
     if dev.type == "cuda":
-        res["dino"]["peak_mem_mb"] = peak["dino"] / 2 ** 20
-        res["dirl"]["peak_mem_mb"] = peak["dirl"] / 2 ** 20
+        res["dino"]["peak_mem_mb"] = peak["dino"] / 2**20
+        res["dirl"]["peak_mem_mb"] = peak["dirl"] / 2**20
     else:
         res["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     emit(res, a.out)

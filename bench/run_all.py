@@ -15,6 +15,7 @@ A stage that fails (non-zero exit, timeout, no JSON) is reported as failed with 
 stderr; the other stages still run. Exit status: 0 when every stage ran, 1 otherwise (goals not met
 do not change it: they are a finding, not an error).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,13 +86,17 @@ def run_stage(name: str, cmd: list[str], timeout: float | None, echo: bool) -> d
     print(f"[run_all] {name}: {rec['command']}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     out: list[str] = []
     err: list[str] = []
-    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, None, ""), daemon=True),
-             threading.Thread(target=_pump, args=(proc.stderr, err, sys.stderr if echo else None,
-                                                  f"  [{name}] "), daemon=True)]
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, out, None, ""), daemon=True),
+        threading.Thread(
+            target=_pump, args=(proc.stderr, err, sys.stderr if echo else None, f"  [{name}] "), daemon=True
+        ),
+    ]
     for t in pumps:
         t.start()
     timed_out = threading.Event()
@@ -138,16 +143,23 @@ def run_stage(name: str, cmd: list[str], timeout: float | None, echo: bool) -> d
         if not tail:
             tail = stdout.splitlines()[-STDERR_TAIL:]
         rec["stderr_tail"] = tail
-    print(f"[run_all] {name}: {rec['status']} in {rec['seconds']} s"
-          + (f" ({rec['reason']})" if rec["status"] != "ok" else ""), file=sys.stderr, flush=True)
+    print(
+        f"[run_all] {name}: {rec['status']} in {rec['seconds']} s"
+        + (f" ({rec['reason']})" if rec["status"] != "ok" else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     return rec
 
 
 # --------------------------------------------------------------------------------------------------
 # the machine
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"hostname": platform.node(), "platform": platform.platform(),
-                            "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
@@ -167,23 +179,31 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     # torch / GPU in a child process: the parent holds no CUDA context while the benchmarks run
-    probe = ("import json, torch\n"
-             "d = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'gpu': None}\n"
-             "if torch.cuda.is_available():\n"
-             "    d['gpu'] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]\n"
-             "    d['gpu_mem_gib'] = [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)"
-             " for i in range(torch.cuda.device_count())]\n"
-             "print(json.dumps(d))\n")
+    probe = (
+        "import json, torch\n"
+        "d = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'gpu': None}\n"
+        "if torch.cuda.is_available():\n"
+        "    d['gpu'] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]\n"
+        "    d['gpu_mem_gib'] = [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)"
+        " for i in range(torch.cuda.device_count())]\n"
+        "print(json.dumps(d))\n"
+    )
     try:
         r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
         info.update(json.loads(r.stdout.strip().splitlines()[-1]))
     except (subprocess.SubprocessError, ValueError, IndexError) as e:
         info["torch"] = f"unknown ({type(e).__name__})"
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
         if head:
             info["git"] = head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -233,7 +253,7 @@ def _get(d: dict[str, Any] | None, *path: str) -> Any:
     return d
 
 
-Row = tuple[str, Any, str, Any, Any]   # figure, value, baseline name, baseline value, ratio
+Row = tuple[str, Any, str, Any, Any]  # figure, value, baseline name, baseline value, ratio
 
 
 def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, Any]]]:
@@ -242,76 +262,160 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
     mem: list[tuple[str, Any]] = []
     if stage == "tile":
         d = r.get("dirl_tiles_per_s")
-        rows += [("dirl tile, tiles/s (end to end)", d, "naive read_region + PNG loop",
-                  r.get("naive_png_tiles_per_s"), r.get("dirl_over_naive")),
-                 ("dirl tile, tiles/s (end to end)", d, f"bare read_region ({r.get('threads')} threads, "
-                  "dirl's tile order)", r.get("bare_read_tiles_per_s"), r.get("dirl_over_bare")),
-                 ("dirl tile, tiles/s (end to end)", d, f"bare read_region ({r.get('threads')} threads, "
-                  "row-major order)", r.get("bare_read_row_major_tiles_per_s"),
-                  r.get("dirl_over_bare_row_major")),
-                 ("dirl tile loop alone (reads, compression, writes), tiles/s", r.get("dirl_loop_tiles_per_s"),
-                  f"bare read_region ({r.get('threads')} threads)", r.get("bare_read_tiles_per_s"),
-                  r.get("loop_over_bare"))]
+        rows += [
+            (
+                "dirl tile, tiles/s (end to end)",
+                d,
+                "naive read_region + PNG loop",
+                r.get("naive_png_tiles_per_s"),
+                r.get("dirl_over_naive"),
+            ),
+            (
+                "dirl tile, tiles/s (end to end)",
+                d,
+                f"bare read_region ({r.get('threads')} threads, dirl's tile order)",
+                r.get("bare_read_tiles_per_s"),
+                r.get("dirl_over_bare"),
+            ),
+            (
+                "dirl tile, tiles/s (end to end)",
+                d,
+                f"bare read_region ({r.get('threads')} threads, row-major order)",
+                r.get("bare_read_row_major_tiles_per_s"),
+                r.get("dirl_over_bare_row_major"),
+            ),
+            (
+                "dirl tile loop alone (reads, compression, writes), tiles/s",
+                r.get("dirl_loop_tiles_per_s"),
+                f"bare read_region ({r.get('threads')} threads)",
+                r.get("bare_read_tiles_per_s"),
+                r.get("loop_over_bare"),
+            ),
+        ]
         mem.append(("dirl tile process peak RSS, MiB", r.get("dirl_peak_rss_mib")))
     elif stage == "segment":
         w = r.get("watershed") or {}
         base = w.get("per_tile_sequential_tiles_per_s")
         for k, v in sorted(w.items()):
             if k.startswith("batched_threads") and k.endswith("_tiles_per_s"):
-                th = k[len("batched_threads"):-len("_tiles_per_s")]
-                rows.append((f"watershed, batched, threads={th}, tiles/s", v,
-                             "per-tile call, 1 thread", base, _ratio(v, base)))
+                th = k[len("batched_threads") : -len("_tiles_per_s")]
+                rows.append(
+                    (f"watershed, batched, threads={th}, tiles/s", v, "per-tile call, 1 thread", base, _ratio(v, base))
+                )
         for k, v in sorted((r.get("watershed_stage") or {}).items()):
             if k.startswith("stage_threads") and k.endswith("_tiles_per_s"):
-                th = k[len("stage_threads"):-len("_tiles_per_s")]
-                rows.append((f"dirl segment stage (watershed), threads={th}, tiles/s", v,
-                             "per-tile call, 1 thread", base, _ratio(v, base)))
+                th = k[len("stage_threads") : -len("_tiles_per_s")]
+                rows.append(
+                    (
+                        f"dirl segment stage (watershed), threads={th}, tiles/s",
+                        v,
+                        "per-tile call, 1 thread",
+                        base,
+                        _ratio(v, base),
+                    )
+                )
         c = r.get("cellpose") or {}
         if "skipped" in c:
             rows.append(("cellpose", "skipped: " + str(c["skipped"]), "", None, None))
         elif c:
             p = c.get("pipelined_tiles_per_s")
             dev = f"{c.get('device')}, {c.get('dtype')}, {c.get('tiles')} tiles"
-            rows += [(f"cellpose pipelined ({dev}), tiles/s", p, "CellposeModel.eval per tile",
-                      c.get("eval_per_tile_tiles_per_s"), c.get("speedup_vs_eval_per_tile")),
-                     (f"cellpose pipelined ({dev}), tiles/s", p, "CellposeModel.eval, stacked batch",
-                      c.get("eval_stacked_tiles_per_s"), c.get("speedup_vs_eval_stacked")),
-                     ("cellpose network only, tiles/s", c.get("network_only_tiles_per_s"),
-                      "pipelined", p, _ratio(c.get("network_only_tiles_per_s"), p)),
-                     ("cellpose masks only (serial), tiles/s", c.get("masks_only_serial_tiles_per_s"),
-                      "pipelined", p, _ratio(c.get("masks_only_serial_tiles_per_s"), p))]
+            rows += [
+                (
+                    f"cellpose pipelined ({dev}), tiles/s",
+                    p,
+                    "CellposeModel.eval per tile",
+                    c.get("eval_per_tile_tiles_per_s"),
+                    c.get("speedup_vs_eval_per_tile"),
+                ),
+                (
+                    f"cellpose pipelined ({dev}), tiles/s",
+                    p,
+                    "CellposeModel.eval, stacked batch",
+                    c.get("eval_stacked_tiles_per_s"),
+                    c.get("speedup_vs_eval_stacked"),
+                ),
+                (
+                    "cellpose network only, tiles/s",
+                    c.get("network_only_tiles_per_s"),
+                    "pipelined",
+                    p,
+                    _ratio(c.get("network_only_tiles_per_s"), p),
+                ),
+                (
+                    "cellpose masks only (serial), tiles/s",
+                    c.get("masks_only_serial_tiles_per_s"),
+                    "pipelined",
+                    p,
+                    _ratio(c.get("masks_only_serial_tiles_per_s"), p),
+                ),
+            ]
             if c.get("gpu_peak_mem_gb") is not None:
                 mem.append(("cellpose GPU peak allocated, GB", c.get("gpu_peak_mem_gb")))
         mem.append(("benchmark process peak RSS, MiB", r.get("peak_rss_mb")))
     elif stage == "pretrain":
         dino, dirl = r.get("dino") or {}, r.get("dirl") or {}
         setup = f"{r.get('arch')}, {r.get('img_size')} px, batch {r.get('batch_size')}, {r.get('precision')}"
-        rows += [(f"DiRL step, s ({setup})", dirl.get("s_per_step"), "DINO step, s", dino.get("s_per_step"),
-                  r.get("dirl_over_dino_ratio")),
-                 ("DiRL, images/s", dirl.get("images_per_s"), "DINO, images/s", dino.get("images_per_s"),
-                  _ratio(dirl.get("images_per_s"), dino.get("images_per_s")))]
+        rows += [
+            (
+                f"DiRL step, s ({setup})",
+                dirl.get("s_per_step"),
+                "DINO step, s",
+                dino.get("s_per_step"),
+                r.get("dirl_over_dino_ratio"),
+            ),
+            (
+                "DiRL, images/s",
+                dirl.get("images_per_s"),
+                "DINO, images/s",
+                dino.get("images_per_s"),
+                _ratio(dirl.get("images_per_s"), dino.get("images_per_s")),
+            ),
+        ]
         if dino.get("peak_mem_mb") is not None:
-            mem += [("DINO step GPU peak allocated, MiB", dino.get("peak_mem_mb")),
-                    ("DiRL step GPU peak allocated, MiB", dirl.get("peak_mem_mb"))]
+            mem += [
+                ("DINO step GPU peak allocated, MiB", dino.get("peak_mem_mb")),
+                ("DiRL step GPU peak allocated, MiB", dirl.get("peak_mem_mb")),
+            ]
         if r.get("process_max_rss_mb") is not None:
             mem.append(("benchmark process peak RSS, MiB", r.get("process_max_rss_mb")))
     elif stage == "extract":
-        setup = (f"{r.get('arch')}, {r.get('img')} px, batch {r.get('batch')}, {r.get('precision')}, "
-                 f"{r.get('workers')} workers")
+        setup = (
+            f"{r.get('arch')}, {r.get('img')} px, batch {r.get('batch')}, {r.get('precision')}, "
+            f"{r.get('workers')} workers"
+        )
         e = r.get("extract_tiles_per_s")
-        rows += [(f"dirl extract, tiles/s ({setup})", e, "bare forward pass (tensors on device)",
-                  r.get("bare_tiles_per_s"), r.get("extract_vs_bare")),
-                 ("tile store read alone (DataLoader), tiles/s", r.get("read_tiles_per_s"),
-                  "dirl extract", e, _ratio(r.get("read_tiles_per_s"), e))]
+        rows += [
+            (
+                f"dirl extract, tiles/s ({setup})",
+                e,
+                "bare forward pass (tensors on device)",
+                r.get("bare_tiles_per_s"),
+                r.get("extract_vs_bare"),
+            ),
+            (
+                "tile store read alone (DataLoader), tiles/s",
+                r.get("read_tiles_per_s"),
+                "dirl extract",
+                e,
+                _ratio(r.get("read_tiles_per_s"), e),
+            ),
+        ]
     elif stage == "mil":
         models = r.get("models") or {}
         base = _get(models, "meanpool", "bags_per_s")
         for name, m in models.items():
             if name == "meanpool" and base is not None:
                 continue  # the baseline itself
-            rows.append((f"{name} training, bags/s ({r.get('bags')} bags, D={r.get('dim')})",
-                         m.get("bags_per_s"), "mean pooling, bags/s", base,
-                         m.get("vs_meanpool", _ratio(m.get("bags_per_s"), base))))
+            rows.append(
+                (
+                    f"{name} training, bags/s ({r.get('bags')} bags, D={r.get('dim')})",
+                    m.get("bags_per_s"),
+                    "mean pooling, bags/s",
+                    base,
+                    m.get("vs_meanpool", _ratio(m.get("bags_per_s"), base)),
+                )
+            )
             if m.get("peak_gpu_mb") is not None:
                 mem.append((f"{name} GPU peak allocated, MiB", m.get("peak_gpu_mb")))
     return rows, mem
@@ -328,8 +432,7 @@ def goal_results(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             met = None
         else:
             met = bool(v >= thr) if op == ">=" else bool(v <= thr)
-        out.append({"stage": stage, "goal": text, "key": key, "op": op, "threshold": thr, "value": v,
-                    "met": met})
+        out.append({"stage": stage, "goal": text, "key": key, "op": op, "threshold": thr, "value": v, "met": met})
     return out
 
 
@@ -340,28 +443,43 @@ def _mark(met: bool | None) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     gpu = ", ".join(f"{g} ({mem} GiB)" for g, mem in zip(m.get("gpu") or [], m.get("gpu_mem_gib") or []))
-    L = ["# DiRL benchmark results", "",
-         f"- **Date**: {report['date']}",
-         f"- **Command**: `{report['command']}` (in `{report['cwd']}`)",
-         f"- **Machine**: {m.get('cpu')}; {m.get('cpu_count')} logical CPUs"
-         + (f" ({m['cpus_usable']} usable)" if m.get("cpus_usable") not in (None, m.get("cpu_count")) else "")
-         + f"; {m.get('ram_gib', '?')} GiB RAM; GPU: {gpu or 'none'}",
-         f"- **Software**: Python {m.get('python')}, torch {m.get('torch')}"
-         + (f" (CUDA {m['cuda']})" if m.get("cuda") else "") + f"; {m.get('platform')}"
-         + (f"; dirl at git {m['git']}" if m.get("git") else ""),
-         f"- **Mode**: {'--small (quick, CI-sized inputs)' if report['small'] else 'full size'}; "
-         "stages run one after another, each in its own process; every figure is compared with a "
-         "baseline measured in the same run (absolute times on a shared machine are noise).",
-         "", "## Goals", "", "| stage | goal | value | result |", "| --- | --- | --- | --- |"]
+    L = [
+        "# DiRL benchmark results",
+        "",
+        f"- **Date**: {report['date']}",
+        f"- **Command**: `{report['command']}` (in `{report['cwd']}`)",
+        f"- **Machine**: {m.get('cpu')}; {m.get('cpu_count')} logical CPUs"
+        + (f" ({m['cpus_usable']} usable)" if m.get("cpus_usable") not in (None, m.get("cpu_count")) else "")
+        + f"; {m.get('ram_gib', '?')} GiB RAM; GPU: {gpu or 'none'}",
+        f"- **Software**: Python {m.get('python')}, torch {m.get('torch')}"
+        + (f" (CUDA {m['cuda']})" if m.get("cuda") else "")
+        + f"; {m.get('platform')}"
+        + (f"; dirl at git {m['git']}" if m.get("git") else ""),
+        f"- **Mode**: {'--small (quick, CI-sized inputs)' if report['small'] else 'full size'}; "
+        "stages run one after another, each in its own process; every figure is compared with a "
+        "baseline measured in the same run (absolute times on a shared machine are noise).",
+        "",
+        "## Goals",
+        "",
+        "| stage | goal | value | result |",
+        "| --- | --- | --- | --- |",
+    ]
     for g in report["goals"]:
-        L.append(f"| {g['stage']} | {g['goal']} | {_fmt(g['value'])} ({g['key']} {g['op']} {g['threshold']:g}) "
-                 f"| {_mark(g['met'])} |")
+        L.append(
+            f"| {g['stage']} | {g['goal']} | {_fmt(g['value'])} ({g['key']} {g['op']} {g['threshold']:g}) "
+            f"| {_mark(g['met'])} |"
+        )
     if not report["goals"]:
         L.append("| — | no stage with a stated goal was run | — | — |")
     for stage, rec in report["stages"].items():
-        L += ["", f"## {stage}", "",
-              f"`{rec['command']}` — {rec['status']}, {rec.get('seconds')} s wall, "
-              f"peak RSS {_fmt(rec.get('peak_rss_mib'))} MiB (benchmark process and its children)", ""]
+        L += [
+            "",
+            f"## {stage}",
+            "",
+            f"`{rec['command']}` — {rec['status']}, {rec.get('seconds')} s wall, "
+            f"peak RSS {_fmt(rec.get('peak_rss_mib'))} MiB (benchmark process and its children)",
+            "",
+        ]
         if rec["status"] != "ok":
             L += [f"**FAILED**: {rec.get('reason')}. Last lines of stderr:", "", "```"]
             L += [ln.replace("```", "'''") for ln in rec.get("stderr_tail", [])] or ["(empty)"]
@@ -370,8 +488,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 continue
         rows, mem = rows_for(stage, rec["result"])
         if rows:
-            L += ["| figure | value | same-run baseline | baseline value | ratio |",
-                  "| --- | --- | --- | --- | --- |"]
+            L += ["| figure | value | same-run baseline | baseline value | ratio |", "| --- | --- | --- | --- | --- |"]
             for fig, v, bname, bv, ratio in rows:
                 L.append(f"| {fig} | {_fmt(v)} | {bname} | {_fmt(bv)} | {_fmt_ratio(ratio)} |")
         goals = [g for g in report["goals"] if g["stage"] == stage]
@@ -390,8 +507,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="pass --small to every benchmark (quick check)")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
-    ap.add_argument("--stage-args", action="append", default=[], metavar="STAGE=ARGS",
-                    help="extra arguments for one benchmark, e.g. 'extract=--tiles 8192' (repeatable)")
+    ap.add_argument(
+        "--stage-args",
+        action="append",
+        default=[],
+        metavar="STAGE=ARGS",
+        help="extra arguments for one benchmark, e.g. 'extract=--tiles 8192' (repeatable)",
+    )
     ap.add_argument("--timeout", type=float, default=0, help="seconds per stage before it is killed (0: none)")
     ap.add_argument("--md", default=str(HERE / "RESULTS.md"), help="report (default bench/RESULTS.md)")
     ap.add_argument("--json", default=str(HERE / "results.json"), help="raw JSON (default bench/results.json)")
@@ -416,7 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(orig) if argv is None else shlex.join([sys.executable, __file__, *argv]),
-        "cwd": os.getcwd(), "json": _rel(a.json), "small": a.small, "machine": machine_info(), "stages": {},
+        "cwd": os.getcwd(),
+        "json": _rel(a.json),
+        "small": a.small,
+        "machine": machine_info(),
+        "stages": {},
     }
     for stage in a.stages:
         cmd = [sys.executable, str(HERE / f"{stage}.py")] + (["--small"] if a.small else []) + a.extra.get(stage, [])
@@ -439,8 +565,7 @@ def _rel(p: str) -> str:
 
 
 def write(report: dict[str, Any], a: argparse.Namespace) -> None:
-    for path, text in ((Path(a.json), json.dumps(report, indent=1) + "\n"),
-                       (Path(a.md), render_markdown(report))):
+    for path, text in ((Path(a.json), json.dumps(report, indent=1) + "\n"), (Path(a.md), render_markdown(report))):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)

@@ -15,10 +15,10 @@
   dynamics a realistic amount of work; the masks themselves mean nothing.
 Prints one JSON object (and writes it with --out). Synthetic tiles come from dirl.synth.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from emit import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,8 +38,7 @@ def synthetic_tiles(n: int, tile_px: int, mpp: float = 0.5, seed: int = 0) -> np
 
     side = int(np.ceil(np.sqrt(n)))
     pops = (synth.POPULATIONS["lymphocyte"], synth.POPULATIONS["tumour"])
-    rgb, _, _ = synth.render(0, 0, side * tile_px, side * tile_px, mpp=mpp, populations=pops, seed=seed,
-                             tissue="full")
+    rgb, _, _ = synth.render(0, 0, side * tile_px, side * tile_px, mpp=mpp, populations=pops, seed=seed, tissue="full")
     t = rgb.reshape(side, tile_px, side, tile_px, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile_px, tile_px, 3)
     return np.ascontiguousarray(t[:n])
 
@@ -64,7 +62,7 @@ def bench_watershed(tiles: np.ndarray, threads: int, mpp: float) -> dict:
     n = len(tiles)
     with WatershedBackend(WatershedParams(threads=1)) as one:
         one.segment(tiles[:2], mpp)  # warm-up (imports, caches)
-        t_seq = timed(lambda: [one.segment(tiles[i:i + 1], mpp) for i in range(n)])
+        t_seq = timed(lambda: [one.segment(tiles[i : i + 1], mpp) for i in range(n)])
         ref = one.segment(tiles, mpp)
     res = {"tiles": n, "tile_px": int(tiles.shape[1]), "per_tile_sequential_tiles_per_s": n / t_seq}
     for th in sorted({2, threads} if threads > 1 else {1}):
@@ -87,13 +85,13 @@ def bench_stage(tiles: np.ndarray, threads: int, mpp: float) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tp = tiles.shape[1]
         n = len(tiles)
-        attrs = {"slide_id": "bench", "source": "synth", "mpp": mpp, "slide_mpp": mpp, "tile_px": tp,
-                 "tile_px_level0": tp, "read_level": 0, "level0_width": 10 ** 6, "level0_height": 10 ** 6}
+        attrs = store.TileAttrs.without_slide("bench", tp, mpp=mpp)
         coords = np.stack([np.arange(n) * tp, np.zeros(n)], 1).astype(np.int64)
-        with store.tile_store_writer(Path(d) / "t.zarr", coords=coords, tissue=np.ones(n), tile_px=tp,
-                                     attrs=attrs) as w:
+        with store.tile_store_writer(
+            Path(d) / "t.zarr", coords=coords, tissue=np.ones(n), tile_px=tp, attrs=attrs
+        ) as w:
             for s in range(0, n, w.shard):
-                w.write(s, tiles[s:s + w.shard])
+                w.write(s, tiles[s : s + w.shard])
         out = {}
         with WatershedBackend(WatershedParams(threads=1)) as b:  # warm-up: first imports and codecs
             segment_store(Path(d) / "t.zarr", Path(d) / "warm.zarr", b, threads=1)
@@ -115,14 +113,26 @@ def bench_cellpose(n: int, tile_px: int, mpp: float, threads: int, diameter_um: 
 
     gpu = torch.cuda.is_available()
     tiles = synthetic_tiles(n, tile_px, mpp, seed=1)
-    res: dict = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "tiles": n, "tile_px": tile_px,
-                 "diameter_um": diameter_um, "dtype": "bfloat16" if gpu else "float32"}
+    res: dict = {
+        "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "tiles": n,
+        "tile_px": tile_px,
+        "diameter_um": diameter_um,
+        "dtype": "bfloat16" if gpu else "float32",
+    }
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         w = Path(d) / "cpsam_random.pt"
         torch.save(CPSAM(dtype=torch.float32).state_dict(), w)
-        p = CellposeParams(model=str(w), gpu="auto", precision="auto", diameter_um=diameter_um, threads=threads,
-                           batch_size=32 if gpu else 4, net_tiles=64 if gpu else max(1, n // 2))
+        p = CellposeParams(
+            model=str(w),
+            gpu="auto",
+            precision="auto",
+            diameter_um=diameter_um,
+            threads=threads,
+            batch_size=32 if gpu else 4,
+            net_tiles=64 if gpu else max(1, n // 2),
+        )
         with CellposeBackend(p) as b:
             # calibrate cellprob_threshold so ~25 % of pixels are foreground
             _, prob = b.network(tiles[: min(n, 8)], mpp)
@@ -137,13 +147,12 @@ def bench_cellpose(n: int, tile_px: int, mpp: float, threads: int, diameter_um: 
             t_masks = timed(lambda: [b.masks(dP[:, i], prob[i], mpp) for i in range(n)])
             res["network_only_tiles_per_s"] = n / t_net
             res["masks_only_serial_tiles_per_s"] = n / t_masks
-            blocks = [tiles[s:s + max(1, n // 2)] for s in range(0, n, max(1, n // 2))]
+            blocks = [tiles[s : s + max(1, n // 2)] for s in range(0, n, max(1, n // 2))]
             t_pipe = timed(lambda: list(b.stream(iter(blocks), mpp)))
             res["pipelined_tiles_per_s"] = n / t_pipe
             cp: models.CellposeModel = b.cp
             dpx = diameter_px(diameter_um, mpp)
-            kw = dict(diameter=dpx, flow_threshold=p.flow_threshold, cellprob_threshold=thr,
-                      batch_size=p.batch_size)
+            kw = dict(diameter=dpx, flow_threshold=p.flow_threshold, cellprob_threshold=thr, batch_size=p.batch_size)
             t_one = timed(lambda: [cp.eval(tiles[i], **kw) for i in range(n)])
             res["eval_per_tile_tiles_per_s"] = n / t_one
             t_stack = timed(lambda: cp.eval(tiles, **kw))
@@ -161,16 +170,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--tile-px", type=int, default=224)
     ap.add_argument("--cellpose-tiles", type=int, default=None)
-    ap.add_argument("--cellpose-diameter-um", type=float, default=None,
-                    help="default 8 on GPU; 15 on CPU (30 px at 0.5 µm/px: one network patch per tile)")
+    ap.add_argument(
+        "--cellpose-diameter-um",
+        type=float,
+        default=None,
+        help="default 8 on GPU; 15 on CPU (30 px at 0.5 µm/px: one network patch per tile)",
+    )
     ap.add_argument("--no-cellpose", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
     mpp = 0.5
     n = 128 if a.small else 256  # fewer tiles and a stage's per-slide set-up would dominate its rate
     tiles = synthetic_tiles(n, a.tile_px, mpp)
-    result: dict = {"bench": "segment", "host": platform.node(), "cpus": os.cpu_count(), "threads": a.threads,
-                    "python": platform.python_version()}
+    result: dict = {
+        "bench": "segment",
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "threads": a.threads,
+        "python": platform.python_version(),
+    }
     result["watershed"] = bench_watershed(tiles, a.threads, mpp)
     result["watershed_stage"] = bench_stage(tiles, a.threads, mpp)
     result["peak_rss_mb_after_watershed"] = rss_mb()

@@ -8,6 +8,7 @@
 - bare:  read_region of the same tiles on the same number of threads, nothing else (the floor), in
          dirl's tile order (column bands) and in the row-major order of a usual per-tile loop
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,20 @@ def main() -> None:
 
     # dirl tile, end to end in its own process
     out = work / "tiles.zarr"
-    dirl_s, dirl_rss = run_child([sys.executable, "-m", "dirl.cli", "tile", str(slide_path), str(out),
-                                  "--threads", str(a.threads), "--qc", str(work / "qc.png")])
+    dirl_s, dirl_rss = run_child(
+        [
+            sys.executable,
+            "-m",
+            "dirl.cli",
+            "tile",
+            str(slide_path),
+            str(out),
+            "--threads",
+            str(a.threads),
+            "--qc",
+            str(work / "qc.png"),
+        ]
+    )
     assert len(store.open_tiles(out)) == n
 
     osr = openslide.OpenSlide(str(slide_path))
@@ -103,25 +116,41 @@ def main() -> None:
     png_dir.mkdir(exist_ok=True)
     m = min(n, a.naive_tiles)
     t0 = time.perf_counter()
-    for i, (x, y) in enumerate(coords[:m]):
+    for x, y in coords[:m]:
         Image.fromarray(np.asarray(osr.read_region((int(x), int(y)), g.level, size))[..., :3]).save(
-            png_dir / f"{x}_{y}.png")
+            png_dir / f"{x}_{y}.png"
+        )
     naive_s = time.perf_counter() - t0
 
     dirl_rate, naive_rate = n / dirl_s, m / naive_s
-    print(json.dumps({
-        "bench": "tile", "slide_px": [a.size, a.size], "slide_mpp": a.slide_mpp, "tiles": n,
-        "tile_px": s.tile_px, "threads": a.threads, "codec": s.codec,
-        "dirl_tiles_per_s": round(dirl_rate, 1), "dirl_peak_rss_mib": round(dirl_rss, 1),
-        "dirl_loop_tiles_per_s": round(n / loop_s, 1), "tissue_plan_s": round(plan_s, 2),
-        "dirl_process_s": round(dirl_s, 2), "loop_over_bare": round(n / loop_s / bare_rate_band, 3),
-        "bare_read_tiles_per_s": round(bare_rate_band, 1), "naive_png_tiles_per_s": round(naive_rate, 1),
-        "bare_read_row_major_tiles_per_s": round(bare_rate_rows, 1),
-        "dirl_over_naive": round(dirl_rate / naive_rate, 2), "dirl_over_bare": round(dirl_rate / bare_rate_band, 3),
-        "dirl_over_bare_row_major": round(dirl_rate / bare_rate_rows, 3),
-        "store_mib": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 1),
-        "synth_s": round(synth_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "tile",
+                "slide_px": [a.size, a.size],
+                "slide_mpp": a.slide_mpp,
+                "tiles": n,
+                "tile_px": s.tile_px,
+                "threads": a.threads,
+                "codec": s.codec,
+                "dirl_tiles_per_s": round(dirl_rate, 1),
+                "dirl_peak_rss_mib": round(dirl_rss, 1),
+                "dirl_loop_tiles_per_s": round(n / loop_s, 1),
+                "tissue_plan_s": round(plan_s, 2),
+                "dirl_process_s": round(dirl_s, 2),
+                "loop_over_bare": round(n / loop_s / bare_rate_band, 3),
+                "bare_read_tiles_per_s": round(bare_rate_band, 1),
+                "naive_png_tiles_per_s": round(naive_rate, 1),
+                "bare_read_row_major_tiles_per_s": round(bare_rate_rows, 1),
+                "dirl_over_naive": round(dirl_rate / naive_rate, 2),
+                "dirl_over_bare": round(dirl_rate / bare_rate_band, 3),
+                "dirl_over_bare_row_major": round(dirl_rate / bare_rate_rows, 3),
+                "store_mib": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 1),
+                "synth_s": round(synth_s, 1),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

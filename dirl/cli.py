@@ -4,6 +4,7 @@ Each command lives in its own module, which defines `add_arguments(parser)` and 
 module of the command being run is imported, so `dirl tile` never pays for torch or timm: Snakemake
 starts one process per slide, and a cohort has thousands.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(p)
     i = argv.index(command)
-    args = p.parse_args(argv[:i] + argv[i + 1:])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = p.parse_args(argv[:i] + argv[i + 1 :])
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from dirl.errors import DirlError
     from dirl.runtime import allocated_cpus
 

@@ -6,6 +6,7 @@ for, so command-line overrides work like the same values in the config file. `ch
 schema cannot say (finite numbers, crop sizes that fit the ViT's patches) and runs before any job.
 Imported by the Snakefile: nothing heavy here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,15 +18,28 @@ import yaml
 
 from dirl.errors import ConfigError
 
-_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "string": str, "array": list,
-          "object": dict, "null": type(None)}
+_TYPES = {
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "string": str,
+    "array": list,
+    "object": dict,
+    "null": type(None),
+}
 
 
 def _types(schema: dict[str, Any]) -> list[str]:
     t = schema.get("type")
     if t is None and "enum" in schema:  # enums of plain values: their own types
-        return sorted({k for v in schema["enum"] for k, py in _TYPES.items()
-                       if isinstance(v, py) and not (k in ("integer", "number") and isinstance(v, bool))})
+        return sorted(
+            {
+                k
+                for v in schema["enum"]
+                for k, py in _TYPES.items()
+                if isinstance(v, py) and not (k in ("integer", "number") and isinstance(v, bool))
+            }
+        )
     return [t] if isinstance(t, str) else list(t or [])
 
 
@@ -58,8 +72,10 @@ def coerce(value: Any, schema: dict[str, Any], defs: dict[str, Any] | None = Non
     if isinstance(value, dict):
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")
-        return {k: coerce(v, props[k] if k in props else extra if isinstance(extra, dict) else {}, defs)
-                for k, v in value.items()}
+        return {
+            k: coerce(v, props[k] if k in props else extra if isinstance(extra, dict) else {}, defs)
+            for k, v in value.items()
+        }
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         return [coerce(v, schema["items"], defs) for v in value]
     return value
@@ -131,5 +147,7 @@ def check(config: dict[str, Any]) -> None:
     if patch:
         size = pre.get("img_size")
         if size and size % patch:
-            raise ConfigError(f"config pretrain.img_size = {size} is not a multiple of the patch size {patch} "
-                              f"of {pre['arch']}: use e.g. {max(patch, size // patch * patch)}")
+            raise ConfigError(
+                f"config pretrain.img_size = {size} is not a multiple of the patch size {patch} "
+                f"of {pre['arch']}: use e.g. {max(patch, size // patch * patch)}"
+            )

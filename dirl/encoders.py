@@ -14,6 +14,7 @@ Embeddings: ``cls`` = the pre-logits [CLS] token, ``mean`` = mean of the patch t
 [CLS] and registers — excluded), ``pooled`` = the model's own head pooling (``forward_head(pre_logits=
 True)``; the only choice for CNNs).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,13 +32,13 @@ EMBEDS = ("cls", "mean", "pooled")
 
 @dataclass
 class Encoder:
-    model: Any                    # torch.nn.Module, eval mode
-    img_size: int                 # square input side the model is fed
+    model: Any  # torch.nn.Module, eval mode
+    img_size: int  # square input side the model is fed
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    embed: str                    # cls | mean | pooled
-    encoder_id: str               # written to the `encoder` attr of every feature file
-    dim: int                      # embedding size D
+    embed: str  # cls | mean | pooled
+    encoder_id: str  # written to the `encoder` attr of every feature file
+    dim: int  # embedding size D
     meta: dict[str, Any] = field(default_factory=dict)  # backbone.json of a pretrained backbone
 
     def embed_batch(self, x):
@@ -51,13 +52,16 @@ def embed(model, x, kind: str):
         return model.forward_head(feats, pre_logits=True)
     if kind == "cls":
         if feats.ndim != 3 or getattr(model, "num_prefix_tokens", 0) < 1:
-            raise ConfigError(f"embedding 'cls' needs a ViT with a [CLS] token; {type(model).__name__} "
-                              "has none: use 'mean' or 'pooled'")
-        return model.forward_head(feats, pre_logits=True) if getattr(model, "global_pool", "") == "token" \
-            else feats[:, 0]
+            raise ConfigError(
+                f"embedding 'cls' needs a ViT with a [CLS] token; {type(model).__name__} "
+                "has none: use 'mean' or 'pooled'"
+            )
+        return (
+            model.forward_head(feats, pre_logits=True) if getattr(model, "global_pool", "") == "token" else feats[:, 0]
+        )
     if kind == "mean":
         if feats.ndim == 3:  # ViT tokens (B, prefix + patches, D)
-            return feats[:, getattr(model, "num_prefix_tokens", 0):].mean(dim=1)
+            return feats[:, getattr(model, "num_prefix_tokens", 0) :].mean(dim=1)
         if feats.ndim == 4:  # CNN map (B, C, H, W)
             return feats.mean(dim=(2, 3))
     raise ConfigError(f"unknown embedding {kind!r}: choose one of {EMBEDS}")
@@ -79,8 +83,9 @@ def _finish(model, *, img_size: int, mean, std, embed_kind: str, encoder_id: str
     model.eval()
     with torch.inference_mode():
         dim = int(embed(model, torch.zeros(1, 3, img_size, img_size), embed_kind).shape[-1])
-    return Encoder(model, int(img_size), tuple(float(v) for v in mean), tuple(float(v) for v in std),
-                   embed_kind, encoder_id, dim)
+    return Encoder(
+        model, int(img_size), tuple(float(v) for v in mean), tuple(float(v) for v in std), embed_kind, encoder_id, dim
+    )
 
 
 def load_backbone(path: str | Path, *, embed_kind: str | None = None) -> Encoder:
@@ -93,15 +98,15 @@ def load_backbone(path: str | Path, *, embed_kind: str | None = None) -> Encoder
     meta_path = pt.with_suffix(".json")
     for p in (pt, meta_path):
         if not p.exists():
-            raise ConfigError(f"{p} does not exist: run `dirl pretrain` first (it writes backbone.pt and "
-                              "backbone.json)")
+            raise ConfigError(
+                f"{p} does not exist: run `dirl pretrain` first (it writes backbone.pt and backbone.json)"
+            )
     meta = json.loads(meta_path.read_text())
     missing = [k for k in ("arch", "img_size", "embed", "mean", "std") if k not in meta]
     if missing:
         raise ConfigError(f"{meta_path} lacks {missing}; rerun `dirl pretrain`")
     img = int(meta["img_size"])
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=img,
-                              dynamic_img_size=True)
+    model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=img, dynamic_img_size=True)
     state = torch.load(pt, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
@@ -131,13 +136,20 @@ def _read_state_dict(path: Path) -> dict:
         raise ConfigError(f"{path} holds no state dict")
     for prefix in ("module.", "backbone.", "model."):
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
-def load_timm(name: str, weights: str | Path | None, *, embed_kind: str = "pooled",
-              img_size: int | None = None, model_kwargs: dict | None = None,
-              mean=None, std=None) -> Encoder:
+def load_timm(
+    name: str,
+    weights: str | Path | None,
+    *,
+    embed_kind: str = "pooled",
+    img_size: int | None = None,
+    model_kwargs: dict | None = None,
+    mean=None,
+    std=None,
+) -> Encoder:
     """A timm model by name with weights from a local file, or `local-dir:/path` (config.json + weights).
 
     `weights=None` is refused for a plain name (random weights are no encoder); pass `weights="random"`
@@ -157,8 +169,9 @@ def load_timm(name: str, weights: str | Path | None, *, embed_kind: str = "poole
         if weight_files:
             digest = f"sha256:{file_digest(weight_files[0])}"
     elif weights in (None, ""):
-        raise ConfigError(f"timm model {name!r} needs a local weights file (--weights PATH); this "
-                          "pipeline never downloads weights")
+        raise ConfigError(
+            f"timm model {name!r} needs a local weights file (--weights PATH); this pipeline never downloads weights"
+        )
     elif str(weights) == "random":
         log.warning("timm model %s with RANDOM weights (benchmark/test use only)", name)
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
@@ -169,8 +182,9 @@ def load_timm(name: str, weights: str | Path | None, *, embed_kind: str = "poole
             raise ConfigError(f"weights file {wpath} does not exist")
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
         sd = _read_state_dict(wpath)
-        filt = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]),
-                       "checkpoint_filter_fn", None)
+        filt = getattr(
+            __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn", None
+        )
         if filt is not None:  # timm's own converter: resizes position embeddings, renames old keys
             try:
                 sd = filt(sd, model)
@@ -178,22 +192,25 @@ def load_timm(name: str, weights: str | Path | None, *, embed_kind: str = "poole
                 log.debug("checkpoint_filter_fn failed (%s); loading the raw state dict", e)
         head = {k for k in sd if k.startswith(("head.", "fc.", "classifier.", "head_dist."))}
         try:
-            missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in head},
-                                                        strict=False)
+            missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=False)
         except RuntimeError as e:  # shape mismatches raise even when not strict
-            raise ConfigError(f"{wpath} does not fit timm model {name!r} (wrong name or "
-                              f"--model-kwargs?): {str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}"
-                              ) from e
+            raise ConfigError(
+                f"{wpath} does not fit timm model {name!r} (wrong name or "
+                f"--model-kwargs?): {str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}"
+            ) from e
         if missing or unexpected:
-            raise ConfigError(f"{wpath} does not fit timm model {name!r}: missing {missing[:5]}"
-                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                              f"{'...' if len(unexpected) > 5 else ''}; check the name and --model-kwargs")
+            raise ConfigError(
+                f"{wpath} does not fit timm model {name!r}: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''}; check the name and --model-kwargs"
+            )
         digest = f"sha256:{file_digest(wpath)}"
     cfg = timm.data.resolve_data_config({}, model=model)
     size = int(img_size or _native_size(model) or cfg["input_size"][-1])
     eid = f"timm:{name} embed={embed_kind} img={size} weights={digest}"
-    return _finish(model, img_size=size, mean=mean or cfg["mean"], std=std or cfg["std"],
-                   embed_kind=embed_kind, encoder_id=eid)
+    return _finish(
+        model, img_size=size, mean=mean or cfg["mean"], std=std or cfg["std"], embed_kind=embed_kind, encoder_id=eid
+    )
 
 
 def _native_size(model) -> int | None:
@@ -204,16 +221,24 @@ def _native_size(model) -> int | None:
     return int(size) if size else None
 
 
-def load_encoder(spec: str, *, weights: str | None = None, embed_kind: str | None = None,
-                 img_size: int | None = None, model_kwargs: dict | None = None) -> Encoder:
+def load_encoder(
+    spec: str,
+    *,
+    weights: str | None = None,
+    embed_kind: str | None = None,
+    img_size: int | None = None,
+    model_kwargs: dict | None = None,
+) -> Encoder:
     """`spec`: a pretrain directory / backbone.pt, `timm:NAME` (with `weights`), or `local-dir:/path`."""
     if spec.startswith("timm:"):
-        return load_timm(spec[5:], weights, embed_kind=embed_kind or "pooled", img_size=img_size,
-                         model_kwargs=model_kwargs)
+        return load_timm(
+            spec[5:], weights, embed_kind=embed_kind or "pooled", img_size=img_size, model_kwargs=model_kwargs
+        )
     if spec.startswith("local-dir:"):
-        return load_timm(spec, None, embed_kind=embed_kind or "pooled", img_size=img_size,
-                         model_kwargs=model_kwargs)
+        return load_timm(spec, None, embed_kind=embed_kind or "pooled", img_size=img_size, model_kwargs=model_kwargs)
     if img_size or model_kwargs or weights:
-        raise ConfigError("--img-size/--model-kwargs/--weights apply to timm: encoders; a pretrain "
-                          "backbone takes them from backbone.json")
+        raise ConfigError(
+            "--img-size/--model-kwargs/--weights apply to timm: encoders; a pretrain "
+            "backbone takes them from backbone.json"
+        )
     return load_backbone(spec, embed_kind=embed_kind)

@@ -13,6 +13,7 @@ renamed when complete, so memory stays flat and a killed run leaves no file at t
 the attrs CLAM (`patch_size`, `patch_level`) and TRIDENT (`patch_size_level0`, `level0_magnification`,
 `target_magnification`, `level0_width/height`, `overlap`, `name`) read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,110 +21,27 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dirl import store
+from dirl.errors import ConfigError
 from dirl.runtime import PRECISIONS, resolve_device, torch_threads
 from dirl.settings import Settings
-from dirl.errors import ConfigError
 
 log = logging.getLogger(__name__)
-FEATURE_CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
 class ExtractSettings(Settings):
-    batch_size: int = 0           # tiles per batch (0: shard-aligned default)
-    workers: int = -1             # DataLoader workers (-1: auto)
-    device: str = "auto"          # auto, cpu, cuda, cuda:1 ...
-    precision: str = field(default="auto", metadata={"choices": PRECISIONS, "help": "auto: bf16 on CUDA, "
-                           "fp32 on CPU"})
-
-
-# --------------------------------------------------------------------------------------------------
-# attributes
-def coord_attrs(tiles: store.TileStore) -> dict[str, Any]:
-    """CLAM/TRIDENT attributes of `coords`, from the tile store's attrs.
-
-    Magnifications follow the usual 10 µm/px-per-objective convention (0.5 µm/px = 20x), as TRIDENT
-    does; `patch_size` is the tile side in pixels at `patch_level` (the slide level the tiles were read
-    from), `patch_size_level0` its side in level-0 pixels."""
-    a = tiles.attrs
-    if tiles.failed:  # the slide could not be read: no geometry to describe, zero rows follow
-        return {"patch_size": int(a["tile_px"]), "name": str(a["slide_id"]), "failed": str(tiles.failed)}
-    slide_mpp, mpp = float(a["slide_mpp"]), float(a["mpp"])
-    return {
-        "patch_size": int(a["tile_px"]),
-        "patch_level": int(a["read_level"]),
-        "patch_size_level0": int(a["tile_px_level0"]),
-        "level0_magnification": int(round(10.0 / slide_mpp)),
-        "target_magnification": int(round(10.0 / mpp)),
-        "level0_width": int(a["level0_width"]),
-        "level0_height": int(a["level0_height"]),
-        "overlap": 0,
-        "name": str(a["slide_id"]),
-        "mpp": mpp,
-        "slide_mpp": slide_mpp,
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# streaming HDF5 writer
-class FeatureFileWriter:
-    """Write a feature file block by block; `close()` renames it into place, `abort()` discards it.
-
-    Same layout as `store.write_features` (which it mirrors for files too big to hold in memory)."""
-
-    def __init__(self, path: str | os.PathLike, n: int, dim: int, coords: np.ndarray, *,
-                 coord_attrs: dict[str, Any], encoder: str):
-        import h5py
-
-        coords = np.asarray(coords, dtype=np.int64)
-        if coords.shape != (n, 2):
-            raise ValueError(f"coords {coords.shape} do not match {n} rows")
-        self.n, self.dim, self.written = n, dim, 0
-        self._ctx = store.atomic_path(path)
-        self.tmp = self._ctx.__enter__()
-        try:
-            self.h5 = h5py.File(self.tmp, "w")
-            rows = max(1, min(FEATURE_CHUNK_ROWS, n))
-            self.features = self.h5.create_dataset("features", shape=(n, dim), dtype="float32",
-                                                   chunks=(rows, dim) if n else None)
-            self.features.attrs["encoder"] = encoder
-            c = self.h5.create_dataset("coords", data=coords, chunks=(rows, 2) if n else None)
-            for k, v in coord_attrs.items():
-                c.attrs[k] = v
-        except BaseException as e:
-            self.abort(e)
-            raise
-
-    def write(self, start: int, block: np.ndarray) -> None:
-        self.features[start:start + len(block)] = block
-        self.written += len(block)
-
-    def close(self) -> None:
-        if self.written != self.n:
-            e = RuntimeError(f"feature file got {self.written} of {self.n} rows")
-            self.abort(e)
-            raise e
-        self.h5.close()
-        self._ctx.__exit__(None, None, None)
-
-    def abort(self, exc: BaseException | None = None) -> None:
-        try:
-            if getattr(self, "h5", None) is not None:
-                self.h5.close()
-        finally:
-            exc = exc or RuntimeError("aborted")
-            try:
-                self._ctx.__exit__(type(exc), exc, exc.__traceback__)
-            except BaseException:  # noqa: BLE001 - atomic_path re-raises the exception we gave it
-                pass
+    batch_size: int = 0  # tiles per batch (0: shard-aligned default)
+    workers: int = -1  # DataLoader workers (-1: auto)
+    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS, "help": "auto: bf16 on CUDA, fp32 on CPU"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,8 +75,7 @@ def _loader(path, n: int, batch: int, workers: int, pin: bool, prefetch: int = 4
     kw: dict[str, Any] = {}
     if workers > 0:
         kw = {"prefetch_factor": prefetch, "persistent_workers": False}
-    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                       pin_memory=pin, **kw)
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin, **kw)
 
 
 def _default_batch_size(tiles: store.TileStore, device) -> int:
@@ -192,8 +109,9 @@ class Preprocess:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         x = x_u8.permute(0, 3, 1, 2).to(torch.float32, memory_format=layout)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
-                              align_corners=False).contiguous(memory_format=layout)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            ).contiguous(memory_format=layout)
         return x.sub_(self.mean).mul_(self.inv_std)
 
 
@@ -214,8 +132,9 @@ def prepare_model(enc, device, precision: str = "auto"):
     return dtypes[precision], channels_last
 
 
-def iter_features(tiles: store.TileStore, enc, device, *, batch: int, workers: int,
-                  amp_dtype=None, channels_last: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+def iter_features(
+    tiles: store.TileStore, enc, device, *, batch: int, workers: int, amp_dtype=None, channels_last: bool = False
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (start row, float32 features) blocks in row order, one batch behind the device.
 
     Out of GPU memory, the model runs on halves of the batch (then quarters, ...; `dirl.oom`) for the
@@ -229,8 +148,9 @@ def iter_features(tiles: store.TileStore, enc, device, *, batch: int, workers: i
     pre = Preprocess(enc, device, channels_last)
     loader = _loader(tiles.path, n, batch, workers, pin=cuda)
     pending: tuple[int, torch.Tensor, Any] | None = None
-    sub = HalvingBatch(batch, setting="extract.batch_size (dirl extract --batch-size)",
-                       slide=tiles.slide_id, what="feature extraction")
+    sub = HalvingBatch(
+        batch, setting="extract.batch_size (dirl extract --batch-size)", slide=tiles.slide_id, what="feature extraction"
+    )
 
     def forward(xs):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -262,24 +182,33 @@ def _drain(p):
     return start, host.numpy()
 
 
-def extract_slide(tiles_path: str | os.PathLike, out_path: str | os.PathLike, enc, device, *,
-                  batch: int | None = None, workers: int = 0, amp_dtype=None,
-                  channels_last: bool = False) -> dict[str, Any]:
+def extract_slide(
+    tiles_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    enc,
+    device,
+    *,
+    batch: int | None = None,
+    workers: int = 0,
+    amp_dtype=None,
+    channels_last: bool = False,
+) -> dict[str, Any]:
     """Features of every tile of one tile store into `out_path` (atomic). Returns timing stats."""
     tiles = store.open_tiles(tiles_path)
     n = len(tiles)
     batch = batch or _default_batch_size(tiles, device)
     t0 = time.perf_counter()
-    writer = FeatureFileWriter(out_path, n, enc.dim, tiles.coords, coord_attrs=coord_attrs(tiles),
-                               encoder=enc.encoder_id)
-    try:
-        for start, block in iter_features(tiles, enc, device, batch=batch, workers=workers if n else 0,
-                                          amp_dtype=amp_dtype, channels_last=channels_last):
+    with store.feature_writer(out_path, tiles, enc.dim, enc.encoder_id) as writer:
+        for start, block in iter_features(
+            tiles,
+            enc,
+            device,
+            batch=batch,
+            workers=workers if n else 0,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+        ):
             writer.write(start, block)
-    except BaseException as e:
-        writer.abort(e)
-        raise
-    writer.close()
     dt = time.perf_counter() - t0
     return {"slide": tiles.slide_id, "tiles": n, "seconds": dt, "tiles_per_s": n / dt if dt > 0 else 0.0}
 
@@ -288,17 +217,31 @@ def extract_slide(tiles_path: str | os.PathLike, out_path: str | os.PathLike, en
 # CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tiles", nargs="+", help="tile stores (tiles/{slide}.zarr)")
-    p.add_argument("--encoder", required=True,
-                   help="pretrain directory (or its backbone.pt, with backbone.json beside it), "
-                        "timm:NAME (with --weights), or local-dir:/path/to/timm_model_folder")
+    p.add_argument(
+        "--encoder",
+        required=True,
+        help="pretrain directory (or its backbone.pt, with backbone.json beside it), "
+        "timm:NAME (with --weights), or local-dir:/path/to/timm_model_folder",
+    )
     p.add_argument("--weights", help="local weights file for a timm:NAME encoder")
-    p.add_argument("--embed", choices=["cls", "mean", "pooled"],
-                   help="embedding (default: backbone.json's for a pretrain backbone, 'pooled' for timm)")
+    p.add_argument(
+        "--embed",
+        choices=["cls", "mean", "pooled"],
+        help="embedding (default: backbone.json's for a pretrain backbone, 'pooled' for timm)",
+    )
     p.add_argument("--img-size", type=int, help="timm encoders: model input side (default: its config)")
-    p.add_argument("--model-kwargs", default="{}", help="timm encoders: JSON kwargs for create_model, "
-                   "e.g. '{\"init_values\": 1e-5, \"dynamic_img_size\": true}' for UNI")
-    p.add_argument("--out", required=True, help="output .h5 (one tile store) or directory "
-                   "(written as {dir}/{slide}.h5, slide = tile store name without .zarr)")
+    p.add_argument(
+        "--model-kwargs",
+        default="{}",
+        help="timm encoders: JSON kwargs for create_model, "
+        'e.g. \'{"init_values": 1e-5, "dynamic_img_size": true}\' for UNI',
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output .h5 (one tile store) or directory "
+        "(written as {dir}/{slide}.h5, slide = tile store name without .zarr)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: leave default)")
     ExtractSettings.add_arguments(p.add_argument_group("settings (ExtractSettings)"))
 
@@ -337,13 +280,21 @@ def _main(args: argparse.Namespace) -> None:
         raise ConfigError(f"--model-kwargs is not JSON: {e}") from e
     outs = _out_paths(args.tiles, args.out)
     device = resolve_device(s.device)
-    enc = load_encoder(args.encoder, weights=args.weights, embed_kind=args.embed, img_size=args.img_size,
-                       model_kwargs=kwargs or None)
+    enc = load_encoder(
+        args.encoder, weights=args.weights, embed_kind=args.embed, img_size=args.img_size, model_kwargs=kwargs or None
+    )
     amp, cl = prepare_model(enc, device, s.precision)
     workers = s.workers if s.workers >= 0 else default_workers(device)
     log.info("encoder %s (D=%d) on %s, %d workers", enc.encoder_id, enc.dim, device, workers)
     for tpath, opath in zip(args.tiles, outs):
-        st = extract_slide(tpath, opath, enc, device, batch=s.batch_size or None, workers=workers,
-                           amp_dtype=amp, channels_last=cl)
-        log.info("%s: %d tiles in %.1f s (%.0f tiles/s) -> %s", st["slide"], st["tiles"], st["seconds"],
-                 st["tiles_per_s"], opath)
+        st = extract_slide(
+            tpath, opath, enc, device, batch=s.batch_size or None, workers=workers, amp_dtype=amp, channels_last=cl
+        )
+        log.info(
+            "%s: %d tiles in %.1f s (%.0f tiles/s) -> %s",
+            st["slide"],
+            st["tiles"],
+            st["seconds"],
+            st["tiles_per_s"],
+            opath,
+        )

@@ -4,6 +4,7 @@ Each such slide has an empty tile store whose `failed` attribute holds the error
 sees zero tiles and leaves it out. This list is what a user reads (and the report shows) to see which
 slides to fix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,5 +28,6 @@ def main(args: argparse.Namespace) -> None:
             failed.append(f"{ts.slide_id}\t{' '.join(str(ts.failed).split())}\n")
     with store.atomic_path(args.out) as tmp:
         tmp.write_text("".join(failed))
-    log.info("%d of %d slides failed%s", len(failed), len(args.tiles),
-             "".join(f"\n  {line.rstrip()}" for line in failed))
+    log.info(
+        "%d of %d slides failed%s", len(failed), len(args.tiles), "".join(f"\n  {line.rstrip()}" for line in failed)
+    )

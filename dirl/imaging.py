@@ -3,6 +3,7 @@
 Stain vectors: Ruifrok & Johnston (2001), as QuPath's "H&E default" (scikit-image rounds them to two
 decimals); optical density per RGB channel of one unit of stain.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -5,6 +5,7 @@ Tiles of JPEG-compressed slides compress ~11x as JPEG q90 but only ~1.6x lossles
 Python >= 3.12; this is the few lines we need over `imagecodecs`. One inner chunk = one RGB tile.
 A reader must import this module (dirl.store does it when the store's attrs say `images_codec: jpeg`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

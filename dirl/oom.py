@@ -15,6 +15,7 @@ Two ways to use it:
   consecutive chunks of the current batch size and return `[fn(chunk), ...]` in order;
 * `run(fn)`: call `fn(batch_size)` once, for a library that batches internally (Cellpose's `run_net`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ class GpuOutOfMemoryError(DirlError):
 def is_oom(exc: BaseException) -> bool:
     """True for torch's out-of-memory errors (CUDA, or any RuntimeError saying 'out of memory')."""
     torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None),
-                                                                   "OutOfMemoryError", None)
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(
+        getattr(torch, "cuda", None), "OutOfMemoryError", None
+    )
     if oom_type is not None and isinstance(exc, oom_type):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -53,8 +55,7 @@ def free_cached_memory() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     mps = getattr(torch, "mps", None)
-    if mps is not None and getattr(torch.backends, "mps", None) is not None \
-            and torch.backends.mps.is_available():
+    if mps is not None and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         mps.empty_cache()
 
 
@@ -111,16 +112,22 @@ class HalvingBatch:
         free_cached_memory()
         self.batch = max(1, min(self.batch, failed) // 2)
         self.retries += 1
-        log.warning("%sGPU out of memory in %s at batch size %d: retrying with batch size %d "
-                    "(lower %s to avoid the retry)", self._where(), self.what, failed, self.batch,
-                    self.setting)
+        log.warning(
+            "%sGPU out of memory in %s at batch size %d: retrying with batch size %d (lower %s to avoid the retry)",
+            self._where(),
+            self.what,
+            failed,
+            self.batch,
+            self.setting,
+        )
 
     def _where(self) -> str:
         return f"slide {self.slide!r}: " if self.slide else ""
 
     def message(self, exc: BaseException | None = None) -> str:
-        why = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})" if exc is not None and str(exc) \
-            else ""
-        return (f"{self._where()}GPU out of memory in {self.what} even at batch size 1{why}. "
-                f"Set a smaller {self.setting} (and check that nothing else is using the GPU), "
-                "use a GPU with more memory, or run on the CPU")
+        why = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})" if exc is not None and str(exc) else ""
+        return (
+            f"{self._where()}GPU out of memory in {self.what} even at batch size 1{why}. "
+            f"Set a smaller {self.setting} (and check that nothing else is using the GPU), "
+            "use a GPU with more memory, or run on the CPU"
+        )

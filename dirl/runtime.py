@@ -1,5 +1,6 @@
 """Device, precision and CPU threads: resolved the same way by every torch stage (pretrain, attention,
 extract, MIL). Imports torch lazily, so importing this module costs nothing."""
+
 from __future__ import annotations
 
 import contextlib

@@ -2,9 +2,11 @@
 
 A tab-separated file with a header row. Columns: `slide_id` and `path` (required), `patient_id` (slides
 of one patient never straddle folds; default: the slide id), `label` (slide class for MIL; empty =
-unlabelled, pretraining only) and `mpp` (µm/px for slides whose metadata lacks it). A line whose first character is `#` is a comment; `#` anywhere else is data
+unlabelled, pretraining only) and `mpp` (µm/px for slides whose metadata lacks it). A line whose first
+character is `#` is a comment; `#` anywhere else is data
 (a path `CMU#1.svs`, a patient `case#1`). Every error names the file, the line and the column.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +50,10 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         hint = " (is it tab-separated?)" if len(columns) == 1 else ""
-        raise ConfigError(f"sample sheet {path}: missing column(s) {missing}{hint}; expected "
-                          f"{', '.join(COLUMNS)} (the last three optional)")
+        raise ConfigError(
+            f"sample sheet {path}: missing column(s) {missing}{hint}; expected "
+            f"{', '.join(COLUMNS)} (the last three optional)"
+        )
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         raise ConfigError(f"sample sheet {path}: unknown column(s) {unknown}; known: {', '.join(COLUMNS)}")
@@ -76,11 +80,15 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
             raise ConfigError(f"{where}: empty {c}")
     sid = rec["slide_id"]
     if not SLIDE_ID.match(sid):
-        raise ConfigError(f"{where}: slide_id {sid!r} may hold only letters, digits, '.', '_' and '-' "
-                          "(it names every output file of the slide)")
+        raise ConfigError(
+            f"{where}: slide_id {sid!r} may hold only letters, digits, '.', '_' and '-' "
+            "(it names every output file of the slide)"
+        )
     if re.search(r"[{}]", rec["path"]):
-        raise ConfigError(f"{where} ({sid}): path {rec['path']!r} contains '{{' or '}}', which Snakemake "
-                          "reads as a wildcard; rename the file or point to a link without them")
+        raise ConfigError(
+            f"{where} ({sid}): path {rec['path']!r} contains '{{' or '}}', which Snakemake "
+            "reads as a wildcard; rename the file or point to a link without them"
+        )
     mpp = None
     if "mpp" in rec:
         try:
@@ -96,8 +104,10 @@ def _check_cohort(path: Path, samples: list[Sample]) -> None:
     seen: dict[str, int] = {}
     for s in samples:
         if s.slide_id in seen:
-            raise ConfigError(f"sample sheet {path}: slide_id {s.slide_id!r} on lines {seen[s.slide_id]} and "
-                              f"{s.line}: each slide needs its own id")
+            raise ConfigError(
+                f"sample sheet {path}: slide_id {s.slide_id!r} on lines {seen[s.slide_id]} and "
+                f"{s.line}: each slide needs its own id"
+            )
         seen[s.slide_id] = s.line
     labels: dict[str, Sample] = {}
     for s in samples:
@@ -105,9 +115,11 @@ def _check_cohort(path: Path, samples: list[Sample]) -> None:
             continue
         first = labels.setdefault(s.patient_id, s)
         if first.label != s.label:
-            raise ConfigError(f"sample sheet {path}: patient {s.patient_id!r} has two labels, {first.label!r} "
-                              f"(line {first.line}) and {s.label!r} (line {s.line}); slide classification "
-                              "needs one label per patient")
+            raise ConfigError(
+                f"sample sheet {path}: patient {s.patient_id!r} has two labels, {first.label!r} "
+                f"(line {first.line}) and {s.label!r} (line {s.line}); slide classification "
+                "needs one label per patient"
+            )
 
 
 def labelled(samples: list[Sample]) -> list[Sample]:
@@ -123,9 +135,13 @@ def check_mil_labels(path: str | os.PathLike, samples: list[Sample], folds: int)
     for s in lab:
         patients.setdefault(s.label, set()).add(s.patient_id)
     if len(patients) < 2:
-        raise ConfigError(f"sample sheet {path}: only one label ({next(iter(patients))!r}); slide "
-                          "classification needs at least two (or set mil.models: [] to leave MIL out)")
+        raise ConfigError(
+            f"sample sheet {path}: only one label ({next(iter(patients))!r}); slide "
+            "classification needs at least two (or set mil.models: [] to leave MIL out)"
+        )
     few = {k: len(v) for k, v in sorted(patients.items()) if len(v) < folds}
     if few:
-        raise ConfigError(f"sample sheet {path}: label(s) {few} have fewer patients than mil.folds = {folds}; "
-                          "lower mil.folds or add patients")
+        raise ConfigError(
+            f"sample sheet {path}: label(s) {few} have fewer patients than mil.folds = {folds}; "
+            "lower mil.folds or add patients"
+        )

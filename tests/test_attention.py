@@ -1,14 +1,20 @@
 """Attention sparsity metrics on constructed maps, the attention hook, and `dirl attention` end to end."""
+
 import json
 import math
 
 import pytest
 import torch
+from helpers_toy import write_toy_cohort
 
-from dirl.analysis.attention import (attention_metrics, attention_over_patches, class_share,
-                                     last_layer_attention, sample_tiles)
+from dirl.analysis.attention import (
+    attention_metrics,
+    attention_over_patches,
+    class_share,
+    last_layer_attention,
+    sample_tiles,
+)
 from dirl.cli import main as cli
-from dirl.ssl.data import write_toy_cohort
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,21 +91,56 @@ def _fake_backbone(path, init, method, seed=0):
     m = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, dynamic_img_size=True)
     path.mkdir(parents=True)
     torch.save(m.state_dict(), path / "backbone.pt")
-    (path / "backbone.json").write_text(json.dumps({
-        "arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 16, "embed": "cls", "method": method,
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "settings": {"seed": seed}}))
+    (path / "backbone.json").write_text(
+        json.dumps(
+            {
+                "arch": "vit_tiny_patch16_224",
+                "img_size": 32,
+                "patch_size": 16,
+                "embed": "cls",
+                "method": method,
+                "mean": [0.485, 0.456, 0.406],
+                "std": [0.229, 0.224, 0.225],
+                "settings": {"seed": seed},
+            }
+        )
+    )
     return path / "backbone.pt"
 
 
 def test_cli_compares_backbones_with_untrained_references(tmp_path):
     tiles, priors = write_toy_cohort(tmp_path / "c", n_slides=2, n_tiles=5, tile_px=64)
-    runs = {f"{m}-s{seed}": _fake_backbone(tmp_path / "pretrain" / f"{m}-s{seed}", 10 * seed + i, m, seed)
-            for seed in (0, 1) for i, m in enumerate(("dino", "dirl"))}
+    runs = {
+        f"{m}-s{seed}": _fake_backbone(tmp_path / "pretrain" / f"{m}-s{seed}", 10 * seed + i, m, seed)
+        for seed in (0, 1)
+        for i, m in enumerate(("dino", "dirl"))
+    }
     out = tmp_path / "analysis" / "attention.json"
-    rc = cli(["attention", *[a for n, p in runs.items() for a in ("--backbone", f"{n}={p}")], "--untrained",
-              "--tiles", *map(str, tiles), "--priors", *map(str, priors), "--out", str(out), "--overlays",
-              str(tmp_path / "ov"), "--n-tiles", "6", "--n-overlays", "2", "--size", "64", "--batch-size", "4",
-              "--cohort", "toy"])
+    rc = cli(
+        [
+            "attention",
+            *[a for n, p in runs.items() for a in ("--backbone", f"{n}={p}")],
+            "--untrained",
+            "--tiles",
+            *map(str, tiles),
+            "--priors",
+            *map(str, priors),
+            "--out",
+            str(out),
+            "--overlays",
+            str(tmp_path / "ov"),
+            "--n-tiles",
+            "6",
+            "--n-overlays",
+            "2",
+            "--size",
+            "64",
+            "--batch-size",
+            "4",
+            "--cohort",
+            "toy",
+        ]
+    )
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["n_images"] == 6 and doc["cohort"] == "toy" and doc["headline"] == "head_entropy"
@@ -130,8 +171,15 @@ def test_untrained_reference_is_the_trainers_first_backbone():
     from dirl.ssl.settings import PretrainSettings
     from dirl.ssl.trainer import Trainer
 
-    s = PretrainSettings(arch="vit_tiny_patch16_224", img_size=32, out_dim=64, head_hidden_dim=32,
-                         head_bottleneck_dim=16, method="dino", seed=7)
+    s = PretrainSettings(
+        arch="vit_tiny_patch16_224",
+        img_size=32,
+        out_dim=64,
+        head_hidden_dim=32,
+        head_bottleneck_dim=16,
+        method="dino",
+        seed=7,
+    )
     first = Trainer(s, None, torch.device("cpu")).teacher.backbone.state_dict()
     ref, _ = untrained_like({"arch": s.arch, "img_size": s.img_size, "settings": s.to_dict()})
     assert all(torch.equal(first[k], v) for k, v in ref.state_dict().items())

@@ -1,10 +1,11 @@
 """Config schema, sample sheet checks, and the schema kept in step with the stage CLIs."""
+
 from __future__ import annotations
 
 import argparse
-import re
 import dataclasses
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from dirl.settings import SECTIONS, settings_class
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
+
 def schema_props(section: str) -> dict:
     return yaml.safe_load(SCHEMA.read_text())["properties"][section]["properties"]
 
@@ -27,8 +29,11 @@ def test_every_config_key_is_a_setting_with_the_same_default(section: str) -> No
     own keys, listed once in dirl.settings.SECTIONS), with the same defaults: the schema Snakemake
     validates against cannot drift from the code that reads the values."""
     targets, workflow_keys = SECTIONS[section]
-    props = schema_props(section) if section != "synth" else \
-        yaml.safe_load(SCHEMA.read_text())["properties"]["synth"]["additionalProperties"]["properties"]
+    props = (
+        schema_props(section)
+        if section != "synth"
+        else yaml.safe_load(SCHEMA.read_text())["properties"]["synth"]["additionalProperties"]["properties"]
+    )
     fields = {}
     for t in targets:
         for f in dataclasses.fields(settings_class(t)):
@@ -40,7 +45,11 @@ def test_every_config_key_is_a_setting_with_the_same_default(section: str) -> No
     assert set(props) - workflow_keys == set(fields)
     for key, default in fields.items():
         want = props[key].get("default", {})
-        got = default.to_dict() if hasattr(default, "to_dict") else (list(default) if isinstance(default, tuple) else default)
+        got = (
+            default.to_dict()
+            if hasattr(default, "to_dict")
+            else (list(default) if isinstance(default, tuple) else default)
+        )
         if hasattr(default, "to_dict"):  # nested settings: the schema lists each key's default
             want = {k: v["default"] for k, v in props[key]["properties"].items()}
         assert want == got, f"{section}.{key}: schema {want!r} vs settings {got!r}"
@@ -48,7 +57,7 @@ def test_every_config_key_is_a_setting_with_the_same_default(section: str) -> No
 
 def test_every_stage_cli_takes_its_settings_as_json() -> None:
     """One way in from the workflow: `--settings JSON` on every command that has settings."""
-    for section, (targets, _) in SECTIONS.items():
+    for targets, _ in SECTIONS.values():
         for t in targets:
             name = t.split(":")[0]
             module = importlib.import_module({"dirl.ssl.settings": "dirl.ssl.train"}.get(name, name))
@@ -74,12 +83,15 @@ def test_cohort_templates_valid(path: Path) -> None:
     load(yaml.safe_load(path.read_text()))
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"tiling": {"tile_size": 224}}, "tile_size"),          # a typo of tile_px
-    ({"tiling": {"mpp": "fine"}}, "fine"),
-    ({"pretrain": {"methods": ["simclr"]}}, "simclr"),
-    ({"unknown_stage": {}}, "unknown_stage"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"tiling": {"tile_size": 224}}, "tile_size"),  # a typo of tile_px
+        ({"tiling": {"mpp": "fine"}}, "fine"),
+        ({"pretrain": {"methods": ["simclr"]}}, "simclr"),
+        ({"unknown_stage": {}}, "unknown_stage"),
+    ],
+)
 def test_bad_config_is_named(bad: dict, match: str) -> None:
     with pytest.raises(WorkflowError, match=match):
         load({"cohort": "x", "samples": "s.tsv", **bad})
@@ -98,9 +110,11 @@ def test_conda_environment_is_self_contained_and_pinned() -> None:
         return re.sub(r"[-_.]+", "-", name).lower()
 
     pins = {norm(r.split("==")[0]): r.split("==")[1] for r in pip}
-    locked = {norm(line.split("==")[0]): line.split("==")[1].strip()
-              for line in (ROOT / "envs" / "constraints.txt").read_text().splitlines()
-              if "==" in line and not line.startswith("#")}
+    locked = {
+        norm(line.split("==")[0]): line.split("==")[1].strip()
+        for line in (ROOT / "envs" / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
     assert {k: v for k, v in pins.items() if locked.get(k) != v} == {}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     needed = {norm(re.split(r"[<>=!~ ]", d)[0]) for d in project} - {"snakemake", "snakemake-executor-plugin-slurm"}

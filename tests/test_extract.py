@@ -1,7 +1,9 @@
 """`dirl extract`: features equal the backbone's output on the stored tiles, in the tile store's row
 order, in a file CLAM and TRIDENT read; a failed or killed run leaves nothing at the final path."""
+
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,13 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
+from helpers_kill import in_progress, kill_at
+from helpers_models import write_backbone
 
 from dirl import store
 from dirl.cli import main
 from dirl.errors import ConfigError
-
-from helpers_kill import in_progress, kill_at
-from helpers_models import write_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,18 +34,33 @@ def _one_thread():
         yield
 
 
-def make_store(path: Path, n: int, tile_px: int, *, seed: int = 0, slide_mpp: float = 0.499,
-               mpp: float = 0.998, read_level: int = 1) -> np.ndarray:
+def make_store(
+    path: Path,
+    n: int,
+    tile_px: int,
+    *,
+    seed: int = 0,
+    slide_mpp: float = 0.499,
+    mpp: float = 0.998,
+    read_level: int = 1,
+) -> np.ndarray:
     """A tile store of smooth random tiles with shuffled (non-raster) coordinates; returns coords."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (n, 4, 4, 3)).astype(np.float32)
-    img = torch.nn.functional.interpolate(torch.from_numpy(base).permute(0, 3, 1, 2), size=(tile_px, tile_px),
-                                          mode="bilinear").permute(0, 2, 3, 1).numpy()
+    img = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(base).permute(0, 3, 1, 2), size=(tile_px, tile_px), mode="bilinear"
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
     l0 = int(round(tile_px * mpp / slide_mpp))
     grid = np.array([(x, y) for y in range(20) for x in range(20)])[rng.permutation(400)[:n]] * l0
-    attrs = dict(slide_id=path.stem, source="x.svs", mpp=mpp, slide_mpp=slide_mpp, tile_px=tile_px,
-                 tile_px_level0=l0, read_level=read_level, level0_width=20 * l0, level0_height=20 * l0)
+    attrs = dataclasses.replace(
+        store.TileAttrs.without_slide(path.stem, tile_px, mpp=mpp, slide_mpp=slide_mpp, width=20 * l0, height=20 * l0),
+        read_level=read_level,
+    )
     shard_tiles = store.SHARD_TILES
     try:
         store.SHARD_TILES = 16  # several shards even for a small test store
@@ -64,8 +80,9 @@ def reference(tiles: Path, backbone: Path, embed: str) -> np.ndarray:
     import timm
 
     meta = json.loads((backbone / "backbone.json").read_text())
-    m = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=meta["img_size"],
-                          dynamic_img_size=True)
+    m = timm.create_model(
+        meta["arch"], pretrained=False, num_classes=0, img_size=meta["img_size"], dynamic_img_size=True
+    )
     m.load_state_dict(torch.load(backbone / "backbone.pt", weights_only=True))
     m.eval()
     imgs = np.asarray(zarr.open_group(str(tiles), mode="r")["images"][:])
@@ -76,7 +93,7 @@ def reference(tiles: Path, backbone: Path, embed: str) -> np.ndarray:
     x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         tok = m.forward_features(x)
-        return (tok[:, 0] if embed == "cls" else tok[:, m.num_prefix_tokens:].mean(1)).numpy()
+        return (tok[:, 0] if embed == "cls" else tok[:, m.num_prefix_tokens :].mean(1)).numpy()
 
 
 @pytest.mark.parametrize("tile_px,embed,workers", [(48, "mean", 0), (32, "cls", 1)])
@@ -86,8 +103,25 @@ def test_features_equal_backbone_output_in_row_order(tmp_path, tile_px, embed, w
     bb = make_backbone(tmp_path / "pretrain" / "dirl", img=32, embed=embed)
     out = tmp_path / "features" / "s1.h5"
     # batch 8 does not divide 37 tiles nor align with the 16-tile shards: order must still hold
-    assert main(["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--batch-size", "8",
-                 "--workers", str(workers), "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(tiles),
+                "--encoder",
+                str(bb),
+                "--out",
+                str(out),
+                "--batch-size",
+                "8",
+                "--workers",
+                str(workers),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     x, c, attrs = store.read_features(out)
     assert x.dtype == np.float32 and x.shape == (37, 192)
     assert c.dtype == np.int64 and np.array_equal(c, coords)
@@ -99,8 +133,9 @@ def test_clam_and_trident_read_the_file(tmp_path):
     tiles = tmp_path / "tiles" / "slideA.zarr"
     make_store(tiles, 300, 32, slide_mpp=0.499, mpp=0.998, read_level=1)
     bb = make_backbone(tmp_path / "bb")
-    assert main(["extract", str(tiles), "--encoder", str(bb), "--out", str(tmp_path / "features"),
-                 "--threads", "1"]) == 0
+    assert (
+        main(["extract", str(tiles), "--encoder", str(bb), "--out", str(tmp_path / "features"), "--threads", "1"]) == 0
+    )
     path = tmp_path / "features" / "slideA.h5"
     # CLAM: datasets 'features' and 'coords'; heatmaps read coords.attrs patch_level / patch_size
     with h5py.File(path, "r") as f:
@@ -128,9 +163,13 @@ def test_clam_and_trident_read_the_file(tmp_path):
 
 def test_empty_store_gives_valid_empty_file(tmp_path):
     tiles = tmp_path / "e.zarr"
-    with store.tile_store_writer(tiles, coords=np.zeros((0, 2)), tissue=np.zeros(0), tile_px=32,
-                                 attrs=dict(slide_id="e", source="e.svs", mpp=0.5, slide_mpp=0.5, tile_px=32,
-                                            tile_px_level0=32, read_level=0, level0_width=1, level0_height=1)):
+    with store.tile_store_writer(
+        tiles,
+        coords=np.zeros((0, 2)),
+        tissue=np.zeros(0),
+        tile_px=32,
+        attrs=store.TileAttrs.without_slide("e", 32, width=1, height=1),
+    ):
         pass
     bb = make_backbone(tmp_path / "bb")
     assert main(["extract", str(tiles), "--encoder", str(bb), "--out", str(tmp_path / "e.h5")]) == 0
@@ -153,8 +192,7 @@ def test_failure_mid_extraction_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store.TileStore, "read", failing)
     with pytest.raises(OSError, match="injected"):
-        main(["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--batch-size", "8",
-              "--workers", "0"])
+        main(["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--batch-size", "8", "--workers", "0"])
     assert not out.exists()
     assert [p.name for p in out.parent.iterdir()] == [".s.h5.lock"]  # the partial temporary file is removed too
 
@@ -175,8 +213,24 @@ def test_killed_run_leaves_no_complete_looking_file(tmp_path):
             return original(self, a, b)
         store.TileStore.read = read
     """
-    kill_at(patch, ["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--batch-size", "8",
-                    "--workers", "0", "--threads", "1"], tmp_path / "reached")
+    kill_at(
+        patch,
+        [
+            "extract",
+            str(tiles),
+            "--encoder",
+            str(bb),
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--threads",
+            "1",
+        ],
+        tmp_path / "reached",
+    )
     assert not out.exists() and in_progress(out), "rows should be going into a temporary sibling"
     assert main(["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--threads", "1"]) == 0
     assert store.read_features(out)[0].shape == (40, 192) and not store.leftovers(out)
@@ -190,12 +244,12 @@ def test_timm_encoder_with_local_weights(tmp_path):
 
     torch.manual_seed(1)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32)
-    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))       # with a classifier head: dropped
+    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))  # with a classifier head: dropped
     torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, tmp_path / "w.pth")
-    a = load_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "w.safetensors"), img_size=32,
-                     embed_kind="cls")
-    b = load_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "w.pth"), img_size=32,
-                     embed_kind="cls")
+    a = load_encoder(
+        "timm:vit_tiny_patch16_224", weights=str(tmp_path / "w.safetensors"), img_size=32, embed_kind="cls"
+    )
+    b = load_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "w.pth"), img_size=32, embed_kind="cls")
     assert a.dim == 192 and a.img_size == 32 and a.mean == (0.5, 0.5, 0.5)  # the model's own config
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -218,16 +272,30 @@ def test_timm_encoder_with_local_weights(tmp_path):
     # and through the CLI
     tiles = tmp_path / "s.zarr"
     make_store(tiles, 10, 32)
-    assert main(["extract", str(tiles), "--encoder", "timm:vit_tiny_patch16_224", "--weights",
-                 str(tmp_path / "w.safetensors"), "--img-size", "32", "--out", str(tmp_path / "s.h5")]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(tiles),
+                "--encoder",
+                "timm:vit_tiny_patch16_224",
+                "--weights",
+                str(tmp_path / "w.safetensors"),
+                "--img-size",
+                "32",
+                "--out",
+                str(tmp_path / "s.h5"),
+            ]
+        )
+        == 0
+    )
     assert store.read_features(tmp_path / "s.h5")[0].shape == (10, 192)
 
 
 def test_bad_backbone_is_a_clear_error(tmp_path):
     tiles = tmp_path / "s.zarr"
     make_store(tiles, 4, 32)
-    assert main(["extract", str(tiles), "--encoder", str(tmp_path / "nowhere"), "--out",
-                 str(tmp_path / "x.h5")]) == 1
+    assert main(["extract", str(tiles), "--encoder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.h5")]) == 1
     bb = make_backbone(tmp_path / "bb")
     meta = json.loads((bb / "backbone.json").read_text())
     (bb / "backbone.json").write_text(json.dumps({**meta, "arch": "vit_small_patch16_224"}))

@@ -2,6 +2,7 @@
 the output (identical to an uninterrupted run) and clears what the killed run left.
 
 Extraction's case lives with its other tests in test_extract.py."""
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from helpers_kill import in_progress, kill_at, stopped_at
 
 from dirl import store, synth
 from dirl.cli import main
-
-from helpers_kill import in_progress, kill_at, stopped_at
+from dirl.errors import StoreError
 
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synth.write_slide(tmp_path_factory.mktemp("slide") / "s.svs", 1024, 1024, mpp=0.5,
-                             tissue="full", seed=11)
+    return synth.write_slide(tmp_path_factory.mktemp("slide") / "s.svs", 1024, 1024, mpp=0.5, tissue="full", seed=11)
 
 
 TILE_ARGS = ["--tile-px", "32", "--min-tissue", "0", "--threads", "1"]  # 1024 tiles: 4 shards
@@ -48,7 +48,7 @@ def test_killed_tiling(slide: Path, tiles: Path, tmp_path: Path) -> None:
     """
     kill_at(patch, ["tile", str(slide), str(out), *TILE_ARGS], tmp_path / "reached")
     assert not out.exists() and in_progress(out)
-    with pytest.raises(Exception):
+    with pytest.raises(StoreError):
         store.open_tiles(out)
     assert main(["tile", str(slide), str(out), *TILE_ARGS]) == 0
     assert not store.leftovers(out)
@@ -115,15 +115,43 @@ def test_killed_segmentation(tiles: Path, tmp_path: Path) -> None:
 def test_killed_pretraining_resumes_exactly(tmp_path: Path) -> None:
     """Killed mid-epoch, after a step that was logged but not checkpointed: the rerun resumes from the
     last checkpoint, drops the orphan log line and ends with the uninterrupted run's losses."""
+    from helpers_toy import write_toy_cohort
+
     from dirl.runtime import torch_threads
-    from dirl.ssl.data import write_toy_cohort
 
     t, p = write_toy_cohort(tmp_path / "cohort", n_slides=2, n_tiles=8, tile_px=64)
-    args = ["--tiles", *map(str, t), "--priors", *map(str, p), "--arch", "vit_tiny_patch16_224",
-            "--img-size", "64", "--out-dim", "256", "--dense-out-dim", "128", "--head-hidden-dim", "256",
-            "--num-workers", "0", "--log-every", "1", "--warmup-epochs", "0", "--epochs", "1",
-            "--batch-size", "4", "--local-crops-number", "1", "--local-crop-size", "32",
-            "--checkpoint-every-steps", "2"]
+    args = [
+        "--tiles",
+        *map(str, t),
+        "--priors",
+        *map(str, p),
+        "--arch",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "64",
+        "--out-dim",
+        "256",
+        "--dense-out-dim",
+        "128",
+        "--head-hidden-dim",
+        "256",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--local-crops-number",
+        "1",
+        "--local-crop-size",
+        "32",
+        "--checkpoint-every-steps",
+        "2",
+    ]
     full, killed = tmp_path / "full", tmp_path / "killed"
     with torch_threads(1):  # a tiny model: one thread is fastest on a shared CPU
         assert main(["pretrain", str(full), *args]) == 0

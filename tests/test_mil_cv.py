@@ -5,6 +5,7 @@ The label of a slide is the nucleus population it holds (lymphocyte vs tumour), 
 its tiles carry that population; the other tiles are the same plain stroma in both classes. So a MIL
 model must find the signal tiles: its AUC must be well above chance and its attention must sit on them.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,16 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_models import write_backbone
 
 from dirl import store
 
-from helpers_models import write_backbone
-
-T = 64            # tile side, px (level 0, mpp 1.0: 64 µm tiles)
-GRID = (8, 5)     # tiles per slide: 40
+T = 64  # tile side, px (level 0, mpp 1.0: 64 µm tiles)
+GRID = (8, 5)  # tiles per slide: 40
 N_PER_CLASS = 8
 CLASSES = ("lymphocyte", "tumour")
-SIGNAL = 0.4      # share of a slide's tiles that carry its population
+SIGNAL = 0.4  # share of a slide's tiles that carry its population
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,9 +34,8 @@ def _one_thread():
         yield
 
 
-def tile_attrs(slide_id: str, n_x: int, n_y: int) -> dict:
-    return dict(slide_id=slide_id, source=f"{slide_id}.svs", mpp=1.0, slide_mpp=1.0, tile_px=T,
-                tile_px_level0=T, read_level=0, level0_width=n_x * T, level0_height=n_y * T)
+def tile_attrs(slide_id: str, n_x: int, n_y: int) -> store.TileAttrs:
+    return store.TileAttrs.without_slide(slide_id, T, mpp=1.0, width=n_x * T, height=n_y * T)
 
 
 def make_slide(path: Path, slide_id: str, population: str | None, seed: int, signal_fraction: float):
@@ -47,16 +46,18 @@ def make_slide(path: Path, slide_id: str, population: str | None, seed: int, sig
     nx, ny = GRID
     w, h = nx * T, ny * T
     stroma, _, _ = synth.render(0, 0, w, h, mpp=1.0, populations=(), seed=seed, tissue="full")
-    cells, _, _ = synth.render(0, 0, w, h, mpp=1.0, populations=(synth.POPULATIONS[population],),
-                               seed=seed, tissue="full")
+    cells, _, _ = synth.render(
+        0, 0, w, h, mpp=1.0, populations=(synth.POPULATIONS[population],), seed=seed, tissue="full"
+    )
     rng = np.random.default_rng(seed)
     n = nx * ny
     signal = np.zeros(n, bool)
     signal[rng.choice(n, max(1, int(round(signal_fraction * n))), replace=False)] = True
     coords = np.array([(x * T, y * T) for y in range(ny) for x in range(nx)], dtype=np.int64)
-    images = np.stack([(cells if s else stroma)[y:y + T, x:x + T] for (x, y), s in zip(coords, signal)])
-    with store.tile_store_writer(path, coords=coords, tissue=np.ones(n), tile_px=T,
-                                 attrs=tile_attrs(slide_id, nx, ny)) as wr:
+    images = np.stack([(cells if s else stroma)[y : y + T, x : x + T] for (x, y), s in zip(coords, signal)])
+    with store.tile_store_writer(
+        path, coords=coords, tissue=np.ones(n), tile_px=T, attrs=tile_attrs(slide_id, nx, ny)
+    ) as wr:
         wr.write(0, images)
     return signal
 
@@ -71,13 +72,17 @@ def cohort(tmp_path_factory):
             sid = f"{label[:3]}{j:02d}"
             # 2 slides per patient for the first two patients of each class: splits must keep them together
             pid = f"P-{label[:3]}-{j // 2 if j < 4 else j}"
-            signal[sid] = make_slide(root / "tiles" / f"{sid}.zarr", sid, label, seed=100 + i,
-                                     signal_fraction=SIGNAL)
+            signal[sid] = make_slide(root / "tiles" / f"{sid}.zarr", sid, label, seed=100 + i, signal_fraction=SIGNAL)
             rows.append((sid, f"/slides/{sid}.svs", pid, label))
             i += 1
     # one labelled slide with no tiles at all: left out with a warning
-    with store.tile_store_writer(root / "tiles" / "empty.zarr", coords=np.zeros((0, 2)), tissue=np.zeros(0),
-                                 tile_px=T, attrs=tile_attrs("empty", 1, 1)):
+    with store.tile_store_writer(
+        root / "tiles" / "empty.zarr",
+        coords=np.zeros((0, 2)),
+        tissue=np.zeros(0),
+        tile_px=T,
+        attrs=tile_attrs("empty", 1, 1),
+    ):
         pass
     rows.append(("empty", "/slides/empty.svs", "P-empty", CLASSES[0]))
     sheet = root / "samples.tsv"
@@ -91,8 +96,23 @@ def cohort(tmp_path_factory):
 
     stores = sorted(str(p) for p in (root / "tiles").glob("*.zarr"))
     for method in ("dirl", "dino"):
-        assert main(["extract", *stores, "--encoder", str(root / "pretrain" / method),
-                     "--out", str(root / "features" / method), "--workers", "0", "--threads", "1"]) == 0
+        assert (
+            main(
+                [
+                    "extract",
+                    *stores,
+                    "--encoder",
+                    str(root / "pretrain" / method),
+                    "--out",
+                    str(root / "features" / method),
+                    "--workers",
+                    "0",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
     return {"root": root, "sheet": sheet, "signal": signal}
 
 
@@ -103,10 +123,37 @@ def _mil(c, method: str, model: str, *extra) -> Path:
     splits = c["root"] / "mil" / "splits.json"
     if not splits.exists():  # once per cohort, as the workflow's splits rule
         assert main(["splits", "--samples", str(c["sheet"]), "--out", str(splits), "--folds", "4"]) == 0
-    assert main(["mil", "--samples", str(c["sheet"]), "--features", str(c["root"] / "features" / method),
-                 "--model", model, "--out", str(out), "--seed", "0",
-                 "--splits", str(c["root"] / "mil" / "splits.json"), "--tiles", str(c["root"] / "tiles"),
-                 "--heatmaps", "2", "--epochs", "40", "--patience", "8", "--threads", "1", *extra]) == 0
+    assert (
+        main(
+            [
+                "mil",
+                "--samples",
+                str(c["sheet"]),
+                "--features",
+                str(c["root"] / "features" / method),
+                "--model",
+                model,
+                "--out",
+                str(out),
+                "--seed",
+                "0",
+                "--splits",
+                str(c["root"] / "mil" / "splits.json"),
+                "--tiles",
+                str(c["root"] / "tiles"),
+                "--heatmaps",
+                "2",
+                "--epochs",
+                "40",
+                "--patience",
+                "8",
+                "--threads",
+                "1",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -190,8 +237,10 @@ def test_splits_reused_and_models_and_summary(cohort, abmil):
     args = ["summary", "--out", str(root / "summary")]
     args += [a for k, out in outs.items() for a in ("--metrics", f"{k[0]}/{k[1]}={out / 'metrics.json'}")]
     assert main(args) == 0
-    rows = [dict(zip(["section", "model", "metric", "source", "seed", "mean", "sd", "n"], ln.split("\t")))
-            for ln in (root / "summary" / "summary.tsv").read_text().splitlines()[1:]]
+    rows = [
+        dict(zip(["section", "model", "metric", "source", "seed", "mean", "sd", "n"], ln.split("\t")))
+        for ln in (root / "summary" / "summary.tsv").read_text().splitlines()[1:]
+    ]
     auc = {(r["section"], r["model"], r["source"]): r for r in rows if r["metric"] == "auc" and r["seed"] == "all"}
     assert {m for (_, m, _) in auc} == {"abmil", "meanpool", "transmil"}
     delta = float(auc[("mil_delta", "abmil", "dirl-dino")]["mean"])
@@ -211,10 +260,26 @@ def test_changed_cohort_refuses_stale_splits(cohort, abmil, tmp_path):
     sheet.write_text("\n".join(lines[:-2]) + "\n")  # one slide fewer
     splits = tmp_path / "splits.json"
     splits.write_text((cohort["root"] / "mil" / "splits.json").read_text())
-    run = ["mil", "--samples", str(sheet), "--features", str(cohort["root"] / "features" / "dirl"),
-           "--model", "meanpool", "--out", str(tmp_path / "out"), "--splits", str(splits),
-           "--epochs", "2", "--heatmaps", "0", "--threads", "1"]
-    assert main(run) == 1                      # stale splits: a clear error, nothing written
+    run = [
+        "mil",
+        "--samples",
+        str(sheet),
+        "--features",
+        str(cohort["root"] / "features" / "dirl"),
+        "--model",
+        "meanpool",
+        "--out",
+        str(tmp_path / "out"),
+        "--splits",
+        str(splits),
+        "--epochs",
+        "2",
+        "--heatmaps",
+        "0",
+        "--threads",
+        "1",
+    ]
+    assert main(run) == 1  # stale splits: a clear error, nothing written
     assert not (tmp_path / "out" / "metrics.json").exists()
     assert main(["splits", "--samples", str(sheet), "--out", str(splits), "--folds", "4"]) == 0
     assert main(run) == 0

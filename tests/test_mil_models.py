@@ -1,5 +1,6 @@
 """MIL models: any bag size, attention is a distribution, the registry takes new models, and ABMIL and
 TransMIL learn a toy witness-instance problem that mean pooling dilutes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -94,8 +95,7 @@ def test_models_learn_witness_instances(name, epochs, dim, shift):
     cfg = MilSettings(epochs=epochs, patience=10, lr=5e-4, seed=0)
     model, info = train_fold(name, bags, train, val, y, 2, cfg, torch.device("cpu"))
     assert info["best_epoch"] >= 0 and info["steps"] > 0
-    prob, _, attn = _evaluate(model, lambda s: torch.from_numpy(bags.features(s)), test, y, None,
-                              want_attention=True)
+    prob, _, attn = _evaluate(model, lambda s: torch.from_numpy(bags.features(s)), test, y, None, want_attention=True)
     acc = float(np.mean(prob.argmax(1) == np.array([y[s] for s in test])))
     assert acc >= 0.9, (name, acc, info["history"][-3:])
     # attention on the witnesses of positive bags: their share of the mass over their share of the bag
@@ -128,6 +128,7 @@ def test_class_weights_weigh_each_bag():
     assert float(loss(logits, 1)) == pytest.approx(5.0 * ce1, rel=1e-6)
     assert float(loss(logits, 0)) == pytest.approx(10 / 18 * ce0, rel=1e-6)
     unweighted = torch.nn.functional.cross_entropy(logits[None], torch.tensor([1]))
-    assert float(torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))(logits[None], torch.tensor([1]))) \
-        == pytest.approx(float(unweighted))  # the bug this replaces
+    assert float(
+        torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))(logits[None], torch.tensor([1]))
+    ) == pytest.approx(float(unweighted))  # the bug this replaces
     assert loss.mean([ce0, ce1], [0, 1]) == pytest.approx((10 / 18 * ce0 + 5 * ce1) / (10 / 18 + 5))

@@ -1,7 +1,7 @@
 """Patient-level stratified splits: disjoint, stratified, repeatable, reused; sample sheet; metrics."""
+
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
@@ -74,16 +74,19 @@ def test_splits_file_checked_against_the_sheet(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_splits(tmp_path / "none.json", co)
 
+
 def test_sample_sheet(tmp_path):
     p = tmp_path / "s.tsv"
-    p.write_text("slide_id\tpath\tlabel\tpatient_id\n"
-                 "s1\t/a.svs\tLUAD\tP1\n"
-                 "s2\t/b.svs\tLUSC\t\n"
-                 "s3\t/c.svs\t\tP3\n"          # unlabelled: left out
-                 "s4\t/d.svs\tLUAD\tP1\n")
+    p.write_text(
+        "slide_id\tpath\tlabel\tpatient_id\n"
+        "s1\t/a.svs\tLUAD\tP1\n"
+        "s2\t/b.svs\tLUSC\t\n"
+        "s3\t/c.svs\t\tP3\n"  # unlabelled: left out
+        "s4\t/d.svs\tLUAD\tP1\n"
+    )
     co = read_sample_sheet(p)
     assert co.slide_ids == ["s1", "s2", "s4"]
-    assert co.patient_ids == ["P1", "s2", "P1"]   # patient defaults to the slide
+    assert co.patient_ids == ["P1", "s2", "P1"]  # patient defaults to the slide
     assert co.classes == ["LUAD", "LUSC"] and co.y.tolist() == [0, 1, 0]
     p.write_text("slide_id\tpath\tlabel\ns1\t/a\tx\n")
     with pytest.raises(ConfigError, match="at least two classes"):

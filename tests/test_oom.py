@@ -4,6 +4,7 @@ Fault injection, no GPU needed: the real models (a tiny timm ViT for `dirl extra
 run through Cellpose's own `core.run_net` for `dirl segment`) are wrapped in a module that raises
 `torch.OutOfMemoryError`, the error CUDA raises, when it is given more than `k` images at once. The
 retried results must equal an un-retried run exactly: same rows, same order, same values."""
+
 from __future__ import annotations
 
 import logging
@@ -12,12 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from test_extract import make_backbone, make_store
 
 from dirl import store
 from dirl.errors import DirlError
 from dirl.oom import GpuOutOfMemoryError, HalvingBatch, is_oom
-
-from test_extract import make_backbone, make_store
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,8 +48,8 @@ def test_map_halves_retries_the_same_rows_and_keeps_order(caplog):
         out = hb.map(fn, np.arange(37))
     np.testing.assert_array_equal(np.concatenate(out), np.arange(37) * 10)
     rows = np.concatenate([np.arange(a, a + m) for a, m in seen])
-    np.testing.assert_array_equal(rows, np.arange(37))       # each row exactly once, in order
-    assert hb.batch == 2 and hb.retries == 3                   # 16 -> 8 -> 4 -> 2, then it stays at 2
+    np.testing.assert_array_equal(rows, np.arange(37))  # each row exactly once, in order
+    assert hb.batch == 2 and hb.retries == 3  # 16 -> 8 -> 4 -> 2, then it stays at 2
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 3 and all("slide 's1'" in m and "extract.batch_size" in m for m in msgs)
     assert "retrying with batch size 8" in msgs[0] and "retrying with batch size 2" in msgs[-1]
@@ -66,7 +66,7 @@ def test_map_short_last_chunk_and_later_failures():
         if len(chunk) > limit["k"]:
             raise _oom(len(chunk), limit["k"])
         if int(chunk[0]) == 8:
-            limit["k"] = 2    # from now on only 2 fit
+            limit["k"] = 2  # from now on only 2 fit
         return chunk.copy()
 
     hb = HalvingBatch(8, setting="x")
@@ -82,12 +82,12 @@ def test_run_halves_the_batch_argument_and_remembers_it():
     def fn(bs):
         calls.append(bs)
         if bs > 5:
-            raise RuntimeError("CUDA error: out of memory")   # the older, plain RuntimeError form
+            raise RuntimeError("CUDA error: out of memory")  # the older, plain RuntimeError form
         return bs
 
     hb = HalvingBatch(32, setting="segmentation.batch_size")
     assert hb.run(fn) == 4 and calls == [32, 16, 8, 4]
-    assert hb.run(fn) == 4 and calls[-1] == 4 and len(calls) == 5   # no new failures next time
+    assert hb.run(fn) == 4 and calls[-1] == 4 and len(calls) == 5  # no new failures next time
 
 
 def test_gives_up_at_batch_one_with_a_clear_error():
@@ -148,7 +148,7 @@ def extract_inputs(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("oom_extract")
     tiles = d / "slideA.zarr"
-    make_store(tiles, 37, 32)                  # 16-tile shards; 37 rows: a short last batch
+    make_store(tiles, 37, 32)  # 16-tile shards; 37 rows: a short last batch
     enc = load_encoder(str(make_backbone(d / "bb", img=32, embed="mean")))
     return tiles, enc
 
@@ -169,17 +169,17 @@ def test_extract_retries_with_smaller_batches_and_gives_identical_features(extra
     run at the original batch size."""
     tiles, enc = extract_inputs
     ref_x, ref_c = _extract(tiles, enc, tmp_path / "ref.h5", batch=16)
-    ref2_x, _ = _extract(tiles, enc, tmp_path / "ref2.h5", batch=2)    # same forward sizes as the retry
+    ref2_x, _ = _extract(tiles, enc, tmp_path / "ref2.h5", batch=2)  # same forward sizes as the retry
 
     wrapped = OomAbove(enc.model, k=3)
     enc_oom = dataclasses.replace(enc, model=wrapped)
     with caplog.at_level(logging.WARNING, logger="dirl.oom"):
         x, c = _extract(tiles, enc_oom, tmp_path / "oom.h5", batch=16)
     np.testing.assert_array_equal(c, ref_c)
-    np.testing.assert_array_equal(x, ref2_x)                    # bit for bit at the same forward sizes
+    np.testing.assert_array_equal(x, ref2_x)  # bit for bit at the same forward sizes
     np.testing.assert_allclose(x, ref_x, rtol=1e-5, atol=1e-6)  # and the un-retried batch-16 run
     assert wrapped.sizes[:4] == [16, 8, 4, 2] and max(wrapped.sizes[4:]) == 2
-    assert sum(s for s in wrapped.sizes if s <= 3) == 37        # every tile through the model once
+    assert sum(s for s in wrapped.sizes if s <= 3) == 37  # every tile through the model once
     msgs = [r.getMessage() for r in caplog.records]
     assert any("slide 'slideA'" in m and "retrying with batch size 2" in m for m in msgs)
 

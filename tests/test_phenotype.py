@@ -1,18 +1,18 @@
 """`dirl phenotype`: cohort-level nucleus classes."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from helpers_segment import synth_tiles
 
+from dirl import store
 from dirl.cli import main as cli
 from dirl.errors import DirlError
-from dirl import store
-from dirl.segment import features, phenotype
+from dirl.segment import phenotype
 from dirl.segment.phenotype import PhenotypeModel
-
-from helpers_segment import synth_tiles
 
 
 def _two_population_slides(tmp_path):
@@ -51,8 +51,23 @@ def slides(tmp_path_factory):
 def test_two_populations_are_separated(slides, tmp_path):
     cells, tiles, truth = slides
     out = tmp_path / "model.json"
-    assert cli(["phenotype", *map(str, cells), "--tiles", *map(str, tiles), "--out", str(out), "--k", "2",
-                "--gallery", str(tmp_path / "g.png")]) == 0
+    assert (
+        cli(
+            [
+                "phenotype",
+                *map(str, cells),
+                "--tiles",
+                *map(str, tiles),
+                "--out",
+                str(out),
+                "--k",
+                "2",
+                "--gallery",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     model = PhenotypeModel.load(out)
     assert model.k == 2 and model.centroids.shape == (2, len(phenotype.FEATURES))
     pred = np.concatenate([model.predict(store.read_nuclei(c)) for c in cells])
@@ -63,7 +78,7 @@ def test_two_populations_are_separated(slides, tmp_path):
     assert agree > 0.85, agree
     d = json.loads(out.read_text())
     assert d["classes"][0]["mean"]["area_um2"] < d["classes"][1]["mean"]["area_um2"]
-    assert d["classes"][0]["mean"]["h_od"] > d["classes"][1]["mean"]["h_od"]          # darker
+    assert d["classes"][0]["mean"]["h_od"] > d["classes"][1]["mean"]["h_od"]  # darker
     assert d["classes"][0]["mean"]["eccentricity"] < d["classes"][1]["mean"]["eccentricity"]  # rounder
     assert d["classes"][0]["description"].startswith("small") and d["prior_values"]["2"].startswith("class 0")
     from PIL import Image
@@ -74,9 +89,19 @@ def test_two_populations_are_separated(slides, tmp_path):
 def test_k4_classes_are_pure(slides):
     cells, _, truth = slides
     model, tab, src, cls = phenotype.fit(cells, k=4, seed=0)
-    pred = np.concatenate([PhenotypeModel(4, model["features"], np.array(model["mean"]), np.array(model["std"]),
-                                          np.array(model["centroids"]), model).predict(store.read_nuclei(c))
-                           for c in cells])
+    pred = np.concatenate(
+        [
+            PhenotypeModel(
+                4,
+                model["features"],
+                np.array(model["mean"]),
+                np.array(model["std"]),
+                np.array(model["centroids"]),
+                model,
+            ).predict(store.read_nuclei(c))
+            for c in cells
+        ]
+    )
     pop = np.concatenate(truth)
     ok = pop >= 0
     # every class is mostly one population
@@ -96,19 +121,21 @@ def test_deterministic_for_a_seed_and_bounded_sample(slides):
     c, *_ = phenotype.fit(cells, k=3, sample=150, seed=8)
     assert json.dumps(a) == json.dumps(b)
     assert a["sample"]["used"] == 150 and a["sample"]["total_nuclei"] > 150
-    assert a["mean"] != c["mean"]           # another seed draws another sample
+    assert a["mean"] != c["mean"]  # another seed draws another sample
     # predict() on the fitted sample reproduces the fit's assignment
     model, tab, src, cls = phenotype.fit(cells, k=3, sample=150, seed=7)
-    m = PhenotypeModel(3, model["features"], np.array(model["mean"]), np.array(model["std"]),
-                       np.array(model["centroids"]), model)
+    m = PhenotypeModel(
+        3, model["features"], np.array(model["mean"]), np.array(model["std"]), np.array(model["centroids"]), model
+    )
     assert (m.predict(tab) == cls).mean() > 0.99
 
 
 def test_too_few_nuclei_is_a_clear_error(tmp_path):
     from helpers_segment import write_tiles
 
-    empty = write_tiles(tmp_path / "e.zarr", np.full((1, 64, 64, 3), 240, np.uint8),
-                        np.zeros((1, 2), np.int64), mpp=0.5)
+    empty = write_tiles(
+        tmp_path / "e.zarr", np.full((1, 64, 64, 3), 240, np.uint8), np.zeros((1, 2), np.int64), mpp=0.5
+    )
     assert cli(["segment", str(empty), str(tmp_path / "c.zarr")]) == 0
     with pytest.raises(DirlError, match="fewer than phenotypes.k"):
         phenotype.fit([tmp_path / "c.zarr"], k=4)

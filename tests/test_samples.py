@@ -1,4 +1,5 @@
 """The one sample-sheet parser (workflow and CLI): comments, checks and their messages."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,15 +16,20 @@ def sheet(tmp_path, text: str):
 
 
 def test_hash_is_a_comment_only_at_the_start_of_a_line(tmp_path):
-    p = sheet(tmp_path, "# a comment before the header\n"
-                        "slide_id\tpath\tpatient_id\tlabel\n"
-                        "#s0\t/x.svs\tcase#0\tA\n"
-                        "s1\t/data/CMU#1.svs\tcase#1\tA\n"
-                        "\n"
-                        "s2\t/data/b.svs\tcase#2\tB\n")
+    p = sheet(
+        tmp_path,
+        "# a comment before the header\n"
+        "slide_id\tpath\tpatient_id\tlabel\n"
+        "#s0\t/x.svs\tcase#0\tA\n"
+        "s1\t/data/CMU#1.svs\tcase#1\tA\n"
+        "\n"
+        "s2\t/data/b.svs\tcase#2\tB\n",
+    )
     rows = read_samples(p)
     assert [(s.slide_id, s.path, s.patient_id, s.label) for s in rows] == [
-        ("s1", "/data/CMU#1.svs", "case#1", "A"), ("s2", "/data/b.svs", "case#2", "B")]
+        ("s1", "/data/CMU#1.svs", "case#1", "A"),
+        ("s2", "/data/b.svs", "case#2", "B"),
+    ]
     # `dirl mil` reads the same rows: the commented one never reaches the splits
     co = read_sample_sheet(p)
     assert co.slide_ids == ["s1", "s2"] and co.patient_ids == ["case#1", "case#2"]
@@ -35,19 +41,24 @@ def test_defaults_and_optional_columns(tmp_path):
     assert rows[1].mpp is None and rows[1].label == "X" and rows[1].line == 3
 
 
-@pytest.mark.parametrize("text, message", [
-    ("slide_id,path\ns1,a.svs\n", r"missing column\(s\) \['slide_id', 'path'\] \(is it tab-separated\?\)"),
-    ("slide_id\tpath\tcolour\ns1\ta\tred\n", r"unknown column\(s\) \['colour'\]"),
-    ("slide_id\tpath\n", "has no slides"),
-    ("slide_id\tpath\ns1\ta\ns1\tb\n", "slide_id 's1' on lines 2 and 3"),
-    ("slide_id\tpath\nbad id\ta\n", "line 2: slide_id 'bad id' may hold only"),
-    ("slide_id\tpath\tmpp\ns1\ta\tnan\n", r"line 2 \(s1\): mpp 'nan' must be a positive number"),
-    ("slide_id\tpath\tmpp\ns1\ta\tfast\n", "mpp 'fast' is not a number"),
-    ("slide_id\tpath\ns1\t/data/{x}.svs\n", r"line 2 \(s1\): path '/data/\{x\}.svs' contains"),
-    ("slide_id\tpath\tpatient_id\tlabel\ns1\ta\tP1\tA\ns2\tb\tP1\tB\n",
-     r"patient 'P1' has two labels, 'A' \(line 2\) and 'B' \(line 3\)"),
-    ("slide_id\tpath\ns1\t\n", "line 2: empty path"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("slide_id,path\ns1,a.svs\n", r"missing column\(s\) \['slide_id', 'path'\] \(is it tab-separated\?\)"),
+        ("slide_id\tpath\tcolour\ns1\ta\tred\n", r"unknown column\(s\) \['colour'\]"),
+        ("slide_id\tpath\n", "has no slides"),
+        ("slide_id\tpath\ns1\ta\ns1\tb\n", "slide_id 's1' on lines 2 and 3"),
+        ("slide_id\tpath\nbad id\ta\n", "line 2: slide_id 'bad id' may hold only"),
+        ("slide_id\tpath\tmpp\ns1\ta\tnan\n", r"line 2 \(s1\): mpp 'nan' must be a positive number"),
+        ("slide_id\tpath\tmpp\ns1\ta\tfast\n", "mpp 'fast' is not a number"),
+        ("slide_id\tpath\ns1\t/data/{x}.svs\n", r"line 2 \(s1\): path '/data/\{x\}.svs' contains"),
+        (
+            "slide_id\tpath\tpatient_id\tlabel\ns1\ta\tP1\tA\ns2\tb\tP1\tB\n",
+            r"patient 'P1' has two labels, 'A' \(line 2\) and 'B' \(line 3\)",
+        ),
+        ("slide_id\tpath\ns1\t\n", "line 2: empty path"),
+    ],
+)
 def test_bad_sheets_get_one_line_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as e:
         read_samples(sheet(tmp_path, text))

@@ -2,11 +2,13 @@
 temporary file and loaded through `CellposeModel(pretrained_model=path)` exactly as trained weights
 would be. A random network gives arbitrary masks, so the tests check shapes, dtypes, alignment, the
 µm -> px diameter handling, and that the pipelined path reproduces `CellposeModel.eval`."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import zarr
+from helpers_segment import synth_tiles
 
 from dirl import store
 from dirl.cli import main as cli
@@ -14,14 +16,12 @@ from dirl.errors import ConfigError, DirlError
 from dirl.segment import features
 from dirl.segment.cellpose_backend import CellposeBackend, CellposeParams, diameter_px, rescale_factor, resolve_weights
 
-from helpers_segment import synth_tiles
-
 pytest.importorskip("cellpose")
 
 
 def test_diameter_um_to_pixels():
     assert diameter_px(8.0, 0.5) == 16.0 and diameter_px(8.0, 0.25) == 32.0
-    assert rescale_factor(8.0, 0.5) == pytest.approx(30 / 16)   # eval(diameter=16) rescales by 30/16
+    assert rescale_factor(8.0, 0.5) == pytest.approx(30 / 16)  # eval(diameter=16) rescales by 30/16
     assert rescale_factor(15.0, 0.5) == 1.0
     assert rescale_factor(0.0, 0.5) == 1.0 and diameter_px(0.0, 0.5) is None
 
@@ -40,12 +40,25 @@ def test_missing_weights_fail_with_a_place_to_put_them(tmp_path, monkeypatch):
     with pytest.raises(DirlError, match="could not be downloaded.*put the weights file at"):
         resolve_weights("cpsam", download=True)
     with pytest.raises(ConfigError, match="unknown Cellpose model"):
-        resolve_weights("not-a-model")      # no silent fallback to Cellpose's default model
+        resolve_weights("not-a-model")  # no silent fallback to Cellpose's default model
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_weights(str(tmp_path / "weights.pt"))
     # the CLI reports it as one clear error (exit 1), before touching the tiles
-    assert cli(["segment", str(tmp_path / "none.zarr"), str(tmp_path / "c.zarr"), "--backend", "cellpose",
-                "--model", "cpsam", "--no-download"]) == 1
+    assert (
+        cli(
+            [
+                "segment",
+                str(tmp_path / "none.zarr"),
+                str(tmp_path / "c.zarr"),
+                "--backend",
+                "cellpose",
+                "--model",
+                "cpsam",
+                "--no-download",
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "c.zarr").exists()
 
 
@@ -55,7 +68,7 @@ def random_weights(tmp_path_factory):
     from cellpose.vit import CPSAM
 
     torch.manual_seed(0)
-    net = CPSAM(dtype=torch.float32)        # builds the SAM ViT-L encoder with checkpoint=None: offline
+    net = CPSAM(dtype=torch.float32)  # builds the SAM ViT-L encoder with checkpoint=None: offline
     path = tmp_path_factory.mktemp("cp") / "cpsam_random.pt"
     torch.save(net.state_dict(), path)
     return path
@@ -86,9 +99,31 @@ def test_cellpose_backend_end_to_end(random_weights, tmp_path, monkeypatch):
     monkeypatch.setattr(CellposeBackend, "network", spy_network)
     path, _, _ = synth_tiles(tmp_path / "t.zarr", (synth.POPULATIONS["tumour"],), grid=1, tile_px=128)
     out = tmp_path / "c.zarr"
-    rc = cli(["segment", str(path), str(out), "--backend", "cellpose", "--model", str(random_weights),
-              "--gpu", "false", "--precision", "fp32", "--diameter-um", "8", "--batch-size", "4",
-              "--threads", "2", "--min-area-um2", "0", "--max-area-um2", "1e9"])
+    rc = cli(
+        [
+            "segment",
+            str(path),
+            str(out),
+            "--backend",
+            "cellpose",
+            "--model",
+            str(random_weights),
+            "--gpu",
+            "false",
+            "--precision",
+            "fp32",
+            "--diameter-um",
+            "8",
+            "--batch-size",
+            "4",
+            "--threads",
+            "2",
+            "--min-area-um2",
+            "0",
+            "--max-area-um2",
+            "1e9",
+        ]
+    )
     assert rc == 0
     # 8 µm at 0.5 µm/px = 16 px: the image goes to the network rescaled by 30 / 16
     assert seen == [((1, 128, 128, 3), pytest.approx(30 / 16))]
@@ -107,7 +142,7 @@ def test_cellpose_backend_end_to_end(random_weights, tmp_path, monkeypatch):
     rgb = store.open_tiles(path).read(0, 1)[0]
     ref = models.CellposeModel(gpu=False, pretrained_model=str(random_weights), use_bfloat16=False)
     ref_masks, ref_flows, _ = ref.eval(rgb, diameter=diameter_px(8.0, 0.5), batch_size=4)
-    (dP, prob), = flows
+    ((dP, prob),) = flows
     np.testing.assert_allclose(dP[:, 0], ref_flows[1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(prob[0], ref_flows[2], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(lab, base.filter_relabel(ref_masks, 0.5, 0, 1e9))
@@ -136,14 +171,14 @@ def test_stream_keeps_order_across_chunks_and_blocks():
         dP = np.zeros((2, n, t, t), np.float32)
         prob = np.full((n, t, t), -5, np.float32)
         for i in range(n):
-            k = int(tiles[i, 0, 0, 0]) + 1          # tile i holds k blobs along the diagonal
+            k = int(tiles[i, 0, 0, 0]) + 1  # tile i holds k blobs along the diagonal
             for j in range(k):
                 cy = cx = (j + 0.5) * t / k
                 r2 = (yy - cy) ** 2 + (xx - cx) ** 2
                 inside = r2 < (t / k / 3) ** 2
                 prob[i][inside] = 5
                 d = np.sqrt(r2) + 1e-6
-                dP[0, i][inside] = 5 * (cy - yy)[inside] / d[inside]   # Cellpose flows are 5x unit
+                dP[0, i][inside] = 5 * (cy - yy)[inside] / d[inside]  # Cellpose flows are 5x unit
                 dP[1, i][inside] = 5 * (cx - xx)[inside] / d[inside]
         time.sleep(0.05)
         return dP, prob
@@ -151,11 +186,11 @@ def test_stream_keeps_order_across_chunks_and_blocks():
     b.network = network
     blocks = [np.zeros((s, 48, 48, 3), np.uint8) for s in (3, 5, 1)]
     for blk in blocks:
-        blk[:, 0, 0, 0] = np.arange(len(blk)) % 3   # 1, 2 or 3 blobs
+        blk[:, 0, 0, 0] = np.arange(len(blk)) % 3  # 1, 2 or 3 blobs
     out = list(b.stream(iter(blocks), 0.5))
     b.close()
     assert [len(o) for o in out] == [3, 5, 1]
     for blk, lab in zip(blocks, out, strict=True):
         assert lab.dtype == np.uint32
         assert [int(x.max()) for x in lab] == [int(v) + 1 for v in blk[:, 0, 0, 0]]
-    assert [c[1] for c in calls] == [2, 1, 2, 2, 1, 1]    # chunks of net_tiles within each block
+    assert [c[1] for c in calls] == [2, 1, 2, 2, 1, 1]  # chunks of net_tiles within each block

@@ -1,4 +1,5 @@
 """Watershed backend, the shared backend machinery, the per-nucleus table and `dirl segment`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,14 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import zarr
+from helpers_segment import REAL_SLIDE, match_iou, real_tiles, synth_tiles, write_tiles
 
 from dirl import store
 from dirl.cli import main as cli
 from dirl.errors import ConfigError, StoreError
 from dirl.segment import base, features
 from dirl.segment.watershed import WatershedBackend, WatershedParams, segment_tile
-
-from helpers_segment import REAL_SLIDE, match_iou, real_tiles, synth_tiles, write_tiles
 
 
 def _pops():
@@ -26,10 +26,10 @@ def _pops():
 # shared pieces
 def test_filter_relabel_sizes_and_order():
     lab = np.zeros((20, 20), np.int32)
-    lab[0:2, 0:2] = 7        # 4 px  -> 1 µm² at 0.5 µm/px: too small
-    lab[5:10, 5:10] = 3      # 25 px -> 6.25 µm²
-    lab[12:20, 0:8] = 9      # 64 px -> 16 µm²
-    lab[1:4, 15:19] = 2      # 12 px -> 3 µm²
+    lab[0:2, 0:2] = 7  # 4 px  -> 1 µm² at 0.5 µm/px: too small
+    lab[5:10, 5:10] = 3  # 25 px -> 6.25 µm²
+    lab[12:20, 0:8] = 9  # 64 px -> 16 µm²
+    lab[1:4, 15:19] = 2  # 12 px -> 3 µm²
     out = base.filter_relabel(lab, 0.5, min_area_um2=2.0, max_area_um2=10.0)
     assert out.dtype == np.uint32
     # kept: 3 (25 px) and 2 (12 px); renumbered in raster order of their first pixel
@@ -67,8 +67,7 @@ class DarkBackend(base.Backend):
 
 def test_third_backend_by_import_path(tmp_path):
     path, _, _ = synth_tiles(tmp_path / "t.zarr", _pops(), grid=2, tile_px=128)
-    rc = cli(["segment", str(path), str(tmp_path / "c.zarr"), "--backend", f"{__name__}:DarkBackend",
-              "--threads", "1"])
+    rc = cli(["segment", str(path), str(tmp_path / "c.zarr"), "--backend", f"{__name__}:DarkBackend", "--threads", "1"])
     assert rc == 0
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert g.attrs["backend"] == "dark" and g["labels"].shape == (4, 128, 128)
@@ -130,7 +129,7 @@ def test_watershed_synthetic_count_and_dice(tmp_path, pop):
 
 def test_watershed_glass_and_flat_tissue_give_nothing():
     glass = np.full((2, 96, 96, 3), 242, np.uint8)
-    glass[1] = (230, 150, 200)      # flat pink: eosin only
+    glass[1] = (230, 150, 200)  # flat pink: eosin only
     with WatershedBackend(WatershedParams(threads=1)) as b:
         assert b.segment(glass, 0.5).max() == 0
 
@@ -183,7 +182,7 @@ def test_segment_real_slide_density(tmp_path):
     ts = store.open_tiles(tiles)
     t, lab = _check_cells_store(out, tiles, ts.mpp)
     # nuclei per mm² of tissue (non-glass pixels): skin (epidermis + dermis) lies in the low thousands
-    tissue_mm2 = sum((ts.read(i, i + 1)[0].min(-1) < 215).sum() for i in range(len(ts))) * ts.mpp ** 2 / 1e6
+    tissue_mm2 = sum((ts.read(i, i + 1)[0].min(-1) < 215).sum() for i in range(len(ts))) * ts.mpp**2 / 1e6
     inner = t["border"] == 0
     density = len(t["tile"]) / tissue_mm2
     assert 1000 < density < 8000, density

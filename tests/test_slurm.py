@@ -5,9 +5,9 @@ command with the venv not activated. Every job must run as a SLURM job asking fo
 it was given even when submitted with `--cores 1`, and a second run must do nothing.
 
 Skipped, saying why, where SLURM and munge are not installed (.ci/run installs them) or not root."""
+
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -15,27 +15,42 @@ import sys
 from pathlib import Path
 
 import pytest
+import slurm_cluster
 import yaml
 
-import slurm_cluster
-
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.slurm,
-              pytest.mark.skipif(slurm_cluster.available() is not None,
-                                 reason=f"no SLURM test cluster: {slurm_cluster.available()}")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        slurm_cluster.available() is not None, reason=f"no SLURM test cluster: {slurm_cluster.available()}"
+    ),
+]
 
 THREADS = {"tile": 1, "segment": 2, "pretrain": 2, "extract": 1}
 CONFIG = {
     "cohort": "slurm",
     "samples": "samples.tsv",
-    "synth": {"s1": {"populations": ["lymphocyte"], "width": 768, "height": 768, "seed": 1, "tissue": "full"},
-              "s2": {"populations": ["tumour"], "width": 768, "height": 768, "seed": 2, "tissue": "full"}},
+    "synth": {
+        "s1": {"populations": ["lymphocyte"], "width": 768, "height": 768, "seed": 1, "tissue": "full"},
+        "s2": {"populations": ["tumour"], "width": 768, "height": 768, "seed": 2, "tissue": "full"},
+    },
     "tiling": {"mpp": 1.0, "tile_px": 64, "threads": THREADS["tile"]},
     "segmentation": {"threads": THREADS["segment"]},
     "phenotypes": {"k": 2, "sample": 5000},
-    "pretrain": {"arch": "vit_tiny_patch16_224", "img_size": 32, "out_dim": 256, "dense_out_dim": 128,
-                 "head_hidden_dim": 128, "head_bottleneck_dim": 64, "epochs": 1, "warmup_epochs": 0,
-                 "batch_size": 16, "num_workers": 0, "threads": THREADS["pretrain"]},
+    "pretrain": {
+        "arch": "vit_tiny_patch16_224",
+        "img_size": 32,
+        "out_dim": 256,
+        "dense_out_dim": 128,
+        "head_hidden_dim": 128,
+        "head_bottleneck_dim": 64,
+        "epochs": 1,
+        "warmup_epochs": 0,
+        "batch_size": 16,
+        "num_workers": 0,
+        "threads": THREADS["pretrain"],
+    },
     "attention": {"n_tiles": 8, "n_overlays": 1},
     "extract": {"batch_size": 64, "threads": THREADS["extract"]},
 }
@@ -68,9 +83,23 @@ def snakemake(cluster, work: Path, *args: str) -> subprocess.CompletedProcess[st
     """`.venv/bin/snakemake --profile <site> --configfile config.yaml` from a shell without the venv."""
     env = {k: v for k, v in cluster.env.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = "/usr/bin:/bin"
-    return subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"),
-                           "--profile", str(work / "site"), "--configfile", "config.yaml", *args],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=1500)
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "snakemake"),
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--profile",
+            str(work / "site"),
+            "--configfile",
+            "config.yaml",
+            *args,
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
 
 
 def test_cohort_runs_as_slurm_jobs_with_the_resources_the_cohort_implies(cluster, tmp_path):
@@ -87,8 +116,16 @@ def test_cohort_runs_as_slurm_jobs_with_the_resources_the_cohort_implies(cluster
         assert m, j
         by_rule.setdefault(m[1], []).append(j)
     assert {r: len(v) for r, v in by_rule.items()} == {
-        "synth": 2, "tile": 2, "segment": 2, "phenotype": 1, "priors": 2, "failed_slides": 1, "pretrain": 2,
-        "attention": 1, "extract": 4}, by_rule
+        "synth": 2,
+        "tile": 2,
+        "segment": 2,
+        "phenotype": 1,
+        "priors": 2,
+        "failed_slides": 1,
+        "pretrain": 2,
+        "attention": 1,
+        "extract": 4,
+    }, by_rule
     for rule, js in by_rule.items():
         for j in js:
             assert j["state"] == "COMPLETED" and j["partition"] == "cpu" and j["gres"] in ("N/A", ""), j

@@ -1,10 +1,20 @@
 """Paired views: geometry shared by image and prior map, determinism, crop boxes and their overlap."""
+
 import numpy as np
 import pytest
 import torch
 
-from dirl.ssl.augment import (IMAGENET_MEAN, IMAGENET_STD, Geometry, ViewSpec, apply_geometry, make_view,
-                              overlap_mask, photometric, view_rng)
+from dirl.ssl.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Geometry,
+    ViewSpec,
+    apply_geometry,
+    make_view,
+    overlap_mask,
+    photometric,
+    view_rng,
+)
 
 
 def _class_image(tile=64, seed=0):

@@ -1,12 +1,13 @@
 """The cohort dataset over tile + prior stores, and the (epoch, index) batch sampler."""
+
 import numpy as np
 import pytest
 import torch
+from helpers_toy import write_toy_cohort
 
 from dirl import store
 from dirl.errors import DirlError, StoreError
-from dirl.ssl.data import (CohortDataset, EpochBatchSampler, ViewConfig, resolve_n_classes,
-                           write_toy_cohort)
+from dirl.ssl.data import CohortDataset, EpochBatchSampler, ViewConfig, resolve_n_classes
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,7 @@ def test_items(cohort):
 
 def test_occupancy_matches_the_stored_map(cohort):
     tiles, priors = cohort
-    ds = CohortDataset(tiles, priors, 4, 16, ViewConfig(global_size=64, global_scale=(1.0, 1.0),
-                                                        photometric=False))
+    ds = CohortDataset(tiles, priors, 4, 16, ViewConfig(global_size=64, global_scale=(1.0, 1.0), photometric=False))
     it = ds[(0, 2)]
     prior = torch.from_numpy(np.asarray(store.open_map(priors[0], "priors")[2]))
     # full-tile crop: only flips/rotations; the class areas are invariant to them
@@ -104,8 +104,7 @@ def test_workers_give_the_same_batches(cohort):
 
     def batches(workers):
         sampler = EpochBatchSampler(len(ds), 4, seed=0)
-        dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
-                                         generator=torch.Generator())
+        dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, generator=torch.Generator())
         return [b["global"] for b in dl]
 
     a, b = batches(0), batches(2)

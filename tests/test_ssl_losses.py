@@ -1,4 +1,5 @@
 """DINO and DiRL losses against hand-computed values on tiny tensors."""
+
 import math
 
 import numpy as np
@@ -6,8 +7,7 @@ import pytest
 import torch
 
 from dirl.ssl.augment import Geometry, orient
-from dirl.ssl.losses import (DenseLoss, DINOLoss, mask_occupancy, pool_classes, token_occupancy,
-                             valid_classes)
+from dirl.ssl.losses import DenseLoss, DINOLoss, mask_occupancy, pool_classes, token_occupancy, valid_classes
 
 
 def _softmax(x):
@@ -55,10 +55,7 @@ def test_centring_ema():
 
 
 def test_token_occupancy_and_mask():
-    m = torch.tensor([[[0, 0, 1, 2],
-                       [0, 1, 1, 2],
-                       [3, 3, 3, 3],
-                       [3, 3, 0, 3]]])
+    m = torch.tensor([[[0, 0, 1, 2], [0, 1, 1, 2], [3, 3, 3, 3], [3, 3, 0, 3]]])
     p = token_occupancy(m, 4, 2)  # tokens row-major: TL, TR, BL, BR
     assert p.shape == (1, 4, 4)
     assert p[0, 0].tolist() == [0.75, 0.25, 0, 0]
@@ -82,8 +79,12 @@ def test_masked_pooling_hand_computed():
 
 
 def test_valid_classes_matching():
-    mass = torch.tensor([[[5.0, 2.0, 0.5, 3.0]],   # view 0
-                         [[4.0, 0.0, 2.0, 1.0]]])  # view 1
+    mass = torch.tensor(
+        [
+            [[5.0, 2.0, 0.5, 3.0]],  # view 0
+            [[4.0, 0.0, 2.0, 1.0]],
+        ]
+    )  # view 1
     v = valid_classes(mass, min_tokens=1.0, exclude=(0,))
     assert v.tolist() == [[False, False, False, True]]  # 0 excluded, 1 missing in view 1, 2 too small in 0
     assert valid_classes(mass, 1.0, ()).tolist() == [[True, False, False, True]]
@@ -106,8 +107,7 @@ def test_dense_loss_only_valid_entries_count():
     assert n.item() == 3
     assert loss.item() == pytest.approx(torch.stack(entries).mean().item(), rel=1e-5)
     # the centre moves towards the mean of the valid teacher outputs only
-    mean_valid = torch.stack([t[a, i, j] for i in range(b) for j in range(c) if valid[i, j]
-                              for a in range(2)]).mean(0)
+    mean_valid = torch.stack([t[a, i, j] for i in range(b) for j in range(c) if valid[i, j] for a in range(2)]).mean(0)
     assert crit.center[0].tolist() == pytest.approx((0.1 * mean_valid).tolist(), rel=1e-5)
     # invalid entries can hold anything (a class missing in one view): the loss does not change
     s2, t2 = s.clone(), t.clone()

@@ -2,6 +2,7 @@
 `Trainer.step` equals a step written the way the reference writes it (Python loops over views and
 parameters), and each ingredient does what it should on its own: EMA, per-parameter clipping, the frozen
 last layer, parameter groups, centring and sharpening, the glass exclusion of the dense term."""
+
 from __future__ import annotations
 
 import copy
@@ -14,9 +15,23 @@ import torch.nn.functional as F
 from dirl.ssl.settings import PretrainSettings
 from dirl.ssl.trainer import Trainer, clip_per_parameter, param_groups
 
-TINY = dict(arch="vit_tiny_patch16_224", img_size=32, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
-            drop_path=0.0, warmup_epochs=0, epochs=2, batch_size=4, lr=0.05, clip_grad=0.3,
-            momentum_teacher=0.9, method="dino", local_crops_number=2, local_crop_size=16)
+TINY = dict(
+    arch="vit_tiny_patch16_224",
+    img_size=32,
+    out_dim=64,
+    head_hidden_dim=32,
+    head_bottleneck_dim=16,
+    drop_path=0.0,
+    warmup_epochs=0,
+    epochs=2,
+    batch_size=4,
+    lr=0.05,
+    clip_grad=0.3,
+    momentum_teacher=0.9,
+    method="dino",
+    local_crops_number=2,
+    local_crop_size=16,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +44,10 @@ def _one_thread():
 
 def batch(b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"global": torch.randn(b, 2, 3, 32, 32, generator=g),
-            "local": torch.randn(b, 2, 3, 16, 16, generator=g)}
+    return {"global": torch.randn(b, 2, 3, 32, 32, generator=g), "local": torch.randn(b, 2, 3, 16, 16, generator=g)}
 
 
-def reference_step(student, teacher, center, opt, images, sch, s: PretrainSettings, epoch: int,
-                   grads_from=None):
+def reference_step(student, teacher, center, opt, images, sch, s: PretrainSettings, epoch: int, grads_from=None):
     """One iteration of DINO's train_one_epoch, with its DINOLoss, clip_gradients,
     cancel_gradients_last_layer and EMA, written as the reference writes them. `grads_from(student)`,
     if given, is called just before the optimiser step (to compare or replace the gradients)."""
@@ -113,7 +126,11 @@ def test_step_equals_dino_reference(epoch):
                 assert p.grad is None and ours[n] is None, n  # frozen in both, or in neither
                 continue
             scale = p.grad.abs().max().item() + 1e-12
-            assert (p.grad - ours[n]).abs().max().item() < 1e-4 * scale, (n, (p.grad - ours[n]).abs().max().item(), scale)
+            assert (p.grad - ours[n]).abs().max().item() < 1e-4 * scale, (
+                n,
+                (p.grad - ours[n]).abs().max().item(),
+                scale,
+            )
             p.grad.copy_(ours[n])
 
     for i in range(2):  # two steps: the second sees a moved centre and Adam state
@@ -123,8 +140,9 @@ def test_step_equals_dino_reference(epoch):
         images = [b["global"][:, 0], b["global"][:, 1], b["local"][:, 0], b["local"][:, 1]]
         center = tr.dino_loss.center.clone()
         m = tr.step(b, step, epoch)
-        ref_loss, center = reference_step(Flat(student), Flat(teacher), center, opt, images, sch, s, epoch,
-                                          grads_from=compare_and_adopt)
+        ref_loss, center = reference_step(
+            Flat(student), Flat(teacher), center, opt, images, sch, s, epoch, grads_from=compare_and_adopt
+        )
         assert m["loss_dino"] == pytest.approx(ref_loss, rel=1e-5)
         torch.testing.assert_close(tr.dino_loss.center, center, rtol=1e-5, atol=1e-7)
         for (n, a), bb in zip(tr.student.named_parameters(), student.parameters()):
@@ -204,8 +222,9 @@ def test_collapse_is_recognised():
 
 @pytest.mark.parametrize("exclude", [True, False])
 def test_glass_never_enters_the_dense_term(exclude):
-    s = PretrainSettings(**{**TINY, "method": "dirl", "dense_out_dim": 32, "exclude_background": exclude,
-                            "local_crops_number": 0})
+    s = PretrainSettings(
+        **{**TINY, "method": "dirl", "dense_out_dim": 32, "exclude_background": exclude, "local_crops_number": 0}
+    )
     tr = Trainer(s, n_classes=3, device=torch.device("cpu"))
     b = batch()
     n = (32 // 16) ** 2

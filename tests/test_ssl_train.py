@@ -1,5 +1,6 @@
 """`dirl pretrain` end to end on tiny data: loss goes down, exact resume, DDP (torchrun/gloo) agrees
 with one process, outputs loadable by timm, clear errors."""
+
 import json
 import os
 import shutil
@@ -9,16 +10,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_toy import write_toy_cohort
 
 from dirl.cli import main as cli
 from dirl.errors import DirlError
 from dirl.ssl import schedules
-from dirl.ssl.data import write_toy_cohort
 from dirl.ssl.settings import PretrainSettings
 from dirl.ssl.train import Run
 
-TINY = ["--arch", "vit_tiny_patch16_224", "--img-size", "64", "--out-dim", "256", "--dense-out-dim", "128",
-        "--head-hidden-dim", "256", "--num-workers", "0", "--log-every", "1", "--warmup-epochs", "0"]
+TINY = [
+    "--arch",
+    "vit_tiny_patch16_224",
+    "--img-size",
+    "64",
+    "--out-dim",
+    "256",
+    "--dense-out-dim",
+    "128",
+    "--head-hidden-dim",
+    "256",
+    "--num-workers",
+    "0",
+    "--log-every",
+    "1",
+    "--warmup-epochs",
+    "0",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,8 +71,21 @@ def test_schedules():
     assert schedules.teacher_temperature(30, 0.04, 0.07, 10) == 0.07
 
 
-TRAIN = ["--epochs", "3", "--batch-size", "8", "--lr", "0.5", "--drop-path", "0", "--freeze-last-layer", "0",
-         "--global-crop-scale", "0.4", "1"]
+TRAIN = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "8",
+    "--lr",
+    "0.5",
+    "--drop-path",
+    "0",
+    "--freeze-last-layer",
+    "0",
+    "--global-crop-scale",
+    "0.4",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +134,24 @@ def test_rerun_of_a_finished_run(trained, cohort):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, cohort):
-    args = [*cohort, *TINY, "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--match", "overlap",
-            "--local-crops-number", "1", "--local-crop-size", "32", "--checkpoint-every-steps", "1"]
+    args = [
+        *cohort,
+        *TINY,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--match",
+        "overlap",
+        "--local-crops-number",
+        "1",
+        "--local-crop-size",
+        "32",
+        "--checkpoint-every-steps",
+        "1",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     assert cli(["pretrain", str(full), *args]) == 0
     assert cli(["pretrain", str(part), *args, "--stop-after-steps", "1"]) == 0  # mid-epoch
@@ -121,18 +167,27 @@ def test_resume_refuses_other_settings(tmp_path, cohort):
     out = tmp_path / "run"
     args = [*cohort, *TINY, "--epochs", "2", "--batch-size", "8"]
     assert cli(["pretrain", str(out), *args, "--stop-after-steps", "1"]) == 0
-    s = PretrainSettings(arch="vit_tiny_patch16_224", img_size=64, out_dim=256, dense_out_dim=128,
-                         head_hidden_dim=256, num_workers=0, warmup_epochs=0, epochs=2, batch_size=8,
-                         lambda_dense=0.5, lr=0.001)
-    tiles = [a for a in cohort[1:cohort.index("--priors")]]
-    priors = cohort[cohort.index("--priors") + 1:]
+    s = PretrainSettings(
+        arch="vit_tiny_patch16_224",
+        img_size=64,
+        out_dim=256,
+        dense_out_dim=128,
+        head_hidden_dim=256,
+        num_workers=0,
+        warmup_epochs=0,
+        epochs=2,
+        batch_size=8,
+        lambda_dense=0.5,
+        lr=0.001,
+    )
+    tiles = [a for a in cohort[1 : cohort.index("--priors")]]
+    priors = cohort[cohort.index("--priors") + 1 :]
     with pytest.raises(DirlError, match=r"lambda_dense.*lr|lr.*lambda_dense") as e:
         Run(out, tiles, priors, s).run()
     assert "0.5" in str(e.value)
     assert cli(["pretrain", str(out), *args, "--lr", "0.001"]) == 1  # the CLI reports it as one line
     # a workflow rerun after a settings change starts afresh
-    assert cli(["pretrain", str(out), *args, "--lr", "0.001", "--restart-on-mismatch",
-                "--stop-after-steps", "1"]) == 0
+    assert cli(["pretrain", str(out), *args, "--lr", "0.001", "--restart-on-mismatch", "--stop-after-steps", "1"]) == 0
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["settings"]["lr"] == 0.001 and ck["step"] == 1 and len(_losses(out)) == 1
 
@@ -149,10 +204,19 @@ def test_non_finite_loss_names_the_step(tmp_path, cohort, monkeypatch):
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(losses.DINOLoss, "forward", poisoned)
-    s = PretrainSettings(arch="vit_tiny_patch16_224", img_size=64, out_dim=256, dense_out_dim=128,
-                         head_hidden_dim=256, num_workers=0, warmup_epochs=0, epochs=2, batch_size=4)
-    tiles = cohort[1:cohort.index("--priors")]
-    priors = cohort[cohort.index("--priors") + 1:]
+    s = PretrainSettings(
+        arch="vit_tiny_patch16_224",
+        img_size=64,
+        out_dim=256,
+        dense_out_dim=128,
+        head_hidden_dim=256,
+        num_workers=0,
+        warmup_epochs=0,
+        epochs=2,
+        batch_size=4,
+    )
+    tiles = cohort[1 : cohort.index("--priors")]
+    priors = cohort[cohort.index("--priors") + 1 :]
     with pytest.raises(DirlError, match="non-finite loss at step 2"):
         Run(tmp_path / "nan", tiles, priors, s).run()
 
@@ -170,16 +234,32 @@ def test_settings_validation_and_cli_flags():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_two_processes_agree_with_one(tmp_path, cohort, trained):
     args = [*cohort, *TINY, *TRAIN, "--method", "dirl"]  # the same run as `trained`, on 2 processes
     one, two = trained / "dirl", tmp_path / "two"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun if torchrun.exists() else "torchrun"), "--nproc_per_node", "2",
-                        "--standalone", "-m", "dirl.cli", "pretrain", str(two), *args],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            str(torchrun if torchrun.exists() else "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "dirl.cli",
+            "pretrain",
+            str(two),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for key in ("loss", "loss_dino", "loss_dense"):
         assert _losses(two, key) == pytest.approx(_losses(one, key), rel=1e-4, abs=1e-5)

@@ -1,4 +1,5 @@
 """Damaged stores and full disks end with one clear line naming the slide or the path, never a traceback."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dirl(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dirl.cli", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "dirl.cli", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,22 @@ def test_damaged_shard_names_slide_store_and_remedy(tiles, tmp_path, command):
 
         weights = tmp_path / "vit.pt"
         torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), weights)
-        proc = dirl("extract", str(bad), "--encoder", "timm:vit_tiny_patch16_224", "--weights", str(weights),
-                    "--img-size", "32", "--out", str(tmp_path / "f.h5"), "--workers", "1", "--batch-size", "64")
+        proc = dirl(
+            "extract",
+            str(bad),
+            "--encoder",
+            "timm:vit_tiny_patch16_224",
+            "--weights",
+            str(weights),
+            "--img-size",
+            "32",
+            "--out",
+            str(tmp_path / "f.h5"),
+            "--workers",
+            "1",
+            "--batch-size",
+            "64",
+        )
     assert proc.returncode == 1
     errors = [ln for ln in proc.stderr.splitlines() if " ERROR " in ln]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -63,8 +79,10 @@ def test_damaged_shard_names_slide_store_and_remedy(tiles, tmp_path, command):
 def test_full_disk_names_the_path(tiles, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root): no way to fill a disk safely")
     try:
         out = mnt / "cells" / "s.zarr"

@@ -1,5 +1,6 @@
 """`dirl summary` with replicates: per-seed DiRL − DINO (paired by seed), mean ± sd over seeds, for MIL
 metrics and the attention headline; hand-computed values."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,13 @@ from dirl.cli import main
 
 
 def metrics(auc: float, sd: float = 0.1) -> dict:
-    return {"mean": {"auc": auc, "balanced_accuracy": auc - 0.1, "f1_macro": auc - 0.2},
-            "sd": {"auc": sd, "balanced_accuracy": sd, "f1_macro": sd}, "classes": ["A", "B"],
-            "folds": [{}, {}, {}], "n_slides": 12}
+    return {
+        "mean": {"auc": auc, "balanced_accuracy": auc - 0.1, "f1_macro": auc - 0.2},
+        "sd": {"auc": sd, "balanced_accuracy": sd, "f1_macro": sd},
+        "classes": ["A", "B"],
+        "folds": [{}, {}, {}],
+        "n_slides": 12,
+    }
 
 
 def read(tsv):
@@ -30,11 +35,22 @@ def test_replicates_are_paired_by_seed(tmp_path):
             p.write_text(json.dumps(metrics(v)))
             args += ["--metrics", f"{method}-s{seed}/abmil={p}"]
     head = {"dino": [0.99, 0.98, 0.97], "dirl": [0.995, 0.99, 0.96], "untrained": [0.9998] * 3}
-    att = {"headline": "head_entropy", "runs": {
-        f"{m}-s{s}": {"head_entropy": {"mean": v, "sd": 0.01}, "per_image": {"head_entropy": [v] * 8}}
-        for m, vals in head.items() for s, v in enumerate(vals)},
-        "replicates": {"dirl_minus_dino": {"per_seed": {"0": 0.005, "1": 0.01, "2": -0.01}, "mean": 0.005 / 3,
-                                           "sd": 0.01, "n_seeds": 3}}}
+    att = {
+        "headline": "head_entropy",
+        "runs": {
+            f"{m}-s{s}": {"head_entropy": {"mean": v, "sd": 0.01}, "per_image": {"head_entropy": [v] * 8}}
+            for m, vals in head.items()
+            for s, v in enumerate(vals)
+        },
+        "replicates": {
+            "dirl_minus_dino": {
+                "per_seed": {"0": 0.005, "1": 0.01, "2": -0.01},
+                "mean": 0.005 / 3,
+                "sd": 0.01,
+                "n_seeds": 3,
+            }
+        },
+    }
     (tmp_path / "att.json").write_text(json.dumps(att))
     assert main([*args, "--attention", str(tmp_path / "att.json")]) == 0
     rows = read(tmp_path / "out" / "summary.tsv")

@@ -1,4 +1,5 @@
 """dirl.synth: synthetic H&E-like slides (determinism, seamlessness, statistics, file formats, CLI)."""
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,16 @@ def _read(s: openslide.OpenSlide, level: int = 0) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------
 # files
-@pytest.mark.parametrize("key, vendor, mpp, dims", [
-    ("svs", "aperio", 0.5, ((2048, 1536), (1024, 768), (512, 384))),
-    ("tiff", "generic-tiff", 0.25, ((1600, 1100), (800, 550), (400, 275))),
-])
-def test_slide_opens_with_levels_and_mpp(slides: dict[str, Path], key: str, vendor: str, mpp: float,
-                                         dims: tuple) -> None:
+@pytest.mark.parametrize(
+    "key, vendor, mpp, dims",
+    [
+        ("svs", "aperio", 0.5, ((2048, 1536), (1024, 768), (512, 384))),
+        ("tiff", "generic-tiff", 0.25, ((1600, 1100), (800, 550), (400, 275))),
+    ],
+)
+def test_slide_opens_with_levels_and_mpp(
+    slides: dict[str, Path], key: str, vendor: str, mpp: float, dims: tuple
+) -> None:
     with openslide.OpenSlide(slides[key]) as s:
         assert s.properties["openslide.vendor"] == vendor
         assert s.level_count == len(dims)
@@ -66,11 +71,11 @@ def test_pixels_are_the_render_and_levels_its_area_average(slides: dict[str, Pat
         l0 = np.asarray(s.read_region((x, y), 0, (w, h)).convert("RGB")).astype(np.float32)
         l1 = np.asarray(s.read_region((x, y), 1, (w // 2, h // 2)).convert("RGB")).astype(np.float32)
     ref, _, _ = synth.render(x, y, w, h, mpp=0.5, populations=MIXED, seed=1, slide_size=(2048, 1536))
-    assert ref.std() > 20                            # tissue there
-    assert np.abs(l0 - ref).mean() < 3.0            # JPEG q90
+    assert ref.std() > 20  # tissue there
+    assert np.abs(l0 - ref).mean() < 3.0  # JPEG q90
     avg = ref.reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3))
     err = np.abs(l1 - avg).mean()
-    assert err < 5.0 and err < 0.8 * np.abs(l1 - ref[::2, ::2]).mean()   # an average, not a subsample
+    assert err < 5.0 and err < 0.8 * np.abs(l1 - ref[::2, ::2]).mean()  # an average, not a subsample
 
 
 @pytest.mark.parametrize("key", ["svs_nompp", "tiff_nompp"])
@@ -93,9 +98,9 @@ def test_glass_slide_is_white(slides: dict[str, Path]) -> None:
 def test_blobs_cover_part_of_the_slide(slides: dict[str, Path]) -> None:
     with openslide.OpenSlide(slides["svs"]) as s:
         img = _read(s, 2).astype(np.int16)
-    tissue = (img.max(axis=2) - img.min(axis=2)) > 25   # stained pixels are far from grey
+    tissue = (img.max(axis=2) - img.min(axis=2)) > 25  # stained pixels are far from grey
     assert 0.25 <= tissue.mean() <= 0.55
-    assert tissue[:, 0].mean() < 0.9 and tissue[:, -1].mean() < 0.9   # glass around it
+    assert tissue[:, 0].mean() < 0.9 and tissue[:, -1].mean() < 0.9  # glass around it
 
 
 def test_pen_stroke(slides: dict[str, Path], tmp_path: Path) -> None:
@@ -119,7 +124,7 @@ def test_levels_argument_and_odd_sizes(tmp_path: Path) -> None:
     with openslide.OpenSlide(p) as s:
         assert s.level_dimensions == ((1001, 333), (501, 167), (251, 84))
         assert s.properties["openslide.level[0].tile-width"] == "128"
-        edge = _read(s, 1)[:, -1].astype(np.float32)       # the odd last column is real content
+        edge = _read(s, 1)[:, -1].astype(np.float32)  # the odd last column is real content
         assert 60 < edge.mean() < 250
     assert [q.name for q in tmp_path.iterdir() if q.suffix != ".lock"] == ["odd.svs"]  # no scratch or temporary
 
@@ -141,16 +146,15 @@ def test_bad_arguments(tmp_path: Path) -> None:
 KW = dict(mpp=0.5, populations=MIXED, seed=7, tissue="blobs", slide_size=(2048, 2048))
 
 
-def _assemble(x0: int, y0: int, xs: list[int], ys: list[int], kw: dict,
-              ids: dict) -> tuple[np.ndarray, np.ndarray]:
+def _assemble(x0: int, y0: int, xs: list[int], ys: list[int], kw: dict, ids: dict) -> tuple[np.ndarray, np.ndarray]:
     """Render the region cut at xs/ys and paste it together, labels mapped to `ids` (nucleus -> id)."""
     w, h = xs[-1], ys[-1]
     rgb, lab = np.zeros((h, w, 3), np.uint8), np.zeros((h, w), np.int64)
     for ya, yb in zip(ys[:-1], ys[1:]):
         for xa, xb in zip(xs[:-1], xs[1:]):
-            r, l, nuc = synth.render(x0 + xa, y0 + ya, xb - xa, yb - ya, **kw)
+            r, labels, nuc = synth.render(x0 + xa, y0 + ya, xb - xa, yb - ya, **kw)
             rgb[ya:yb, xa:xb] = r
-            lab[ya:yb, xa:xb] = np.array([0] + [ids.setdefault(n, len(ids) + 1) for n in nuc])[l]
+            lab[ya:yb, xa:xb] = np.array([0] + [ids.setdefault(n, len(ids) + 1) for n in nuc])[labels]
     return rgb, lab
 
 
@@ -164,10 +168,14 @@ def test_render_is_deterministic_and_seeded() -> None:
     assert not np.array_equal(a, c) and nc != na
 
 
-@pytest.mark.parametrize("kw, x0, y0", [
-    (KW, 700, 650),   # crosses a tissue border of this slide
-    (dict(mpp=0.25, populations=tuple(synth.POPULATIONS.values()), seed=3, tissue="full"), -40, 1021),
-], ids=["blobs", "full-0.25"])
+@pytest.mark.parametrize(
+    "kw, x0, y0",
+    [
+        (KW, 700, 650),  # crosses a tissue border of this slide
+        (dict(mpp=0.25, populations=tuple(synth.POPULATIONS.values()), seed=3, tissue="full"), -40, 1021),
+    ],
+    ids=["blobs", "full-0.25"],
+)
 def test_render_is_seamless(kw: dict, x0: int, y0: int) -> None:
     """A region rendered whole equals the same region assembled from pieces, pixels and labels."""
     rgb, lab, nuc = synth.render(x0, y0, 613, 517, **kw)
@@ -177,13 +185,13 @@ def test_render_is_seamless(kw: dict, x0: int, y0: int) -> None:
     prgb, plab = _assemble(x0, y0, [0, 200, 201, 613], [0, 1, 333, 517], kw, ids)
     assert np.array_equal(prgb, rgb)
     assert np.array_equal(plab, lab)
-    assert len(ids) == len(nuc)   # no nucleus the whole render did not list
+    assert len(ids) == len(nuc)  # no nucleus the whole render did not list
 
 
 def test_large_render_in_strips_is_seamless(monkeypatch: pytest.MonkeyPatch) -> None:
     kw = {**KW, "tissue": "full"}
     rgb, lab, nuc = synth.render(100, 200, 300, 250, **kw)
-    monkeypatch.setattr(synth, "MAX_REGION_PX", 300 * 37)   # strips of 37 rows
+    monkeypatch.setattr(synth, "MAX_REGION_PX", 300 * 37)  # strips of 37 rows
     srgb, slab, snuc = synth.render(100, 200, 300, 250, **kw)
     assert np.array_equal(srgb, rgb) and np.array_equal(slab, lab) and snuc == nuc
 
@@ -201,9 +209,9 @@ def test_nucleus_list_matches_labels() -> None:
 
 
 def test_nucleus_count_matches_density() -> None:
-    w = h = 1536                              # 0.59 mm² at 0.5 µm/px
+    w = h = 1536  # 0.59 mm² at 0.5 µm/px
     _, _, nuc = synth.render(4096, 4096, w, h, mpp=0.5, populations=MIXED, seed=11, tissue="full")
-    area_mm2 = w * h * 0.5 ** 2 / 1e6
+    area_mm2 = w * h * 0.5**2 / 1e6
     for k, pop in enumerate(MIXED):
         n = sum(1 for q in nuc if q.population == k and 4096 <= q.x < 4096 + w and 4096 <= q.y < 4096 + h)
         lam = pop.density_per_mm2 * area_mm2
@@ -218,7 +226,7 @@ def test_population_sizes_from_labels(pop: synth.Population) -> None:
     areas = np.bincount(lab.ravel())[1:]
     keep = np.setdiff1d(np.flatnonzero(areas) + 1, border)
     assert len(keep) > 40
-    expected = math.pi * pop.radius_um ** 2 / mpp ** 2
+    expected = math.pi * pop.radius_um**2 / mpp**2
     assert areas[keep - 1].mean() == pytest.approx(expected, rel=0.25)
     # the semi-axes follow the population's elongation
     ratio = np.median([nuc[i - 1].a / nuc[i - 1].b for i in keep])
@@ -242,7 +250,7 @@ def test_no_tissue_is_glass_only() -> None:
     rgb, lab, nuc = synth.render(0, 0, 256, 256, mpp=0.5, populations=MIXED, tissue="none")
     assert not nuc and not lab.any()
     assert 235 <= rgb.mean() <= 245 and rgb.min() >= 220
-    assert 0.5 < rgb.astype(np.float32).std() < 3            # slight sensor noise
+    assert 0.5 < rgb.astype(np.float32).std() < 3  # slight sensor noise
 
 
 def test_no_populations_is_stroma_only() -> None:
@@ -254,16 +262,53 @@ def test_no_populations_is_stroma_only() -> None:
 # CLI
 def test_cli_writes_a_slide(tmp_path: Path) -> None:
     out = tmp_path / "cli.tif"
-    assert cli(["synth", str(out), "--width", "600", "--height", "400", "--mpp", "0.25",
-                "--population", "lymphocyte", "--population", "tumour", "--seed", "3", "--tissue", "full",
-                "--pen"]) == 0
-    with openslide.OpenSlide(out) as s:   # the format follows the suffix
+    assert (
+        cli(
+            [
+                "synth",
+                str(out),
+                "--width",
+                "600",
+                "--height",
+                "400",
+                "--mpp",
+                "0.25",
+                "--population",
+                "lymphocyte",
+                "--population",
+                "tumour",
+                "--seed",
+                "3",
+                "--tissue",
+                "full",
+                "--pen",
+            ]
+        )
+        == 0
+    )
+    with openslide.OpenSlide(out) as s:  # the format follows the suffix
         assert s.properties["openslide.vendor"] == "generic-tiff"
         assert s.dimensions == (600, 400)
         assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.25)
     out2 = tmp_path / "nompp.svs"
-    assert cli(["synth", str(out2), "--width", "300", "--height", "300", "--no-mpp", "--population", "mixed",
-                "--tissue", "none"]) == 0
+    assert (
+        cli(
+            [
+                "synth",
+                str(out2),
+                "--width",
+                "300",
+                "--height",
+                "300",
+                "--no-mpp",
+                "--population",
+                "mixed",
+                "--tissue",
+                "none",
+            ]
+        )
+        == 0
+    )
     with openslide.OpenSlide(out2) as s:
         assert s.properties["openslide.vendor"] == "aperio" and "openslide.mpp-x" not in s.properties
     assert cli(["synth", str(tmp_path / "bad.svs"), "--width", "0"]) == 1

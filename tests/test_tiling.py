@@ -1,4 +1,5 @@
 """The tile stage on the real slide, on bad input, and the pieces it is made of."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +10,9 @@ import zarr
 
 from dirl import store
 from dirl.errors import SlideError, StoreError
-from dirl.slide import Slide
-from dirl.tiling import TileSettings, plan, tile_slide
 from dirl.imaging import otsu
+from dirl.slide import Slide
+from dirl.tiling import TileSettings, tile_slide
 from dirl.tissue import fraction_in_boxes, ink_mask, tissue_mask
 
 
@@ -63,8 +64,7 @@ def test_tile_store_is_sharded(tmp_path: Path) -> None:
     n, T = 600, 32
     coords = np.arange(2 * n).reshape(n, 2)
     attrs = {k: 0 for k in store.TILE_ATTRS}
-    with store.tile_store_writer(tmp_path / "s.zarr", coords=coords, tissue=np.ones(n), tile_px=T,
-                                 attrs=attrs) as w:
+    with store.tile_store_writer(tmp_path / "s.zarr", coords=coords, tissue=np.ones(n), tile_px=T, attrs=attrs) as w:
         for a in range(0, n, w.shard):
             b = min(n, a + w.shard)
             w.write(a, np.full((b - a, T, T, 3), 7, np.uint8))
@@ -120,11 +120,11 @@ def test_otsu_splits_two_modes() -> None:
 
 def test_tissue_mask_glass_tissue_pen_border() -> None:
     mpp = 2.0
-    img = np.full((300, 300, 3), 240, np.uint8)                  # glass
-    img[100:200, 100:200] = (200, 120, 170)                      # stained tissue 200 µm square
-    img[:, :8] = 10                                              # dark scanner border
-    img[20:40, 150:290] = (40, 60, 170)                          # blue pen stroke
-    img[250:253, 250:253] = (200, 120, 170)                      # a 6 µm speck
+    img = np.full((300, 300, 3), 240, np.uint8)  # glass
+    img[100:200, 100:200] = (200, 120, 170)  # stained tissue 200 µm square
+    img[:, :8] = 10  # dark scanner border
+    img[20:40, 150:290] = (40, 60, 170)  # blue pen stroke
+    img[250:253, 250:253] = (200, 120, 170)  # a 6 µm speck
     m = tissue_mask(img, mpp)
     assert m[110:190, 110:190].all()
     assert not m[:, :8].any() and not m[20:40, 150:290].any() and not m[250:253, 250:253].any()
@@ -156,9 +156,10 @@ def test_directly_assembled_shards_read_back_through_zarr(tmp_path: Path) -> Non
     tiles = rng.integers(0, 255, (n, T, T, 3), dtype=np.uint8)
     tiles[::7] = 200  # some very compressible
     attrs = {k: 0 for k in store.TILE_ATTRS}
-    with store.tile_store_writer(tmp_path / "d.zarr", coords=np.zeros((n, 2)), tissue=np.ones(n), tile_px=T,
-                                 attrs=attrs) as w:
+    with store.tile_store_writer(
+        tmp_path / "d.zarr", coords=np.zeros((n, 2)), tissue=np.ones(n), tile_px=T, attrs=attrs
+    ) as w:
         assert w.direct
         for shard, a in enumerate(range(0, n, w.shard)):
-            w.write_encoded(shard, [w.encode(t) for t in tiles[a:a + w.shard]])
+            w.write_encoded(shard, [w.encode(t) for t in tiles[a : a + w.shard]])
     np.testing.assert_array_equal(store.open_tiles(tmp_path / "d.zarr").read(0, n), tiles)

@@ -1,4 +1,5 @@
 """Tiling of synthetic slides: other resolutions, formats and the awkward inputs users have."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,9 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "nompp": synth.write_slide(d / "nompp.tiff", 512, 512, fmt="tiff", write_mpp=False, seed=4),
         "glass": synth.write_slide(d / "glass.svs", 1024, 1024, mpp=0.5, tissue="none", seed=5),
         "tiny": synth.write_slide(d / "tiny.svs", 300, 300, mpp=0.5, tissue="full", seed=6),
-        "unicode": synth.write_slide(d / "dossier avec espaces é" / "lame n°1.svs", 1024, 1024, mpp=0.5,
-                                     tissue="full", seed=7),
+        "unicode": synth.write_slide(
+            d / "dossier avec espaces é" / "lame n°1.svs", 1024, 1024, mpp=0.5, tissue="full", seed=7
+        ),
     }
 
 
@@ -137,7 +139,7 @@ def test_region_that_fails_to_decode_midway(tmp_path: Path) -> None:
     data = bytearray(src.read_bytes())
     page = tifffile.TiffFile(src).pages[0]
     i = len(page.dataoffsets) // 2  # a level-0 tile in the middle
-    data[page.dataoffsets[i]:page.dataoffsets[i] + page.databytecounts[i]] = bytes(page.databytecounts[i])
+    data[page.dataoffsets[i] : page.dataoffsets[i] + page.databytecounts[i]] = bytes(page.databytecounts[i])
     bad = tmp_path / "damaged.svs"
     bad.write_bytes(bytes(data))
     with Slide.open(bad) as s:  # opens: the damage is past the probe
@@ -152,7 +154,14 @@ def test_unsupported_compression(tmp_path: Path) -> None:
     import tifffile
 
     path = tmp_path / "webp.tiff"
-    tifffile.imwrite(path, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), compression="webp",
-                     resolution=(20000, 20000), resolutionunit="CENTIMETER", photometric="rgb")
+    tifffile.imwrite(
+        path,
+        np.full((512, 512, 3), 200, np.uint8),
+        tile=(256, 256),
+        compression="webp",
+        resolution=(20000, 20000),
+        resolutionunit="CENTIMETER",
+        photometric="rgb",
+    )
     with pytest.raises(SlideError, match="compression OpenSlide cannot decode.*convert"):
         Slide.open(path)

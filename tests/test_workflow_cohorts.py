@@ -1,6 +1,7 @@
 """Cohorts the demo never meets, run as a user runs them: the README's command literally
 (`.venv/bin/snakemake`, the venv not activated: its bin is not on PATH), no labels, a slide that is not
 a slide, a slide that is missing, and command-line overrides."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,19 @@ TINY = {
     "tiling": {"mpp": 1.0, "tile_px": 64, "threads": 1},
     "segmentation": {"threads": 1},
     "phenotypes": {"k": 2, "sample": 5000},
-    "pretrain": {"arch": "vit_tiny_patch16_224", "img_size": 32, "out_dim": 256, "dense_out_dim": 128,
-                 "head_hidden_dim": 128, "head_bottleneck_dim": 64, "epochs": 1, "warmup_epochs": 0,
-                 "batch_size": 16, "num_workers": 0, "threads": 1},
+    "pretrain": {
+        "arch": "vit_tiny_patch16_224",
+        "img_size": 32,
+        "out_dim": 256,
+        "dense_out_dim": 128,
+        "head_hidden_dim": 128,
+        "head_bottleneck_dim": 64,
+        "epochs": 1,
+        "warmup_epochs": 0,
+        "batch_size": 16,
+        "num_workers": 0,
+        "threads": 1,
+    },
     "attention": {"n_tiles": 8, "n_overlays": 2},
     "extract": {"batch_size": 64, "threads": 1},
 }
@@ -34,15 +45,19 @@ def run_as_user(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     snakemake = Path(sys.executable).parent / "snakemake"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env.update(PATH=BARE_PATH, OMP_NUM_THREADS="1")
-    return subprocess.run([str(snakemake), "-s", str(ROOT / "Snakefile"), "--cores", "2", "--configfile",
-                           "config.yaml", *args], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=1800)
+    return subprocess.run(
+        [str(snakemake), "-s", str(ROOT / "Snakefile"), "--cores", "2", "--configfile", "config.yaml", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
 
 
 def cohort(tmp_path: Path, sheet: str, **config) -> Path:
     (tmp_path / "samples.tsv").write_text(sheet)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"cohort": "c", "samples": "samples.tsv",
-                                                          **TINY, **config}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"cohort": "c", "samples": "samples.tsv", **TINY, **config}))
     return tmp_path
 
 
@@ -53,8 +68,11 @@ def test_unlabelled_cohort_with_a_broken_and_a_missing_slide(tmp_path, cmu_slide
     failed_slides.txt, skipped by every later stage, and the good slide goes all the way."""
     broken = tmp_path / "broken.svs"
     broken.write_text("not a slide\n" * 80)
-    work = cohort(tmp_path, f"slide_id\tpath\ncmu\t{cmu_slide}\nbroken\t{broken}\ngone\t{tmp_path}/gone.svs\n",
-                  allow_failed_slides=True)
+    work = cohort(
+        tmp_path,
+        f"slide_id\tpath\ncmu\t{cmu_slide}\nbroken\t{broken}\ngone\t{tmp_path}/gone.svs\n",
+        allow_failed_slides=True,
+    )
     proc = run_as_user(work, "--keep-going")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -93,19 +111,29 @@ def dry_run(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_command_line_overrides_are_typed_by_the_schema(tmp_path):
     """`--config` hands values over as strings; they work like the same values in the file."""
     work = cohort(tmp_path, "slide_id\tpath\ns1\t/x/s1.svs\n")
-    proc = dry_run(work, "--config", "allow_failed_slides=true", "tiling={mpp: 1.0, tile_px: 64.0}",
-                   "pretrain={epochs: '3', lr: 1e-3}")
+    proc = dry_run(
+        work,
+        "--config",
+        "allow_failed_slides=true",
+        "tiling={mpp: 1.0, tile_px: 64.0}",
+        "pretrain={epochs: '3', lr: 1e-3}",
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     out = proc.stdout + proc.stderr
     assert "--on-error empty" in out and '"tile_px": 64,' in out
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"mil": {"folds": 1}}, "mil.folds"),
-    ({"pretrain": {"arch": "vit_tiny_patch16_224", "img_size": 100}},
-     "pretrain.img_size = 100 is not a multiple of the patch size 16 of vit_tiny_patch16_224"),
-    ({"tiling": {"mpp": float("nan")}}, "config tiling.mpp = nan: must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"mil": {"folds": 1}}, "mil.folds"),
+        (
+            {"pretrain": {"arch": "vit_tiny_patch16_224", "img_size": 100}},
+            "pretrain.img_size = 100 is not a multiple of the patch size 16 of vit_tiny_patch16_224",
+        ),
+        ({"tiling": {"mpp": float("nan")}}, "config tiling.mpp = nan: must be a finite number"),
+    ],
+)
 def test_bad_settings_are_refused_at_start_up(tmp_path, config, message):
     work = cohort(tmp_path, "slide_id\tpath\tlabel\ns1\t/x/s1.svs\tA\ns2\t/x/s2.svs\tB\n", **config)
     proc = dry_run(work)

@@ -16,6 +16,7 @@ as it was before training (same seed, same weights as the trainer's first step):
 turns "DINO became sparse" into a number. Runs are compared pairwise on the same tiles (paired
 differences, Wilcoxon signed-rank); runs named `<method>-s<seed>` are also compared seed by seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,13 @@ class AttentionSettings(Settings):
     n_tiles: int = field(default=256, metadata={"help": "tiles sampled over the cohort"})
     n_overlays: int = 8
     size: int | None = field(default=None, metadata={"help": "input size (none: the first backbone's img_size)"})
-    source: str = field(default="auto", metadata={"choices": ("auto", "cls", "received"), "help":
-                        "[CLS] row or mean received attention (auto: cls when trained through [CLS])"})
+    source: str = field(
+        default="auto",
+        metadata={
+            "choices": ("auto", "cls", "received"),
+            "help": "[CLS] row or mean received attention (auto: cls when trained through [CLS])",
+        },
+    )
     batch_size: int = 32
     n_classes: int | None = field(default=None, metadata={"help": "prior classes, if the priors stores do not say"})
     device: str = "auto"
@@ -62,8 +68,10 @@ def last_layer_attention(model: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
     attn = model.blocks[-1].attn
     for name in ("qkv", "num_heads", "head_dim", "scale"):
         if not hasattr(attn, name):
-            raise DirlError(f"{type(model).__name__}: last attention block has no {name}; attention "
-                            "diagnostics support timm VisionTransformer backbones")
+            raise DirlError(
+                f"{type(model).__name__}: last attention block has no {name}; attention "
+                "diagnostics support timm VisionTransformer backbones"
+            )
     caught: dict[str, torch.Tensor] = {}
 
     def hook(_module, args, kwargs):
@@ -129,8 +137,7 @@ def class_share(a: torch.Tensor, occupancy: torch.Tensor) -> torch.Tensor:
 def sample_tiles(counts: list[int], n_tiles: int, seed: int) -> list[tuple[int, int]]:
     """A fixed sample of (slide, row): slides take turns (so each gives about n_tiles / n_slides,
     and a small slide's share goes to the others), rows random within a slide; sorted."""
-    orders = [np.random.default_rng([seed, s]).choice(n, min(n, n_tiles), replace=False)
-              for s, n in enumerate(counts)]
+    orders = [np.random.default_rng([seed, s]).choice(n, min(n, n_tiles), replace=False) for s, n in enumerate(counts)]
     picks: list[tuple[int, int]] = []
     depth = 0
     while len(picks) < n_tiles and any(depth < len(o) for o in orders):
@@ -146,8 +153,8 @@ class Sample:
     """The tiles every backbone sees: images (uint8, tile size), prior maps, and their names."""
 
     ids: list[tuple[str, int]]
-    images: np.ndarray                  # (n, T, T, 3) uint8
-    priors: np.ndarray | None           # (n, T, T) uint8
+    images: np.ndarray  # (n, T, T, 3) uint8
+    priors: np.ndarray | None  # (n, T, T) uint8
     n_classes: int
     class_names: list[str]
 
@@ -168,8 +175,9 @@ class Sample:
         return token_occupancy(pm[:, 0].to(torch.uint8), self.n_classes, patch)
 
 
-def load_sample(tiles: list[str], priors: list[str] | None, n_tiles: int, seed: int,
-                n_classes: int | None = None) -> Sample:
+def load_sample(
+    tiles: list[str], priors: list[str] | None, n_tiles: int, seed: int, n_classes: int | None = None
+) -> Sample:
     from dirl import store
     from dirl.ssl.data import resolve_n_classes
 
@@ -200,46 +208,50 @@ class Measured:
     name: str
     meta: dict[str, Any]
     source: str
-    per_head: dict[str, np.ndarray]      # metric -> (n, heads)
-    head_mean: dict[str, np.ndarray]     # metric -> (n,) of the head-averaged map
-    share: np.ndarray | None             # (n, C) attention share per class (head-averaged map)
-    area: np.ndarray | None              # (n, C) area share per class
-    maps: torch.Tensor                   # (n_overlays, g, g) head-averaged maps
+    per_head: dict[str, np.ndarray]  # metric -> (n, heads)
+    head_mean: dict[str, np.ndarray]  # metric -> (n,) of the head-averaged map
+    share: np.ndarray | None  # (n, C) attention share per class (head-averaged map)
+    area: np.ndarray | None  # (n, C) area share per class
+    maps: torch.Tensor  # (n_overlays, g, g) head-averaged maps
 
     @property
     def headline(self) -> np.ndarray:
         return self.per_head["entropy"].mean(1)
 
 
-def measure(name: str, model: torch.nn.Module, meta: dict[str, Any], sample: Sample, s: AttentionSettings,
-            device: torch.device) -> Measured:
+def measure(
+    name: str, model: torch.nn.Module, meta: dict[str, Any], sample: Sample, s: AttentionSettings, device: torch.device
+) -> Measured:
     size = int(s.size or meta["img_size"])
     patch = int(meta.get("patch_size") or model.patch_embed.patch_size[0])
     if size % patch:
         raise DirlError(f"input size {size} is not a multiple of {name}'s patch size {patch}")
     npre = int(getattr(model, "num_prefix_tokens", 1))
     has_cls = npre > 0 and getattr(model, "cls_token", None) is not None
-    src = s.source if s.source != "auto" else (
-        "cls" if has_cls and meta.get("embed", "cls") == "cls" else "received")
+    src = s.source if s.source != "auto" else ("cls" if has_cls and meta.get("embed", "cls") == "cls" else "received")
     x = sample.inputs(size, meta["mean"], meta["std"])
     occ = sample.occupancy(size, patch)
     model.to(device).eval()
     parts = []
     with torch.no_grad():
         for a in range(0, len(x), s.batch_size):
-            parts.append(attention_over_patches(last_layer_attention(model, x[a:a + s.batch_size].to(device)),
-                                                npre, src).cpu())
+            parts.append(
+                attention_over_patches(last_layer_attention(model, x[a : a + s.batch_size].to(device)), npre, src).cpu()
+            )
     model.cpu()
     att = torch.cat(parts)  # (n, H, N)
     mean_map = att.mean(1)
     g = size // patch
     return Measured(
-        name, meta, src,
+        name,
+        meta,
+        src,
         per_head={k: v.numpy() for k, v in attention_metrics(att).items()},
         head_mean={k: v.numpy() for k, v in attention_metrics(mean_map).items()},
         share=class_share(mean_map[:, None], occ)[:, 0].numpy() if occ is not None else None,
         area=occ.double().mean(1).numpy() if occ is not None else None,
-        maps=mean_map[: s.n_overlays].reshape(-1, g, g))
+        maps=mean_map[: s.n_overlays].reshape(-1, g, g),
+    )
 
 
 def untrained_like(meta: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -257,9 +269,13 @@ def untrained_like(meta: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any
 # summaries and comparisons
 def _summary(v: np.ndarray) -> dict[str, float]:
     v = np.asarray(v, dtype=np.float64)
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "median": float(np.median(v)), "q25": float(np.quantile(v, 0.25)),
-            "q75": float(np.quantile(v, 0.75))}
+    return {
+        "mean": float(v.mean()),
+        "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        "median": float(np.median(v)),
+        "q25": float(np.quantile(v, 0.25)),
+        "q75": float(np.quantile(v, 0.75)),
+    }
 
 
 def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -273,14 +289,21 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
             p = float(wilcoxon(d).pvalue)
         except ValueError:
             p = None
-    return {"mean_diff": float(d.mean()), "sd_diff": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-            "frac_higher": float((d > 0).mean()), "wilcoxon_p": p}
+    return {
+        "mean_diff": float(d.mean()),
+        "sd_diff": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+        "frac_higher": float((d > 0).mean()),
+        "wilcoxon_p": p,
+    }
 
 
 def describe(m: Measured, class_names: list[str]) -> dict[str, Any]:
     res: dict[str, Any] = {
-        "backbone": m.meta.get("path"), "arch": m.meta.get("arch"), "method": m.meta.get("method"),
-        "seed": m.meta.get("settings", {}).get("seed"), "source": m.source,
+        "backbone": m.meta.get("path"),
+        "arch": m.meta.get("arch"),
+        "method": m.meta.get("method"),
+        "seed": m.meta.get("settings", {}).get("seed"),
+        "source": m.source,
         "n_tokens": int(m.maps.shape[-1] ** 2),
         "n_heads": int(m.per_head["entropy"].shape[1]),
         HEADLINE: _summary(m.headline),
@@ -290,23 +313,32 @@ def describe(m: Measured, class_names: list[str]) -> dict[str, Any]:
     }
     if m.share is not None:
         share, area = m.share.mean(0), m.area.mean(0)
-        res["class_share"] = {"classes": class_names, "attention": [float(v) for v in share],
-                              "area": [float(v) for v in area],
-                              "enrichment": [float(a / b) if b > 0 else None for a, b in zip(share, area)]}
-    res["per_image"] = {HEADLINE: [float(v) for v in m.headline],
-                        **{f"map_{k}": [float(x) for x in v] for k, v in m.head_mean.items()}}
+        res["class_share"] = {
+            "classes": class_names,
+            "attention": [float(v) for v in share],
+            "area": [float(v) for v in area],
+            "enrichment": [float(a / b) if b > 0 else None for a, b in zip(share, area)],
+        }
+    res["per_image"] = {
+        HEADLINE: [float(v) for v in m.headline],
+        **{f"map_{k}": [float(x) for x in v] for k, v in m.head_mean.items()},
+    }
     return res
 
 
 def compare(a: Measured, b: Measured) -> dict[str, Any]:
     """b against a on the same tiles: the headline, the head-averaged map's metrics, and per class the
     difference in enrichment."""
-    out = {HEADLINE: _paired(a.headline, b.headline),
-           **{f"map_{k}": _paired(a.head_mean[k], b.head_mean[k]) for k in METRICS}}
+    out = {
+        HEADLINE: _paired(a.headline, b.headline),
+        **{f"map_{k}": _paired(a.head_mean[k], b.head_mean[k]) for k in METRICS},
+    }
     if a.share is not None and b.share is not None:
         area = a.area.mean(0)
-        out["enrichment_diff"] = [float((b.share.mean(0)[c] - a.share.mean(0)[c]) / area[c]) if area[c] > 0
-                                  else None for c in range(len(area))]
+        out["enrichment_diff"] = [
+            float((b.share.mean(0)[c] - a.share.mean(0)[c]) / area[c]) if area[c] > 0 else None
+            for c in range(len(area))
+        ]
     return out
 
 
@@ -335,19 +367,33 @@ def replicates(measured: dict[str, Measured], pairs: list[tuple[str, str]]) -> d
     seeds = by_seed(list(measured))
     out: dict[str, Any] = {}
     for a, b in pairs:
-        rows = {seed: _paired(measured[runs[a]].headline, measured[runs[b]].headline)["mean_diff"]
-                for seed, runs in sorted(seeds.items()) if a in runs and b in runs}
+        rows = {
+            seed: _paired(measured[runs[a]].headline, measured[runs[b]].headline)["mean_diff"]
+            for seed, runs in sorted(seeds.items())
+            if a in runs and b in runs
+        }
         if rows:
             v = np.array(list(rows.values()))
-            out[f"{b}_minus_{a}"] = {"per_seed": {str(k): v_ for k, v_ in rows.items()},
-                                     "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                                     "n_seeds": len(v), "same_sign": bool(np.all(v > 0) or np.all(v < 0))}
+            out[f"{b}_minus_{a}"] = {
+                "per_seed": {str(k): v_ for k, v_ in rows.items()},
+                "mean": float(v.mean()),
+                "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                "n_seeds": len(v),
+                "same_sign": bool(np.all(v > 0) or np.all(v < 0)),
+            }
     return out
 
 
-def analyse(backbones: dict[str, str], tiles: list[str], priors: list[str] | None,
-            s: AttentionSettings = AttentionSettings(), *, untrained: bool = False,
-            overlays: str | None = None, cohort: str | None = None) -> dict[str, Any]:
+def analyse(
+    backbones: dict[str, str],
+    tiles: list[str],
+    priors: list[str] | None,
+    s: AttentionSettings = AttentionSettings(),
+    *,
+    untrained: bool = False,
+    overlays: str | None = None,
+    cohort: str | None = None,
+) -> dict[str, Any]:
     """Run the diagnostics on every backbone (and the untrained references); returns the summary."""
     from dirl.encoders import load_backbone
     from dirl.runtime import resolve_device
@@ -373,13 +419,17 @@ def analyse(backbones: dict[str, str], tiles: list[str], priors: list[str] | Non
     methods = sorted({m for runs in seeds.values() for m in runs} - {UNTRAINED})
     pairs = [(UNTRAINED, m) for m in methods] + ([("dino", "dirl")] if {"dino", "dirl"} <= set(methods) else [])
     summary = {
-        "cohort": cohort, "n_images": len(sample.ids), "seed": s.seed, "headline": HEADLINE,
+        "cohort": cohort,
+        "n_images": len(sample.ids),
+        "seed": s.seed,
+        "headline": HEADLINE,
         "note": "head_entropy: mean over heads of each head's H/log N (1 = uniform); map_*: metrics of the "
-                "head-averaged map; comparisons: second minus first, paired by tile",
+        "head-averaged map; comparisons: second minus first, paired by tile",
         "tiles": [list(t) for t in sample.ids],
         "runs": {n: describe(m, sample.class_names) for n, m in measured.items()},
-        "comparisons": {f"{b}_vs_{a}": compare(measured[a], measured[b])
-                        for i, a in enumerate(names) for b in names[i + 1:]},
+        "comparisons": {
+            f"{b}_vs_{a}": compare(measured[a], measured[b]) for i, a in enumerate(names) for b in names[i + 1 :]
+        },
         "replicates": replicates(measured, pairs),
     }
     if overlays:
@@ -457,9 +507,13 @@ def _parse_backbones(items: list[str]) -> dict[str, str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", action="append", required=True,
-                   help="[NAME=]path/to/backbone.pt (backbone.json beside it); repeat to compare "
-                        "(NAME defaults to the parent directory, e.g. pretrain/dirl -> dirl)")
+    p.add_argument(
+        "--backbone",
+        action="append",
+        required=True,
+        help="[NAME=]path/to/backbone.pt (backbone.json beside it); repeat to compare "
+        "(NAME defaults to the parent directory, e.g. pretrain/dirl -> dirl)",
+    )
     p.add_argument("--untrained", action="store_true", help="add the untrained reference of each seed")
     p.add_argument("--tiles", nargs="+", required=True)
     p.add_argument("--priors", nargs="+", help="priors stores in the order of --tiles (class shares)")
@@ -471,21 +525,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from dirl.store import atomic_path
-
     from dirl.runtime import torch_threads
+    from dirl.store import atomic_path
 
     s = AttentionSettings.from_args(args)
     with torch_threads(args.threads):
-        summary = analyse(_parse_backbones(args.backbone), args.tiles, args.priors, s, untrained=args.untrained,
-                          overlays=args.overlays, cohort=args.cohort)
+        summary = analyse(
+            _parse_backbones(args.backbone),
+            args.tiles,
+            args.priors,
+            s,
+            untrained=args.untrained,
+            overlays=args.overlays,
+            cohort=args.cohort,
+        )
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
     for name, res in summary["runs"].items():
-        log.info("%s: per-head entropy %.4f (head-averaged map %.4f), Gini %.3f, top-50%% tokens %.3f "
-                 "(n=%d)", name, res[HEADLINE]["mean"], res["head_averaged_map"]["entropy"]["mean"],
-                 res["head_averaged_map"]["gini"]["mean"], res["head_averaged_map"]["top50_share"]["mean"],
-                 summary["n_images"])
+        log.info(
+            "%s: per-head entropy %.4f (head-averaged map %.4f), Gini %.3f, top-50%% tokens %.3f (n=%d)",
+            name,
+            res[HEADLINE]["mean"],
+            res["head_averaged_map"]["entropy"]["mean"],
+            res["head_averaged_map"]["gini"]["mean"],
+            res["head_averaged_map"]["top50_share"]["mean"],
+            summary["n_images"],
+        )
     for key, r in summary["replicates"].items():
-        log.info("%s per seed: %s; mean %.4f ± %.4f", key,
-                 ", ".join(f"s{k} {v:+.4f}" for k, v in r["per_seed"].items()), r["mean"], r["sd"])
+        log.info(
+            "%s per seed: %s; mean %.4f ± %.4f",
+            key,
+            ", ".join(f"s{k} {v:+.4f}" for k, v in r["per_seed"].items()),
+            r["mean"],
+            r["sd"],
+        )

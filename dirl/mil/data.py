@@ -4,6 +4,7 @@ A bag is one slide: its (N, D) feature matrix from `features/{method}/{slide}.h5
 Bags keep their natural size (no padding). They are held in memory when the cohort fits in
 `memory_gb`, else read from disk per step (an HDF5 read of a 20 000 x 768 bag is ~60 MB, tens of ms).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,19 +25,23 @@ class Cohort:
 
     slide_ids: list[str]
     patient_ids: list[str]
-    labels: list[str]              # class name per slide
-    classes: list[str]             # sorted class names; class index = position here
+    labels: list[str]  # class name per slide
+    classes: list[str]  # sorted class names; class index = position here
 
     @property
     def y(self) -> np.ndarray:
         idx = {c: i for i, c in enumerate(self.classes)}
         return np.array([idx[label] for label in self.labels], dtype=np.int64)
 
-    def subset(self, keep: list[str]) -> "Cohort":
+    def subset(self, keep: list[str]) -> Cohort:
         pos = {s: i for i, s in enumerate(self.slide_ids)}
         ii = [pos[s] for s in keep]
-        return Cohort([self.slide_ids[i] for i in ii], [self.patient_ids[i] for i in ii],
-                      [self.labels[i] for i in ii], self.classes)
+        return Cohort(
+            [self.slide_ids[i] for i in ii],
+            [self.patient_ids[i] for i in ii],
+            [self.labels[i] for i in ii],
+            self.classes,
+        )
 
 
 def read_sample_sheet(path: str | Path) -> Cohort:
@@ -93,8 +98,6 @@ def open_bags(features_dir: str | Path, slide_ids: list[str]) -> tuple[Bags, lis
 
     A missing file is an error (run extract first); files from different encoders or dimensions in one
     directory are an error (a mixed cohort is never what was meant)."""
-    import h5py
-
     features_dir = Path(features_dir)
     paths, n_tiles, empty, missing = {}, {}, [], []
     dims, encoders = {}, {}
@@ -104,10 +107,9 @@ def open_bags(features_dir: str | Path, slide_ids: list[str]) -> tuple[Bags, lis
             missing.append(s)
             continue
         try:
-            with h5py.File(p, "r") as h:
-                shape = h["features"].shape
-                enc = h["features"].attrs.get("encoder", "")
-        except (OSError, KeyError) as e:
+            shape = store.feature_shape(p)
+            enc = shape[2] or ""
+        except OSError as e:
             raise ConfigError(f"feature file {p} cannot be read ({e}); delete it and rerun extract") from e
         if shape[0] == 0:
             empty.append(s)
@@ -116,11 +118,15 @@ def open_bags(features_dir: str | Path, slide_ids: list[str]) -> tuple[Bags, lis
         dims.setdefault(int(shape[1]), s)
         encoders.setdefault(str(enc), s)
     if missing:
-        raise ConfigError(f"{len(missing)} slide(s) of the sample sheet have no feature file in "
-                          f"{features_dir}: {', '.join(missing[:10])}; run `dirl extract` for them")
+        raise ConfigError(
+            f"{len(missing)} slide(s) of the sample sheet have no feature file in "
+            f"{features_dir}: {', '.join(missing[:10])}; run `dirl extract` for them"
+        )
     if len(dims) > 1 or len(encoders) > 1:
-        raise ConfigError(f"{features_dir} mixes feature files of different encoders/dimensions "
-                          f"({dict(list(encoders.items())[:3])}, dims {sorted(dims)}); re-extract them")
+        raise ConfigError(
+            f"{features_dir} mixes feature files of different encoders/dimensions "
+            f"({dict(list(encoders.items())[:3])}, dims {sorted(dims)}); re-extract them"
+        )
     if empty:
         log.warning("%d slide(s) have no tiles and are left out of MIL: %s", len(empty), ", ".join(empty))
     if not paths:

@@ -5,6 +5,7 @@ coordinates), so MIL needs no slide file and works where the slides are not moun
 tiles stay white. Attention is shown as percentile ranks within the slide (as CLAM does), so one
 slide's map is readable whatever the spread of its raw weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,9 @@ def pick_slides(rows: list[dict], classes: list[str], n: int) -> list[str]:
     return out
 
 
-def thumbnail(tiles_path: str | Path | None, coords: np.ndarray, tile_px_level0: int,
-              max_px: int = 1024) -> tuple[np.ndarray, float, np.ndarray, int]:
+def thumbnail(
+    tiles_path: str | Path | None, coords: np.ndarray, tile_px_level0: int, max_px: int = 1024
+) -> tuple[np.ndarray, float, np.ndarray, int]:
     """RGB thumbnail (H, W, 3) uint8 of the tiled area, scale (thumb px per level-0 px), each tile's
     top-left in the thumbnail, and the tile side in thumbnail px."""
     import torch
@@ -58,13 +60,22 @@ def thumbnail(tiles_path: str | Path | None, coords: np.ndarray, tile_px_level0:
             block = torch.from_numpy(tiles.read(a, min(len(tiles), a + step))).permute(0, 3, 1, 2).float()
             small = F.interpolate(block, size=(t, t), mode="area" if t < block.shape[-1] else "bilinear")
             small = small.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-            for (px, py), tile in zip(pos[a:a + len(small)], small):
-                img[py:py + t, px:px + t] = tile
+            for (px, py), tile in zip(pos[a : a + len(small)], small):
+                img[py : py + t, px : px + t] = tile
     return img, scale, pos, t
 
 
-def render(out_png: str | Path, coords: np.ndarray, attention: np.ndarray, *, tiles: str | Path | None,
-           tile_px_level0: int, title: str = "", max_px: int = 1024, alpha: float = 0.5) -> Path:
+def render(
+    out_png: str | Path,
+    coords: np.ndarray,
+    attention: np.ndarray,
+    *,
+    tiles: str | Path | None,
+    tile_px_level0: int,
+    title: str = "",
+    max_px: int = 1024,
+    alpha: float = 0.5,
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,8 +91,8 @@ def render(out_png: str | Path, coords: np.ndarray, attention: np.ndarray, *, ti
     mask = np.zeros(overlay.shape[:2], bool)
     colours = cmap(rank)[:, :3]
     for (px, py), col in zip(pos, colours):
-        heat[py:py + t, px:px + t] = col
-        mask[py:py + t, px:px + t] = True
+        heat[py : py + t, px : px + t] = col
+        mask[py : py + t, px : px + t] = True
     overlay[mask] = (1 - alpha) * overlay[mask] + alpha * heat[mask]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
     axes[0].imshow(thumb)

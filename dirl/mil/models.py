@@ -20,6 +20,7 @@
 * `meanpool` — mean of the tile features -> linear: the baseline every MIL model should beat. Its
                attention is uniform.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,6 +39,7 @@ def register(name: str):
     def deco(cls):
         MODELS[name] = cls
         return cls
+
     return deco
 
 
@@ -62,8 +64,7 @@ class MeanPool(nn.Module):
 
 @register("abmil")
 class ABMIL(nn.Module):
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, attn_dim: int = 128,
-                 dropout: float = 0.25, **_):
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, attn_dim: int = 128, dropout: float = 0.25, **_):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn_v = nn.Sequential(nn.Linear(hidden, attn_dim), nn.Tanh(), nn.Dropout(dropout))
@@ -72,10 +73,10 @@ class ABMIL(nn.Module):
         self.classifier = nn.Linear(hidden, n_classes)
 
     def forward(self, x):
-        h = self.fc(x)                                              # (N, H)
+        h = self.fc(x)  # (N, H)
         a = self.attn_w(self.attn_v(h) * self.attn_u(h)).squeeze(-1)  # (N,)
         a = torch.softmax(a.float(), dim=0)
-        m = (a.to(h.dtype).unsqueeze(-1) * h).sum(0)                # (H,)
+        m = (a.to(h.dtype).unsqueeze(-1) * h).sum(0)  # (H,)
         return self.classifier(m), a
 
 
@@ -95,19 +96,26 @@ def _pinv_iter(x, iters: int = 6):
 
 
 class NystromAttention(nn.Module):
-    def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, landmarks: int | None = None,
-                 pinv_iters: int = 6, residual_kernel: int = 33, dropout: float = 0.1):
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int | None = None,
+        landmarks: int | None = None,
+        pinv_iters: int = 6,
+        residual_kernel: int = 33,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         dim_head = dim_head or dim // heads
         self.heads, self.dim_head = heads, dim_head
         self.landmarks = landmarks or dim // 2
         self.pinv_iters = pinv_iters
-        self.scale = dim_head ** -0.5
+        self.scale = dim_head**-0.5
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout))
         pad = residual_kernel // 2
-        self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(pad, 0), groups=heads,
-                                  bias=False)
+        self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(pad, 0), groups=heads, bias=False)
 
     def forward(self, x, return_cls_attn: bool = False):
         b, n, _ = x.shape
@@ -123,9 +131,9 @@ class NystromAttention(nn.Module):
         seg = npad // m
         q_l = q.reshape(b, self.heads, m, seg, self.dim_head).mean(-2)
         k_l = k.reshape(b, self.heads, m, seg, self.dim_head).mean(-2)
-        attn1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)      # (b, h, n, m)
-        attn2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)    # (b, h, m, m)
-        attn3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)      # (b, h, m, n)
+        attn1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # (b, h, n, m)
+        attn2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # (b, h, m, m)
+        attn3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)  # (b, h, m, n)
         attn2_inv = _pinv_iter(attn2.float(), self.pinv_iters).to(attn2.dtype)
         left = attn1 @ attn2_inv
         out = left @ (attn3 @ v) + self.res_conv(v)
@@ -133,8 +141,8 @@ class NystromAttention(nn.Module):
         out = self.to_out(out)[:, pad:]
         if not return_cls_attn:
             return out, None
-        cls_row = (left[:, :, pad:pad + 1] @ attn3)[:, :, 0, pad:]    # the [CLS] row (first real token)
-        return out, cls_row.mean(1)                                   # (b, n)
+        cls_row = (left[:, :, pad : pad + 1] @ attn3)[:, :, 0, pad:]  # the [CLS] row (first real token)
+        return out, cls_row.mean(1)  # (b, n)
 
 
 class ExactAttention(nn.Module):
@@ -147,14 +155,13 @@ class ExactAttention(nn.Module):
 
     def forward(self, x, return_cls_attn: bool = False):
         b, n, d = x.shape
-        q, k, v = (t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
-                   for t in self.to_qkv(x).chunk(3, dim=-1))
+        q, k, v = (t.view(b, n, self.heads, self.dim_head).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         out = self.to_out(out.transpose(1, 2).reshape(b, n, d))
         if not return_cls_attn:
             return out, None
-        row = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)).float() * self.dim_head ** -0.5, dim=-1)
-        return out, row[:, :, 0].mean(1)                             # (b, n)
+        row = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)).float() * self.dim_head**-0.5, dim=-1)
+        return out, row[:, :, 0].mean(1)  # (b, n)
 
 
 class _TransLayer(nn.Module):
@@ -164,8 +171,7 @@ class _TransLayer(nn.Module):
         if attention == "exact":
             self.attn = ExactAttention(dim, heads=8, dropout=dropout)
         elif attention == "nystrom":
-            self.attn = NystromAttention(dim, heads=8, dim_head=dim // 8, landmarks=dim // 2,
-                                         dropout=dropout)
+            self.attn = NystromAttention(dim, heads=8, dim_head=dim // 8, landmarks=dim // 2, dropout=dropout)
         else:
             raise ConfigError(f"TransMIL attention {attention!r}: choose 'exact' or 'nystrom'")
 
@@ -191,8 +197,9 @@ class _PPEG(nn.Module):
 
 @register("transmil")
 class TransMIL(nn.Module):
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.1,
-                 attention: str = "exact", **_):
+    def __init__(
+        self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.1, attention: str = "exact", **_
+    ):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
@@ -204,7 +211,7 @@ class TransMIL(nn.Module):
 
     def forward(self, x):
         n = x.shape[0]
-        h = self.fc(x).unsqueeze(0)                           # (1, N, H)
+        h = self.fc(x).unsqueeze(0)  # (1, N, H)
         side = int(math.ceil(math.sqrt(n)))
         extra = side * side - n
         if extra:  # square the token grid by repeating the first tokens (as the paper's code does)
@@ -215,7 +222,7 @@ class TransMIL(nn.Module):
         h = self.ppeg(h, side)
         h, a = self.layer2(h, return_cls_attn=True)
         logits = self.classifier(self.norm(h[:, 0]))[0]
-        a = a[0, 1:1 + n].float().clamp_min(0)               # [CLS] attention over the real tiles
+        a = a[0, 1 : 1 + n].float().clamp_min(0)  # [CLS] attention over the real tiles
         a = a / a.sum().clamp_min(1e-12)
         return logits, a
 

@@ -7,6 +7,7 @@ on the feature source — so every feature source and MIL model is compared on i
 fold holds a test set (the k-fold part), and inside the remaining patients a patient-disjoint,
 stratified validation split for early stopping. `dirl mil` refuses splits made for another sheet.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ class SplitSettings(Settings):
     """The `mil` section's keys that make the splits."""
 
     folds: int = 5
-    val_fraction: float = field(default=0.2, metadata={"help": "share of each training fold's patients held "
-                                "out for early stopping (0: none)"})
+    val_fraction: float = field(
+        default=0.2, metadata={"help": "share of each training fold's patients held out for early stopping (0: none)"}
+    )
     seed: int = 0
 
 
@@ -43,8 +45,9 @@ def _sgkf(n_splits: int, seed: int, y, groups):
 
     with warnings.catch_warnings():  # "least populated class has only k members": checked ourselves
         warnings.simplefilter("ignore", UserWarning)
-        return list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-                    .split(np.zeros(len(y)), y, groups))
+        return list(
+            StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+        )
 
 
 def make_splits(cohort: Cohort, folds: int, val_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
@@ -57,8 +60,10 @@ def make_splits(cohort: Cohort, folds: int, val_fraction: float = 0.2, seed: int
     for k, c in enumerate(cohort.classes):
         n_pat = len(set(groups[y == k]))
         if n_pat < folds:
-            raise ConfigError(f"class {c!r} has {n_pat} patient(s) but mil.folds = {folds}: every class "
-                              f"needs at least as many patients as folds (lower mil.folds or add slides)")
+            raise ConfigError(
+                f"class {c!r} has {n_pat} patient(s) but mil.folds = {folds}: every class "
+                f"needs at least as many patients as folds (lower mil.folds or add slides)"
+            )
     ids = np.array(cohort.slide_ids)
     out = []
     for i, (tr, te) in enumerate(_sgkf(folds, seed, y, groups)):
@@ -70,13 +75,20 @@ def make_splits(cohort: Cohort, folds: int, val_fraction: float = 0.2, seed: int
             if n_inner >= 2:
                 itr, iva = _sgkf(n_inner, seed + 1000 + i, y[tr], groups[tr])[0]
                 val, tr = tr[iva], tr[itr]
-        out.append({"train": sorted(ids[tr].tolist()), "val": sorted(ids[val].tolist()),
-                    "test": sorted(ids[te].tolist())})
-    splits = {"version": VERSION, "folds": folds, "val_fraction": val_fraction, "seed": seed,
-              "classes": cohort.classes,
-              "slides": {s: {"patient": p, "label": lab}
-                         for s, p, lab in zip(cohort.slide_ids, cohort.patient_ids, cohort.labels)},
-              "splits": out}
+        out.append(
+            {"train": sorted(ids[tr].tolist()), "val": sorted(ids[val].tolist()), "test": sorted(ids[te].tolist())}
+        )
+    splits = {
+        "version": VERSION,
+        "folds": folds,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "classes": cohort.classes,
+        "slides": {
+            s: {"patient": p, "label": lab} for s, p, lab in zip(cohort.slide_ids, cohort.patient_ids, cohort.labels)
+        },
+        "splits": out,
+    }
     check_splits(splits)
     return splits
 
@@ -97,8 +109,11 @@ def check_splits(splits: dict[str, Any]) -> None:
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    diff = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in ("folds", "val_fraction", "seed", "classes")
-            if old.get(k) != new[k]]
+    diff = [
+        f"{k} {old.get(k)!r} -> {new[k]!r}"
+        for k in ("folds", "val_fraction", "seed", "classes")
+        if old.get(k) != new[k]
+    ]
     a, b = old.get("slides", {}), new["slides"]
     if set(a) != set(b):
         gone, added = sorted(set(a) - set(b)), sorted(set(b) - set(a))
@@ -121,8 +136,10 @@ def load_splits(path: str | Path, cohort: Cohort) -> dict[str, Any]:
     now = {s: {"patient": p, "label": lab} for s, p, lab in zip(cohort.slide_ids, cohort.patient_ids, cohort.labels)}
     diff = _differences({**splits, "folds": None}, {**splits, "folds": None, "slides": now, "classes": cohort.classes})
     if diff:
-        raise ConfigError(f"{path} was made for another sample sheet ({'; '.join(diff)}); make it again with "
-                          "`dirl splits` (results on the old splits are not comparable)")
+        raise ConfigError(
+            f"{path} was made for another sample sheet ({'; '.join(diff)}); make it again with "
+            "`dirl splits` (results on the old splits are not comparable)"
+        )
     check_splits(splits)
     return splits
 

@@ -13,6 +13,7 @@ Outputs in `--out` (= `mil/{source}/{model}/`), with the cohort's `mil/splits.js
   heatmaps/{slide}.png   tile attention painted on a thumbnail built from the tile store itself
                          (no slide file needed) for a few confidently, correctly classified slides
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,21 +42,26 @@ class MilSettings(Settings):
     dirl.mil.splits.SplitSettings)."""
 
     epochs: int = 50
-    patience: int = 10           # epochs without a better validation loss before stopping
+    patience: int = 10  # epochs without a better validation loss before stopping
     min_epochs: int = 5
     lr: float = 2e-4
     weight_decay: float = 1e-2
-    bags_per_step: int = 1       # bags per optimiser step (gradient accumulation, no padding)
-    max_tiles: int = 0           # random subset of larger training bags (0: whole bags)
-    standardize: bool = True     # per-dimension z-score of the features (training tiles' statistics)
+    bags_per_step: int = 1  # bags per optimiser step (gradient accumulation, no padding)
+    max_tiles: int = 0  # random subset of larger training bags (0: whole bags)
+    standardize: bool = True  # per-dimension z-score of the features (training tiles' statistics)
     hidden: int = 256
     dropout: float = 0.25
-    transmil_attention: str = field(default="exact", metadata={"choices": ("exact", "nystrom"), "help":
-                                    "TransMIL attention: exact softmax (SDPA kernels) or the paper's Nystrom"})
+    transmil_attention: str = field(
+        default="exact",
+        metadata={
+            "choices": ("exact", "nystrom"),
+            "help": "TransMIL attention: exact softmax (SDPA kernels) or the paper's Nystrom",
+        },
+    )
     seed: int = 0
-    heatmaps: int = 4            # attention heatmaps to draw (0: none)
+    heatmaps: int = 4  # attention heatmaps to draw (0: none)
     device: str = "auto"
-    memory_gb: float = 16.0      # hold bags in RAM up to this size
+    memory_gb: float = 16.0  # hold bags in RAM up to this size
     device_cache_gb: float = 4.0  # hold bags on the device up to this
 
 
@@ -173,8 +179,7 @@ class WeightedBagLoss:
         return float(np.dot(w, losses) / w.sum()) if len(losses) and w.sum() > 0 else float("nan")
 
 
-def _evaluate(model, get, ids: list[str], y: dict[str, int], loss_fn: WeightedBagLoss | None,
-              want_attention=False):
+def _evaluate(model, get, ids: list[str], y: dict[str, int], loss_fn: WeightedBagLoss | None, want_attention=False):
     """Probabilities, the (class-weighted) mean loss and attention of the bags `ids`."""
     import torch
 
@@ -192,9 +197,19 @@ def _evaluate(model, get, ids: list[str], y: dict[str, int], loss_fn: WeightedBa
     return np.array(probs), loss, attn
 
 
-def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[str], y: dict[str, int],
-               n_classes: int, cfg: MilSettings, device, fold: int = 0, cache_gb: float = 4.0,
-               get=None) -> tuple[Any, dict[str, Any]]:
+def train_fold(
+    model_name: str,
+    bags: Bags,
+    train_ids: list[str],
+    val_ids: list[str],
+    y: dict[str, int],
+    n_classes: int,
+    cfg: MilSettings,
+    device,
+    fold: int = 0,
+    cache_gb: float = 4.0,
+    get=None,
+) -> tuple[Any, dict[str, Any]]:
     """Train one model; returns (best model, info). `get(slide) -> tensor` can be shared across folds."""
     import torch
 
@@ -249,15 +264,33 @@ def train_fold(model_name: str, bags: Bags, train_ids: list[str], val_ids: list[
         elif epoch + 1 >= cfg.min_epochs and epoch - best["epoch"] >= cfg.patience:
             break
     model.load_state_dict(best["state"])
-    info = {"best_epoch": best["epoch"], "val_loss": best["loss"], "epochs_run": len(history),
-            "seconds": time.perf_counter() - t0, "steps": steps, "history": history}
+    info = {
+        "best_epoch": best["epoch"],
+        "val_loss": best["loss"],
+        "epochs_run": len(history),
+        "seconds": time.perf_counter() - t0,
+        "steps": steps,
+        "history": history,
+    }
     return model, info
 
 
 # --------------------------------------------------------------------------------------------------
-def run_cv(cohort: Cohort, bags: Bags, splits: dict[str, Any], model_name: str, out: Path, cfg: MilSettings,
-           device, *, excluded: list[str] = (), source: str = "", tiles_dir: Path | None = None,
-           n_heatmaps: int = 4, cache_gb: float = 4.0) -> dict[str, Any]:
+def run_cv(
+    cohort: Cohort,
+    bags: Bags,
+    splits: dict[str, Any],
+    model_name: str,
+    out: Path,
+    cfg: MilSettings,
+    device,
+    *,
+    excluded: list[str] = (),
+    source: str = "",
+    tiles_dir: Path | None = None,
+    n_heatmaps: int = 4,
+    cache_gb: float = 4.0,
+) -> dict[str, Any]:
     import torch
 
     from dirl.mil.models import MODELS
@@ -275,38 +308,77 @@ def run_cv(cohort: Cohort, bags: Bags, splits: dict[str, Any], model_name: str, 
     for i, f in enumerate(splits["splits"]):
         tr, va, te = ([s for s in f[k] if s not in drop] for k in ("train", "val", "test"))
         if not tr or not te:
-            raise ConfigError(f"fold {i} has no usable training or test slides after leaving out "
-                              f"{len(drop)} slide(s) without tiles")
+            raise ConfigError(
+                f"fold {i} has no usable training or test slides after leaving out {len(drop)} slide(s) without tiles"
+            )
         model, info = train_fold(model_name, bags, tr, va, y, len(classes), cfg, device, fold=i, get=get)
-        ckpt = {"model": model_name, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                "options": model_options(cfg), "in_dim": bags.dim,
-                "classes": classes, "fold": i, "encoder": bags.encoder,
-                **{k: info[k] for k in ("best_epoch", "val_loss", "epochs_run")}}
+        ckpt = {
+            "model": model_name,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "options": model_options(cfg),
+            "in_dim": bags.dim,
+            "classes": classes,
+            "fold": i,
+            "encoder": bags.encoder,
+            **{k: info[k] for k in ("best_epoch", "val_loss", "epochs_run")},
+        }
         with store.atomic_path(out / f"fold{i}" / "model.pt") as tmp:
             torch.save(ckpt, tmp)
         prob, _, att = _evaluate(model, get, te, y, None, want_attention=True)
         attention.update(att)
         yt = np.array([y[s] for s in te])
         m = compute_metrics(yt, prob)
-        fold_metrics.append({"fold": i, "n_train": len(tr), "n_val": len(va), "n_test": len(te), **m,
-                             **{k: info[k] for k in ("best_epoch", "val_loss", "epochs_run", "seconds",
-                                                    "steps")}})
-        log.info("fold %d: auc %.3f  bacc %.3f  f1 %.3f  (best epoch %d of %d, %.1f s)", i, m["auc"],
-                 m["balanced_accuracy"], m["f1_macro"], info["best_epoch"], info["epochs_run"],
-                 info["seconds"])
+        fold_metrics.append(
+            {
+                "fold": i,
+                "n_train": len(tr),
+                "n_val": len(va),
+                "n_test": len(te),
+                **m,
+                **{k: info[k] for k in ("best_epoch", "val_loss", "epochs_run", "seconds", "steps")},
+            }
+        )
+        log.info(
+            "fold %d: auc %.3f  bacc %.3f  f1 %.3f  (best epoch %d of %d, %.1f s)",
+            i,
+            m["auc"],
+            m["balanced_accuracy"],
+            m["f1_macro"],
+            info["best_epoch"],
+            info["epochs_run"],
+            info["seconds"],
+        )
         for s, p in zip(te, prob):
-            rows.append({"slide_id": s, "patient_id": patient[s], "label": classes[y[s]], "fold": i,
-                         "pred": classes[int(p.argmax())], **{f"prob_{c}": float(v) for c, v in zip(classes, p)}})
+            rows.append(
+                {
+                    "slide_id": s,
+                    "patient_id": patient[s],
+                    "label": classes[y[s]],
+                    "fold": i,
+                    "pred": classes[int(p.argmax())],
+                    **{f"prob_{c}": float(v) for c, v in zip(classes, p)},
+                }
+            )
     _write_predictions(out / "predictions.csv", rows, classes)
     yy = np.array([classes.index(r["label"]) for r in rows])
     pp = np.array([[r[f"prob_{c}"] for c in classes] for r in rows])
     keys = ("auc", "balanced_accuracy", "f1_macro")
     mean, sd = _mean_sd(fold_metrics, keys)
-    metrics = {"feature_source": source, "model": model_name, "encoder": bags.encoder, "classes": classes,
-               "n_slides": len(rows), "n_patients": len({r["patient_id"] for r in rows}),
-               "excluded_slides": sorted(drop), "folds": fold_metrics, "mean": mean, "sd": sd,
-               "pooled": compute_metrics(yy, pp), "config": asdict(cfg),
-               "splits": {k: splits[k] for k in ("folds", "val_fraction", "seed")}}
+    metrics = {
+        "feature_source": source,
+        "model": model_name,
+        "encoder": bags.encoder,
+        "classes": classes,
+        "n_slides": len(rows),
+        "n_patients": len({r["patient_id"] for r in rows}),
+        "excluded_slides": sorted(drop),
+        "folds": fold_metrics,
+        "mean": mean,
+        "sd": sd,
+        "pooled": compute_metrics(yy, pp),
+        "config": asdict(cfg),
+        "splits": {k: splits[k] for k in ("folds", "val_fraction", "seed")},
+    }
     plot_roc(out / "roc.png", rows, classes, title=f"{source or 'features'} / {model_name}")
     if n_heatmaps and model_name != "meanpool":
         from dirl.mil.heatmap import pick_slides, render
@@ -318,15 +390,29 @@ def run_cv(cohort: Cohort, bags: Bags, splits: dict[str, Any], model_name: str, 
             if tiles is not None and not tiles.exists():
                 log.warning("no tile store %s: heatmap of %s drawn without the thumbnail", tiles, s)
                 tiles = None
-            render(out / "heatmaps" / f"{s}.png", bags.coords(s), attention[s], tiles=tiles,
-                   tile_px_level0=_tile_size_level0(bags, s),
-                   title=f"{s}: {rows[[r['slide_id'] for r in rows].index(s)]['label']} ({model_name})")
+            render(
+                out / "heatmaps" / f"{s}.png",
+                bags.coords(s),
+                attention[s],
+                tiles=tiles,
+                tile_px_level0=_tile_size_level0(bags, s),
+                title=f"{s}: {rows[[r['slide_id'] for r in rows].index(s)]['label']} ({model_name})",
+            )
     elif n_heatmaps:
         log.info("meanpool attention is uniform: no heatmaps")
     write_json(out / "metrics.json", _json_safe(metrics))
-    log.info("%s/%s: AUC %.3f ± %.3f, balanced accuracy %.3f ± %.3f, F1 %.3f ± %.3f over %d folds",
-             source, model_name, mean["auc"], sd["auc"], mean["balanced_accuracy"], sd["balanced_accuracy"],
-             mean["f1_macro"], sd["f1_macro"], len(fold_metrics))
+    log.info(
+        "%s/%s: AUC %.3f ± %.3f, balanced accuracy %.3f ± %.3f, F1 %.3f ± %.3f over %d folds",
+        source,
+        model_name,
+        mean["auc"],
+        sd["auc"],
+        mean["balanced_accuracy"],
+        sd["balanced_accuracy"],
+        mean["f1_macro"],
+        sd["f1_macro"],
+        len(fold_metrics),
+    )
     return metrics
 
 
@@ -384,8 +470,13 @@ def plot_roc(path: Path, rows: list[dict], classes: list[str], title: str = "") 
                     a, b, _ = roc_curve(yc[m], p[m])
                     ax.plot(a, b, lw=0.8, alpha=0.4, color="grey")
     ax.plot([0, 1], [0, 1], ls="--", color="k", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"out-of-fold ROC {title}")
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title=f"out-of-fold ROC {title}",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     with store.atomic_path(path) as tmp:
@@ -406,15 +497,19 @@ def _flag(v: str) -> bool:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, label, [patient_id])")
     p.add_argument("--features", required=True, help="feature directory (features/{source})")
-    p.add_argument("--splits", required=True, help="the cohort's splits (`dirl splits`), shared by every "
-                   "feature source and model")
+    p.add_argument(
+        "--splits", required=True, help="the cohort's splits (`dirl splits`), shared by every feature source and model"
+    )
     p.add_argument("--model", default="abmil", help="MIL model: abmil, transmil, meanpool")
     p.add_argument("--out", required=True, help="output directory (mil/{source}/{model})")
     p.add_argument("--source", help="feature source name for tables (default: the feature directory name)")
     p.add_argument("--tiles", help="tile store directory (tiles/) for heatmap thumbnails")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default; 1 is fastest for small bags on a busy "
-                        "machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (0: torch's default; 1 is fastest for small bags on a busy machine)",
+    )
     MilSettings.add_arguments(p.add_argument_group("settings (MilSettings)"))
 
 
@@ -436,5 +531,17 @@ def _main(args: argparse.Namespace) -> None:
     bags, empty = open_bags(args.features, cohort.slide_ids)
     bags.preload([x for x in cohort.slide_ids if x not in set(empty)], s.memory_gb)
     source = args.source or Path(args.features.rstrip("/")).name
-    run_cv(cohort, bags, splits, args.model, out, s, resolve_device(s.device), excluded=empty, source=source,
-           tiles_dir=Path(args.tiles) if args.tiles else None, n_heatmaps=s.heatmaps, cache_gb=s.device_cache_gb)
+    run_cv(
+        cohort,
+        bags,
+        splits,
+        args.model,
+        out,
+        s,
+        resolve_device(s.device),
+        excluded=empty,
+        source=source,
+        tiles_dir=Path(args.tiles) if args.tiles else None,
+        n_heatmaps=s.heatmaps,
+        cache_gb=s.device_cache_gb,
+    )

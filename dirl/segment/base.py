@@ -13,6 +13,7 @@ consecutive ids, the per-nucleus table, the store) is shared. A new backend is o
 plus one line in `BACKENDS` below (or pass "package.module:Class" as the backend name). Backends that
 can overlap work across blocks (a GPU network and CPU post-processing) override `stream`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,8 +110,9 @@ def filter_relabel(labels: np.ndarray, mpp: float, min_area_um2: float, max_area
 def backend_class(name: str) -> type[Backend]:
     target = BACKENDS.get(name, name if ":" in name else None)
     if target is None:
-        raise ConfigError(f"unknown segmentation.backend {name!r}: choose one of {sorted(BACKENDS)} "
-                          "or give 'package.module:Class'")
+        raise ConfigError(
+            f"unknown segmentation.backend {name!r}: choose one of {sorted(BACKENDS)} or give 'package.module:Class'"
+        )
     mod, _, cls = target.partition(":")
     try:
         return getattr(importlib.import_module(mod), cls)

@@ -18,6 +18,7 @@ downloaded by Cellpose when allowed (`download`); otherwise, or when the downloa
 with a message that says where to put the file. An unknown name is an error: never a silent switch to
 another model or backend (Cellpose itself falls back to its default model).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,22 +37,22 @@ from dirl.segment.base import Backend, CommonParams, filter_relabel
 
 log = logging.getLogger(__name__)
 
-CELLPOSE_DIAMETER_PX = 30.0   # the cell diameter Cellpose-SAM's eval rescales to
-BSIZE = 256                   # Cellpose-SAM's network input size (fixed)
+CELLPOSE_DIAMETER_PX = 30.0  # the cell diameter Cellpose-SAM's eval rescales to
+BSIZE = 256  # Cellpose-SAM's network input size (fixed)
 
 
 @dataclasses.dataclass(frozen=True)
 class CellposeParams(CommonParams):
     model: str = "cpsam"
-    gpu: str = "auto"              # auto | true | false
-    batch_size: int = 32           # 256x256 network patches per forward pass
-    diameter_um: float = 8.0       # nucleus diameter, µm; 0 = no rescaling
+    gpu: str = "auto"  # auto | true | false
+    batch_size: int = 32  # 256x256 network patches per forward pass
+    diameter_um: float = 8.0  # nucleus diameter, µm; 0 = no rescaling
     flow_threshold: float = 0.4
     cellprob_threshold: float = 0.0
-    precision: str = "auto"        # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    net_tiles: int = 64            # tiles per network call: the unit the pipeline overlaps
-    min_size_px: int = 15          # Cellpose's own small-mask filter (eval's default), before µm² filters
-    masks_device: str = "auto"     # where the flow dynamics run: auto (the network's device) | cpu
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    net_tiles: int = 64  # tiles per network call: the unit the pipeline overlaps
+    min_size_px: int = 15  # Cellpose's own small-mask filter (eval's default), before µm² filters
+    masks_device: str = "auto"  # where the flow dynamics run: auto (the network's device) | cpu
     download: bool = True
 
 
@@ -72,27 +73,31 @@ def resolve_weights(model: str, download: bool = True) -> Path:
     if p.is_file():
         return p
     if p.suffix in (".pt", ".pth", ".bin") or os.sep in model or "/" in model:
-        raise ConfigError(f"Cellpose weights file {p} does not exist: fix segmentation.model "
-                          "(a file path or a Cellpose model name such as 'cpsam')")
+        raise ConfigError(
+            f"Cellpose weights file {p} does not exist: fix segmentation.model "
+            "(a file path or a Cellpose model name such as 'cpsam')"
+        )
     from cellpose import models
 
     names = list(models.MODEL_NAMES) + list(models.get_user_models())
     if model not in names:
-        raise ConfigError(f"unknown Cellpose model {model!r}: segmentation.model must be one of {names} "
-                          "or a path to a weights file")
+        raise ConfigError(
+            f"unknown Cellpose model {model!r}: segmentation.model must be one of {names} or a path to a weights file"
+        )
     target = Path(models.MODEL_DIR) / model
     if target.is_file():
         return target
     url = models._MODEL_URL + model
-    hint = (f"put the weights file at {target} (download {url} on a machine with internet access; "
-            "CELLPOSE_LOCAL_MODELS_PATH sets that folder) or set segmentation.model to the path of the file")
+    hint = (
+        f"put the weights file at {target} (download {url} on a machine with internet access; "
+        "CELLPOSE_LOCAL_MODELS_PATH sets that folder) or set segmentation.model to the path of the file"
+    )
     if not download:
         raise DirlError(f"Cellpose weights {model!r} are not on disk and downloading is off: {hint}")
     try:
         return Path(models.cache_model_path(model))
     except Exception as e:  # network down, proxy, disk full ...
-        raise DirlError(f"Cellpose weights {model!r} could not be downloaded ({type(e).__name__}: {e}): "
-                        f"{hint}") from e
+        raise DirlError(f"Cellpose weights {model!r} could not be downloaded ({type(e).__name__}: {e}): {hint}") from e
 
 
 def diameter_px(diameter_um: float, mpp: float) -> float | None:
@@ -116,11 +121,14 @@ class CellposeBackend(Backend):
 
         weights = resolve_weights(params.model, params.download)  # fail before anything heavy
         gpu = _flag(params.gpu)
-        has_gpu = torch.cuda.is_available() or (getattr(torch.backends, "mps", None) is not None
-                                                and torch.backends.mps.is_available())
+        has_gpu = torch.cuda.is_available() or (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        )
         if gpu == "true" and not has_gpu:
-            raise DirlError("segmentation.gpu is true but torch sees no GPU: set it to auto or false, or "
-                            "install a CUDA build of torch")
+            raise DirlError(
+                "segmentation.gpu is true but torch sees no GPU: set it to auto or false, or "
+                "install a CUDA build of torch"
+            )
         use_gpu = has_gpu and gpu != "false"
         if params.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"segmentation.precision must be auto, bf16 or fp32, got {params.precision!r}")
@@ -155,8 +163,11 @@ class CellposeBackend(Backend):
         run; `slide` is set by the caller that knows it (dirl.segment.run)."""
         from dirl.oom import HalvingBatch
 
-        self.net_batch = HalvingBatch(max(1, self.params.batch_size), what="the Cellpose network",
-                                      setting="segmentation.batch_size (dirl segment --batch-size)")
+        self.net_batch = HalvingBatch(
+            max(1, self.params.batch_size),
+            what="the Cellpose network",
+            setting="segmentation.batch_size (dirl segment --batch-size)",
+        )
 
     # -- the two stages
     def network(self, tiles: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -168,9 +179,17 @@ class CellposeBackend(Backend):
 
         x = transforms.normalize_img(np.asarray(tiles, dtype=np.float32), normalize=True, norm3D=False)
         rsz = rescale_factor(self.params.diameter_um, mpp)
-        yf, _ = self.net_batch.run(lambda bs: core.run_net(
-            self.cp.net, x, bsize=BSIZE, augment=False, batch_size=bs, tile_overlap=0.1,
-            rsz=rsz if rsz != 1.0 else None))
+        yf, _ = self.net_batch.run(
+            lambda bs: core.run_net(
+                self.cp.net,
+                x,
+                bsize=BSIZE,
+                augment=False,
+                batch_size=bs,
+                tile_overlap=0.1,
+                rsz=rsz if rsz != 1.0 else None,
+            )
+        )
         if rsz != 1.0:
             yf = transforms.resize_image(yf, tiles.shape[1], tiles.shape[2])
         return yf[..., -3:-1].transpose((3, 0, 1, 2)), yf[..., -1]
@@ -181,9 +200,16 @@ class CellposeBackend(Backend):
 
         niter = int(200 / rescale_factor(self.params.diameter_um, mpp))
         return dynamics.resize_and_compute_masks(
-            dP, cellprob, niter=niter, cellprob_threshold=self.params.cellprob_threshold,
-            flow_threshold=self.params.flow_threshold, resize=None, min_size=self.params.min_size_px,
-            max_size_fraction=0.4, device=self.masks_on)
+            dP,
+            cellprob,
+            niter=niter,
+            cellprob_threshold=self.params.cellprob_threshold,
+            flow_threshold=self.params.flow_threshold,
+            resize=None,
+            min_size=self.params.min_size_px,
+            max_size_fraction=0.4,
+            device=self.masks_on,
+        )
 
     def predict(self, tiles: np.ndarray, mpp: float) -> np.ndarray:
         dP, cellprob = self.network(tiles, mpp)
@@ -201,7 +227,7 @@ class CellposeBackend(Backend):
         for block in blocks:
             futs: list[Future[np.ndarray]] = []
             for s in range(0, len(block), step):
-                dP, prob = self.network(block[s:s + step], mpp)
+                dP, prob = self.network(block[s : s + step], mpp)
                 futs += [self._pool.submit(self._post, dP[:, i], prob[i], mpp) for i in range(prob.shape[0])]
                 # hand back finished blocks as soon as the chunk after them is on its way
                 while len(inflight) and all(f.done() for f in inflight[0][1]):

@@ -22,12 +22,10 @@ alone, no pandas), one row per nucleus, rows sorted by (tile, label):
 
 `dirl.segment.phenotype` reads these columns; a new backend only produces label images, never rows.
 """
+
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -45,10 +43,24 @@ _UNMIX = _stain_matrix()
 _OD_LUT = (-np.log10(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)).astype(np.float32)
 
 COLUMNS: dict[str, str] = {
-    "tile": "int64", "label": "uint32", "x": "float64", "y": "float64", "cx": "float32", "cy": "float32",
-    "area_um2": "float32", "perimeter_um": "float32", "major_um": "float32", "minor_um": "float32",
-    "eccentricity": "float32", "solidity": "float32", "circularity": "float32", "h_od": "float32",
-    "e_od": "float32", "h_od_std": "float32", "h_od_ring": "float32", "border": "uint8",
+    "tile": "int64",
+    "label": "uint32",
+    "x": "float64",
+    "y": "float64",
+    "cx": "float32",
+    "cy": "float32",
+    "area_um2": "float32",
+    "perimeter_um": "float32",
+    "major_um": "float32",
+    "minor_um": "float32",
+    "eccentricity": "float32",
+    "solidity": "float32",
+    "circularity": "float32",
+    "h_od": "float32",
+    "e_od": "float32",
+    "h_od_std": "float32",
+    "h_od_ring": "float32",
+    "border": "uint8",
 }
 
 
@@ -75,9 +87,16 @@ def empty_columns() -> dict[str, np.ndarray]:
     return {k: np.zeros(0, dtype=v) for k, v in COLUMNS.items()}
 
 
-def tile_features(image: np.ndarray, labels: np.ndarray, mpp: float, *, tile: int = 0,
-                  origin: tuple[float, float] = (0.0, 0.0), scale: float = 1.0,
-                  od: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def tile_features(
+    image: np.ndarray,
+    labels: np.ndarray,
+    mpp: float,
+    *,
+    tile: int = 0,
+    origin: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    od: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Table rows of the nuclei in one tile.
 
     labels: (T, T) instance ids 1..n (0 background), as written by `base.Backend.finish`.
@@ -91,7 +110,7 @@ def tile_features(image: np.ndarray, labels: np.ndarray, mpp: float, *, tile: in
         return empty_columns()
     h, e = od if od is not None else stain_od(image)
     lab = labels.astype(np.int32, copy=False)
-    fgi = np.flatnonzero(lab)              # nuclei cover a small part of a tile: work on those pixels
+    fgi = np.flatnonzero(lab)  # nuclei cover a small part of a tile: work on those pixels
     ids = lab.ravel()[fgi]
     rows = (fgi // lab.shape[1]).astype(np.float64)
     cols = (fgi % lab.shape[1]).astype(np.float64)
@@ -105,21 +124,22 @@ def tile_features(image: np.ndarray, labels: np.ndarray, mpp: float, *, tile: in
     cy, cx = mean(rows), mean(cols)
     # central second moments -> equivalent ellipse (as skimage.measure.regionprops; the variance of
     # a unit square is added so one-pixel-wide objects are not degenerate)
-    myy = mean(rows * rows) - cy ** 2 + 1 / 12
-    mxx = mean(cols * cols) - cx ** 2 + 1 / 12
+    myy = mean(rows * rows) - cy**2 + 1 / 12
+    mxx = mean(cols * cols) - cx**2 + 1 / 12
     mxy = mean(rows * cols) - cx * cy
-    tr, det = mxx + myy, mxx * myy - mxy ** 2
-    disc = np.sqrt(np.maximum(tr ** 2 / 4 - det, 0))
+    tr, det = mxx + myy, mxx * myy - mxy**2
+    disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0))
     l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 0)
     ecc = np.sqrt(np.clip(1 - l2 / np.maximum(l1, 1e-12), 0, 1))
     h_mean, e_mean = mean(hv), mean(ev)
-    h_std = np.sqrt(np.maximum(mean(hv * hv) - h_mean ** 2, 0))
+    h_std = np.sqrt(np.maximum(mean(hv * hv) - h_mean**2, 0))
 
     # ring of ~1.5 µm just outside each nucleus, outside every nucleus (where two rings meet, the
     # higher id wins: this is context, not geometry)
     ring_px = max(1, round(1.5 / mpp))
-    grown = cv2.dilate(lab.astype(np.float32), cv2.getStructuringElement(
-        cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1)))
+    grown = cv2.dilate(
+        lab.astype(np.float32), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
+    )
     ri = np.flatnonzero((lab == 0) & (grown > 0))
     rid = grown.ravel()[ri].astype(np.int64)
     rcnt = np.bincount(rid, minlength=n + 1)[1:]
@@ -148,7 +168,8 @@ def tile_features(image: np.ndarray, labels: np.ndarray, mpp: float, *, tile: in
         "label": np.arange(1, n + 1, dtype=np.uint32),
         "x": origin[0] + (cx + 0.5) * scale,
         "y": origin[1] + (cy + 0.5) * scale,
-        "cx": cx, "cy": cy,
+        "cx": cx,
+        "cy": cy,
         "area_um2": a_um2,
         "perimeter_um": perim * mpp,
         "major_um": 4 * np.sqrt(l1) * mpp,
@@ -156,7 +177,10 @@ def tile_features(image: np.ndarray, labels: np.ndarray, mpp: float, *, tile: in
         "eccentricity": ecc,
         "solidity": np.clip(cnt / np.maximum(hull, 1), 0, 1),
         "circularity": np.clip(4 * np.pi * cnt / np.maximum(perim, 1e-6) ** 2, 0, 1),
-        "h_od": h_mean, "e_od": e_mean, "h_od_std": h_std, "h_od_ring": h_ring,
+        "h_od": h_mean,
+        "e_od": e_mean,
+        "h_od_std": h_std,
+        "h_od_ring": h_ring,
         "border": border,
     }
     out = {k: np.asarray(v, dtype=COLUMNS[k]) for k, v in out.items()}

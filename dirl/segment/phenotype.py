@@ -11,6 +11,7 @@ model.json holds everything needed to classify any nucleus later (feature names 
 std, centroids in standardised space) and, to make the classes interpretable, per-class summaries and
 an automatic description. The gallery PNG shows example nuclei of each class with the class means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,8 @@ from typing import Any
 
 import numpy as np
 
-
-from dirl.errors import DirlError
 from dirl import store
-from dirl.segment import features
+from dirl.errors import DirlError
 from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,18 @@ FEATURES: tuple[tuple[str, str, str], ...] = (
     ("e_od", "e_od", "identity"),
     ("h_od_std", "h_od_std", "identity"),
 )
-SUMMARY = ("area_um2", "major_um", "minor_um", "eccentricity", "solidity", "circularity", "h_od", "e_od",
-           "h_od_std", "h_od_ring")
+SUMMARY = (
+    "area_um2",
+    "major_um",
+    "minor_um",
+    "eccentricity",
+    "solidity",
+    "circularity",
+    "h_od",
+    "e_od",
+    "h_od_std",
+    "h_od_ring",
+)
 VERSION = 1
 
 
@@ -61,10 +70,10 @@ def feature_matrix(table: dict[str, np.ndarray], spec: list[list[str]] | tuple =
 class PhenotypeSettings(Settings):
     """The `phenotypes` section's keys that fit the cell classes (the others paint the prior maps)."""
 
-    k: int = 4              # number of cell classes
-    sample: int = 50000     # nuclei sampled over the cohort for the fit
+    k: int = 4  # number of cell classes
+    sample: int = 50000  # nuclei sampled over the cohort for the fit
     seed: int = 0
-    n_init: int = 10        # k-means restarts
+    n_init: int = 10  # k-means restarts
 
 
 @dataclass
@@ -73,7 +82,7 @@ class PhenotypeModel:
     spec: list[list[str]]
     mean: np.ndarray
     std: np.ndarray
-    centroids: np.ndarray   # (k, F) in standardised units
+    centroids: np.ndarray  # (k, F) in standardised units
     raw: dict[str, Any]
 
     @classmethod
@@ -83,8 +92,14 @@ class PhenotypeModel:
             raise DirlError(f"phenotype model {path} does not exist: run `dirl phenotype` first")
         try:
             d = json.loads(path.read_text())
-            return cls(int(d["k"]), [list(f) for f in d["features"]], np.asarray(d["mean"], float),
-                       np.asarray(d["std"], float), np.asarray(d["centroids"], float), d)
+            return cls(
+                int(d["k"]),
+                [list(f) for f in d["features"]],
+                np.asarray(d["mean"], float),
+                np.asarray(d["std"], float),
+                np.asarray(d["centroids"], float),
+                d,
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise DirlError(f"phenotype model {path} is not a dirl model.json ({e}); rerun `dirl phenotype`") from e
 
@@ -102,6 +117,7 @@ class PhenotypeModel:
 
 def _describe(means: dict[str, float], all_means: dict[str, float], all_sd: dict[str, float]) -> str:
     """Words for a class from where its means sit relative to the whole sample (±0.5 sd)."""
+
     def z(k: str) -> float:
         return (means[k] - all_means[k]) / max(all_sd[k], 1e-9)
 
@@ -111,8 +127,9 @@ def _describe(means: dict[str, float], all_means: dict[str, float], all_sd: dict
     return f"{size} {tone} {shape}"
 
 
-def sample_nuclei(cells: list[Path], n: int, seed: int, columns: list[str]
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+def sample_nuclei(
+    cells: list[Path], n: int, seed: int, columns: list[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """A uniform random sample of at most n nuclei over all stores; nuclei cut by a tile edge are left
     out while at least min(n, a quarter of all nuclei) others exist. Returns the columns, the store index
     of each row, and the total number of nuclei. Memory: one slide's columns at a time."""
@@ -143,8 +160,9 @@ def sample_nuclei(cells: list[Path], n: int, seed: int, columns: list[str]
     return ({c: np.concatenate([q[c] for q in parts]) for c in columns}, np.concatenate(src), total)
 
 
-def fit(cells: list[Path], *, k: int = 4, sample: int = 50000, seed: int = 0, n_init: int = 10
-        ) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def fit(
+    cells: list[Path], *, k: int = 4, sample: int = 50000, seed: int = 0, n_init: int = 10
+) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Fit the classes. Returns (model dict, sampled table, store index per row, class per row)."""
     from sklearn.cluster import KMeans
 
@@ -154,8 +172,10 @@ def fit(cells: list[Path], *, k: int = 4, sample: int = 50000, seed: int = 0, n_
     tab, src, total = sample_nuclei(cells, sample, seed, columns)
     m = len(tab["tile"])
     if m < k:
-        raise DirlError(f"only {m} nuclei in {len(cells)} cells store(s), fewer than phenotypes.k={k}: "
-                        "check the segmentation (overlays) or lower k")
+        raise DirlError(
+            f"only {m} nuclei in {len(cells)} cells store(s), fewer than phenotypes.k={k}: "
+            "check the segmentation (overlays) or lower k"
+        )
     x = feature_matrix(tab)
     mean, std = x.mean(0), x.std(0)
     std = np.where(std > 1e-9, std, 1.0)
@@ -175,26 +195,59 @@ def fit(cells: list[Path], *, k: int = 4, sample: int = 50000, seed: int = 0, n_
     for c in range(k):
         sel = cls == c
         means = {f: float(tab[f][sel].mean()) for f in SUMMARY}
-        classes.append({"id": c, "prior_value": c + 2, "n": int(sel.sum()), "fraction": float(sel.mean()),
-                        "description": _describe(means, all_means, all_sd), "mean": means,
-                        "sd": {f: float(tab[f][sel].std()) for f in SUMMARY}})
+        classes.append(
+            {
+                "id": c,
+                "prior_value": c + 2,
+                "n": int(sel.sum()),
+                "fraction": float(sel.mean()),
+                "description": _describe(means, all_means, all_sd),
+                "mean": means,
+                "sd": {f: float(tab[f][sel].std()) for f in SUMMARY},
+            }
+        )
     model = {
-        "version": VERSION, "method": "kmeans", "k": k, "seed": seed, "n_init": n_init,
-        "features": [list(f) for f in FEATURES], "mean": mean.tolist(), "std": std.tolist(),
-        "centroids": centroids.tolist(), "classes": classes,
-        "prior_values": {"0": "background (glass)", "1": "non-nuclear tissue",
-                         **{str(c + 2): f"class {c}: {classes[c]['description']}" for c in range(k)}},
-        "sample": {"requested": sample, "used": m, "total_nuclei": total, "slides": len(cells),
-                   "excluded": "nuclei touching a tile edge, unless too few others"},
+        "version": VERSION,
+        "method": "kmeans",
+        "k": k,
+        "seed": seed,
+        "n_init": n_init,
+        "features": [list(f) for f in FEATURES],
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "centroids": centroids.tolist(),
+        "classes": classes,
+        "prior_values": {
+            "0": "background (glass)",
+            "1": "non-nuclear tissue",
+            **{str(c + 2): f"class {c}: {classes[c]['description']}" for c in range(k)},
+        },
+        "sample": {
+            "requested": sample,
+            "used": m,
+            "total_nuclei": total,
+            "slides": len(cells),
+            "excluded": "nuclei touching a tile edge, unless too few others",
+        },
         "cells": [str(p) for p in cells],
         "inertia": float(km.inertia_),
     }
     return model, tab, src, cls
 
 
-def write_gallery(path: str | os.PathLike, model: dict[str, Any], tab: dict[str, np.ndarray],
-                  src: np.ndarray, cls: np.ndarray, cells: list[Path], tiles: list[Path | None], *,
-                  per_class: int = 10, crop_um: float = 24.0, seed: int = 0) -> None:
+def write_gallery(
+    path: str | os.PathLike,
+    model: dict[str, Any],
+    tab: dict[str, np.ndarray],
+    src: np.ndarray,
+    cls: np.ndarray,
+    cells: list[Path],
+    tiles: list[Path | None],
+    *,
+    per_class: int = 10,
+    crop_um: float = 24.0,
+    seed: int = 0,
+) -> None:
     """A grid of example nuclei per class (rows), with their contour, titled with the class means."""
     import matplotlib
 
@@ -249,11 +302,16 @@ def write_gallery(path: str | os.PathLike, model: dict[str, Any], tab: dict[str,
         axes[c, 0].set_title(
             f"class {c} (prior {c + 2}): {info['description']} - n={info['n']}, "
             f"area {mu['area_um2']:.0f} µm², ecc {mu['eccentricity']:.2f}, sol {mu['solidity']:.2f}, "
-            f"H {mu['h_od']:.2f}, E {mu['e_od']:.2f}", loc="left", fontsize=8)
-    fig.suptitle(f"nucleus classes: k-means k={k} on {model['sample']['used']} nuclei "
-                 f"of {model['sample']['slides']} slide(s), seed {model['seed']}", fontsize=9)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / fig.get_figheight(), hspace=0.35,
-                        wspace=0.05)
+            f"H {mu['h_od']:.2f}, E {mu['e_od']:.2f}",
+            loc="left",
+            fontsize=8,
+        )
+    fig.suptitle(
+        f"nucleus classes: k-means k={k} on {model['sample']['used']} nuclei "
+        f"of {model['sample']['slides']} slide(s), seed {model['seed']}",
+        fontsize=9,
+    )
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / fig.get_figheight(), hspace=0.35, wspace=0.05)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
@@ -291,7 +349,14 @@ def main(args: argparse.Namespace) -> None:
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(model, indent=1))
     for c in model["classes"]:
-        log.info("class %d (prior %d): %-26s n=%d area %.0f µm² H %.2f", c["id"], c["prior_value"],
-                 c["description"], c["n"], c["mean"]["area_um2"], c["mean"]["h_od"])
+        log.info(
+            "class %d (prior %d): %-26s n=%d area %.0f µm² H %.2f",
+            c["id"],
+            c["prior_value"],
+            c["description"],
+            c["n"],
+            c["mean"]["area_um2"],
+            c["mean"]["h_od"],
+        )
     if args.gallery:
         write_gallery(args.gallery, model, tab, src, cls, cells, _match_tiles(cells, args.tiles), seed=s.seed)

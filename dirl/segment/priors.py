@@ -17,6 +17,7 @@
 The overlay PNG shows a few tiles (the ones with most nuclei, and a spread below) with nucleus
 contours coloured by class next to their prior map.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,27 +30,37 @@ from typing import Any
 
 import numpy as np
 
-
 from dirl import store
-from dirl.segment import features
 from dirl.segment.phenotype import PhenotypeModel
 from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # class colours (tab10 without grey), RGB
-PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-                    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207)], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (188, 189, 34),
+        (23, 190, 207),
+    ],
+    dtype=np.uint8,
+)
 
 
 @dataclass(frozen=True)
 class PriorSettings(Settings):
     """The `phenotypes` section's keys that paint the maps (the others fit the classes)."""
 
-    dilate_um: float = 1.0      # nuclei grow by this much into the map (their boundary pixels count)
-    glass_sat: float = 0.06     # glass: saturation below this ...
-    glass_value: float = 0.75   # ... and brightness above this, after smoothing
-    smooth_um: float = 2.0      # box smoothing before the glass test
+    dilate_um: float = 1.0  # nuclei grow by this much into the map (their boundary pixels count)
+    glass_sat: float = 0.06  # glass: saturation below this ...
+    glass_value: float = 0.75  # ... and brightness above this, after smoothing
+    smooth_um: float = 2.0  # box smoothing before the glass test
 
 
 def glass_mask(rgb: np.ndarray, mpp: float, s: PriorSettings = PriorSettings()) -> np.ndarray:
@@ -58,14 +69,15 @@ def glass_mask(rgb: np.ndarray, mpp: float, s: PriorSettings = PriorSettings()) 
 
     k = max(1, round(s.smooth_um / mpp)) | 1
     x = cv2.blur(rgb, (k, k)).astype(np.float32) / 255 if k > 1 else rgb.astype(np.float32) / 255
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]   # (faster than reducing over a length-3 last axis)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]  # (faster than reducing over a length-3 last axis)
     mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
     sat = (mx - mn) / np.maximum(mx, 1e-6)
     return (mx >= s.glass_value) & (sat < s.glass_sat)
 
 
-def paint(rgb: np.ndarray, labels: np.ndarray, lut: np.ndarray, mpp: float,
-          s: PriorSettings = PriorSettings()) -> np.ndarray:
+def paint(
+    rgb: np.ndarray, labels: np.ndarray, lut: np.ndarray, mpp: float, s: PriorSettings = PriorSettings()
+) -> np.ndarray:
     """Prior map (T, T) uint8 of one tile; lut[label] = prior value (2..K+1) of each nucleus."""
     from skimage.segmentation import expand_labels
 
@@ -94,10 +106,17 @@ def _luts(tab: dict[str, np.ndarray], values: np.ndarray, n_tiles: int) -> list[
     return out
 
 
-def make_priors(tiles_path: str | Path, cells_path: str | Path, model_path: str | Path, out: str | Path,
-                s: PriorSettings = PriorSettings(), *, overlay: str | Path | None = None,
-                threads: int = 2, n_overlay: int = 4) -> dict[str, Any]:
-    from dirl import store
+def make_priors(
+    tiles_path: str | Path,
+    cells_path: str | Path,
+    model_path: str | Path,
+    out: str | Path,
+    s: PriorSettings = PriorSettings(),
+    *,
+    overlay: str | Path | None = None,
+    threads: int = 2,
+    n_overlay: int = 4,
+) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     tiles = store.open_tiles(tiles_path)
@@ -113,26 +132,46 @@ def make_priors(tiles_path: str | Path, cells_path: str | Path, model_path: str 
     luts = _luts(tab, values, n)
     n_classes = store.prior_value(model.k)
     names = store.prior_class_names([c["description"] for c in model.raw["classes"]])
-    attrs = {"slide_id": tiles.slide_id, "mpp": mpp, "tile_px": tp, "k": model.k, "n_classes": n_classes,
-             "class_names": names, "model": str(Path(model_path)), "cells": str(Path(cells_path)),
-             "settings": asdict(s)}
+    attrs = {
+        "slide_id": tiles.slide_id,
+        "mpp": mpp,
+        "tile_px": tp,
+        "k": model.k,
+        "n_classes": n_classes,
+        "class_names": names,
+        "model": str(Path(model_path)),
+        "cells": str(Path(cells_path)),
+        "settings": asdict(s),
+    }
     counts = np.zeros(n_classes, dtype=np.int64)
-    with store.map_store_writer(out, "priors", n=n, tile_px=tp, dtype="uint8", attrs=attrs) as (root, arr), \
-            ThreadPoolExecutor(max(1, threads)) as pool:
+    with (
+        store.map_store_writer(out, "priors", n=n, tile_px=tp, dtype="uint8", attrs=attrs) as (root, arr),
+        ThreadPoolExecutor(max(1, threads)) as pool,
+    ):
         for start in range(0, n, store.SHARD_TILES):
             stop = min(n, start + store.SHARD_TILES)
             imgs, labs = tiles.read(start, stop), np.asarray(labels[start:stop])
-            block = np.stack(list(pool.map(
-                lambda i, imgs=imgs, labs=labs, start=start: paint(imgs[i], labs[i], luts[start + i], mpp, s),
-                range(stop - start))))
+            block = np.stack(
+                list(
+                    pool.map(
+                        lambda i, imgs=imgs, labs=labs, start=start: paint(imgs[i], labs[i], luts[start + i], mpp, s),
+                        range(stop - start),
+                    )
+                )
+            )
             arr[start:stop] = block
             counts += np.bincount(block.ravel(), minlength=n_classes)[:n_classes]
         root.attrs["pixel_fractions"] = (counts / max(counts.sum(), 1)).round(5).tolist()
     if overlay:
         write_overlay(overlay, tiles, labels, out, tab, cls, model)
     dt = time.perf_counter() - t0
-    log.info("slide %r: priors for %d tiles in %.1f s; pixel fractions %s", tiles.slide_id, n, dt,
-             (counts / max(counts.sum(), 1)).round(3).tolist())
+    log.info(
+        "slide %r: priors for %d tiles in %.1f s; pixel fractions %s",
+        tiles.slide_id,
+        n,
+        dt,
+        (counts / max(counts.sum(), 1)).round(3).tolist(),
+    )
     return {"tiles": n, "fractions": (counts / max(counts.sum(), 1)).tolist(), "seconds": dt}
 
 
@@ -146,13 +185,20 @@ def pick_tiles(tab: dict[str, np.ndarray], n_tiles: int, k: int) -> list[int]:
     return [int(order[i]) for i in idx]
 
 
-def write_overlay(path: str | Path, tiles: Any, labels: Any, priors_path: str | Path,
-                  tab: dict[str, np.ndarray], cls: np.ndarray, model: PhenotypeModel, n: int = 4) -> None:
+def write_overlay(
+    path: str | Path,
+    tiles: Any,
+    labels: Any,
+    priors_path: str | Path,
+    tab: dict[str, np.ndarray],
+    cls: np.ndarray,
+    model: PhenotypeModel,
+    n: int = 4,
+) -> None:
     """PNG: per chosen tile, the image with class-coloured nucleus contours | the prior map."""
     from PIL import Image, ImageDraw
     from skimage.segmentation import find_boundaries
 
-    from dirl import store
     from dirl.store import atomic_path
 
     pri = store.open_map(priors_path, "priors", len(tiles))

@@ -6,13 +6,14 @@ backend (dirl.segment.base), measures every nucleus (dirl.segment.features) and 
 The next shard is read while the current one is segmented; memory is one or two shards whatever the
 slide size. The store is written atomically (a temporary sibling renamed at the end).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
-import typing
 import time
+import typing
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +43,9 @@ def _blocks(tiles: Any, step: int, pool: ThreadPoolExecutor) -> Iterator[np.ndar
         yield block
 
 
-def segment_store(tiles_path: str | Path, out: str | Path, backend: base.Backend, *,
-                  threads: int = 2, block: int | None = None) -> dict[str, Any]:
+def segment_store(
+    tiles_path: str | Path, out: str | Path, backend: base.Backend, *, threads: int = 2, block: int | None = None
+) -> dict[str, Any]:
     """Segment every tile of `tiles_path` into the cells store `out`. Returns a summary."""
     from tqdm import tqdm
 
@@ -54,29 +56,40 @@ def segment_store(tiles_path: str | Path, out: str | Path, backend: base.Backend
     n, tp, mpp = len(tiles), tiles.tile_px, tiles.mpp
     scale = float(tiles.attrs["tile_px_level0"]) / tp if n else 1.0  # a failed slide's store has none
     step = block or store.SHARD_TILES
-    attrs = {**backend.describe(), "slide_id": tiles.slide_id, "mpp": mpp, "tile_px": tp,
-             "tiles": str(Path(tiles_path)), "tile_px_level0": tiles.attrs["tile_px_level0"],
-             **({"failed": tiles.failed} if tiles.failed else {})}
+    attrs = {
+        **backend.describe(),
+        "slide_id": tiles.slide_id,
+        "mpp": mpp,
+        "tile_px": tp,
+        "tiles": str(Path(tiles_path)),
+        "tile_px_level0": tiles.attrs["tile_px_level0"],
+        **({"failed": tiles.failed} if tiles.failed else {}),
+    }
     n_nuc = 0
-    oom = getattr(backend, "net_batch", None)   # dirl.oom.HalvingBatch of GPU backends: name the slide
+    oom = getattr(backend, "net_batch", None)  # dirl.oom.HalvingBatch of GPU backends: name the slide
     if oom is not None:
         oom.slide = tiles.slide_id
-    with store.map_store_writer(out, "labels", n=n, tile_px=tp, dtype="uint32", attrs=attrs) as (root, arr), \
-            ThreadPoolExecutor(max(1, threads)) as pool, \
-            ThreadPoolExecutor(1) as reader, \
-            tqdm(total=n, unit="tile", desc=f"segment {tiles.slide_id}", disable=None, mininterval=2) as bar:
-        table = store.NucleusTableWriter(root, features.COLUMNS, {"mpp": mpp, "units": {"x": "level-0 px", "y": "level-0 px",
-                                                                  "area_um2": "µm²"}})
+    with (
+        store.map_store_writer(out, "labels", n=n, tile_px=tp, dtype="uint32", attrs=attrs) as (root, arr),
+        ThreadPoolExecutor(max(1, threads)) as pool,
+        ThreadPoolExecutor(1) as reader,
+        tqdm(total=n, unit="tile", desc=f"segment {tiles.slide_id}", disable=None, mininterval=2) as bar,
+    ):
+        table = store.NucleusTableWriter(
+            root, features.COLUMNS, {"mpp": mpp, "units": {"x": "level-0 px", "y": "level-0 px", "area_um2": "µm²"}}
+        )
         start = 0
         for labels, images in _zip_stream(backend, _blocks(tiles, step, reader), mpp):
             m = len(labels)
-            arr[start:start + m] = labels
+            arr[start : start + m] = labels
 
-            def feats(i: int, start: int = start, labels: np.ndarray = labels,
-                      images: np.ndarray = images) -> Mapping[str, np.ndarray]:
+            def feats(
+                i: int, start: int = start, labels: np.ndarray = labels, images: np.ndarray = images
+            ) -> Mapping[str, np.ndarray]:
                 x0, y0 = tiles.coords[start + i]
-                return features.tile_features(images[i], labels[i], mpp, tile=start + i,
-                                              origin=(float(x0), float(y0)), scale=scale)
+                return features.tile_features(
+                    images[i], labels[i], mpp, tile=start + i, origin=(float(x0), float(y0)), scale=scale
+                )
 
             parts = list(pool.map(feats, range(m)))
             cols = features.concat(parts)
@@ -89,8 +102,15 @@ def segment_store(tiles_path: str | Path, out: str | Path, backend: base.Backend
         table.close()
         root.attrs.update({"n_nuclei": n_nuc})
     dt = time.perf_counter() - t0
-    log.info("slide %r: %d nuclei in %d tiles (%s) in %.1f s (%.1f tiles/s)", tiles.slide_id, n_nuc, n,
-             backend.name, dt, n / max(dt, 1e-9))
+    log.info(
+        "slide %r: %d nuclei in %d tiles (%s) in %.1f s (%.1f tiles/s)",
+        tiles.slide_id,
+        n_nuc,
+        n,
+        backend.name,
+        dt,
+        n / max(dt, 1e-9),
+    )
     return {"tiles": n, "nuclei": n_nuc, "seconds": dt}
 
 
@@ -107,8 +127,9 @@ class _Tee:
             yield b
 
 
-def _zip_stream(backend: base.Backend, blocks: Iterator[np.ndarray], mpp: float
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _zip_stream(
+    backend: base.Backend, blocks: Iterator[np.ndarray], mpp: float
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     tee = _Tee(blocks)
     for labels in backend.stream(iter(tee), mpp):
         images = tee.seen.popleft()
@@ -124,8 +145,15 @@ def _segment_settings() -> type[Settings]:
     from dirl.segment.cellpose_backend import CellposeParams
     from dirl.segment.watershed import WatershedParams
 
-    fields: dict[str, tuple] = {"backend": ("backend", str, dataclasses.field(default="watershed", metadata={
-        "help": f"{' | '.join(base.BACKENDS)} | package.module:Class"}))}
+    fields: dict[str, tuple] = {
+        "backend": (
+            "backend",
+            str,
+            dataclasses.field(
+                default="watershed", metadata={"help": f"{' | '.join(base.BACKENDS)} | package.module:Class"}
+            ),
+        )
+    }
     for params in (WatershedParams, CellposeParams):
         hints = typing.get_type_hints(params)
         for f in dataclasses.fields(params):
@@ -133,8 +161,16 @@ def _segment_settings() -> type[Settings]:
                 continue
             if f.name in fields and fields[f.name][2].default != f.default:
                 raise TypeError(f"segmentation.{f.name}: backends disagree on the default")
-            fields.setdefault(f.name, (f.name, hints[f.name], dataclasses.field(
-                default=f.default, metadata={"help": f"{params.__name__}: {comments(params).get(f.name, '')}"})))
+            fields.setdefault(
+                f.name,
+                (
+                    f.name,
+                    hints[f.name],
+                    dataclasses.field(
+                        default=f.default, metadata={"help": f"{params.__name__}: {comments(params).get(f.name, '')}"}
+                    ),
+                ),
+            )
     return dataclasses.make_dataclass("SegmentSettings", list(fields.values()), bases=(Settings,), frozen=True)
 
 

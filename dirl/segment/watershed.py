@@ -24,6 +24,7 @@ Every step is deterministic (scipy rather than OpenCV for the distance transform
 SIMD paths differ in the last bit with buffer alignment), so results do not depend on threads or
 batching.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,27 +32,27 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from dirl.segment.base import Backend, CommonParams
 from dirl.imaging import otsu
+from dirl.segment.base import Backend, CommonParams
 from dirl.segment.features import stain_od
 
 
 @dataclasses.dataclass(frozen=True)
 class WatershedParams(CommonParams):
-    diameter_um: float = 8.0        # typical nucleus diameter: sets seed spacing
-    background_um: float = 8.0      # background-subtraction radius (0 = off)
-    sigma_um: float = 0.75          # Gaussian smoothing of the hematoxylin OD
+    diameter_um: float = 8.0  # typical nucleus diameter: sets seed spacing
+    background_um: float = 8.0  # background-subtraction radius (0 = off)
+    sigma_um: float = 0.75  # Gaussian smoothing of the hematoxylin OD
     threshold: float | None = None  # fixed OD threshold; None = per-tile Otsu clamped to the band below
     threshold_min: float = 0.18
     threshold_max: float = 0.60
-    split_h_um: float = 0.25        # h of the distance-transform h-maxima: lower splits more
-    split_sigma_um: float = 0.5     # smoothing of the distance transform before seeding
-    split_intensity: float = 3.0    # px of distance added per unit of hematoxylin OD when seeding
-    min_solidity: float = 0.75      # drop ragged objects (debris, fibre fragments)
+    split_h_um: float = 0.25  # h of the distance-transform h-maxima: lower splits more
+    split_sigma_um: float = 0.5  # smoothing of the distance transform before seeding
+    split_intensity: float = 3.0  # px of distance added per unit of hematoxylin OD when seeding
+    min_solidity: float = 0.75  # drop ragged objects (debris, fibre fragments)
 
 
 def _disk(r: int) -> np.ndarray:
-    return np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
+    return np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
 
 
 def _otsu(v: np.ndarray, hi: float) -> float:
@@ -119,8 +120,7 @@ def segment_tile(rgb: np.ndarray, mpp: float, p: WatershedParams) -> np.ndarray:
         t = p.threshold
     else:
         tissue = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < 220  # not white glass
-        t = float(np.clip(_otsu(hs[tissue], p.threshold_max),
-                          p.threshold_min, p.threshold_max))
+        t = float(np.clip(_otsu(hs[tissue], p.threshold_max), p.threshold_min, p.threshold_max))
     fg = hs > t
     if not fg.any():
         return np.zeros(fg.shape, dtype=np.int32)
@@ -132,7 +132,7 @@ def segment_tile(rgb: np.ndarray, mpp: float, p: WatershedParams) -> np.ndarray:
     if p.split_sigma_um > 0:
         dist = ndimage.gaussian_filter(dist, p.split_sigma_um / mpp, truncate=3.0)
     fg = fg8.astype(bool)
-    if p.split_intensity > 0:   # darker centres help split a dark nucleus lying on a paler one
+    if p.split_intensity > 0:  # darker centres help split a dark nucleus lying on a paler one
         dist = dist + np.float32(p.split_intensity) * np.where(fg, hs, 0).astype(np.float32)
     hpx = max(0.25, p.split_h_um / mpp)
     peaks = _h_maxima(dist, hpx) & fg

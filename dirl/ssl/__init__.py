@@ -1,1 +1,2 @@
-"""Self-supervised pretraining: paired views (augment), cohort data, model, losses, schedules, `dirl pretrain` (train)."""
+"""Self-supervised pretraining: paired views (augment), cohort data, model, losses, schedules, settings, the
+step (trainer) and `dirl pretrain` (train)."""

@@ -11,6 +11,7 @@ Each view keeps its geometry (`Geometry`: crop box in tile pixels, flips, rotati
 views share is known; `overlap_mask` maps the intersection of two crop boxes into a view's output pixels
 (used by `match: overlap`).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,16 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dirl.imaging import EOSIN, HEMATOXYLIN, unit
+
 # ImageNet statistics (timm.data.IMAGENET_DEFAULT_MEAN/STD), used for training from scratch; recorded in
 # backbone.json so that extraction normalises the same way.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Ruifrok & Johnston stain vectors (as skimage.color.hed_from_rgb / rgb_from_hed)
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29],
-                              [0.07, 0.99, 0.11],
-                              [0.27, 0.57, 0.78]], dtype=torch.float64)
-_RGB_FROM_HED[2] = torch.linalg.cross(_RGB_FROM_HED[0], _RGB_FROM_HED[1])
+# HED stain space (dirl.imaging's vectors; the third row completes the basis, as skimage's rgb_from_hed)
+_RGB_FROM_HED = torch.tensor(np.stack([unit(HEMATOXYLIN), unit(EOSIN), np.cross(unit(HEMATOXYLIN), unit(EOSIN))]))
 _RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED).float()
 _RGB_FROM_HED = _RGB_FROM_HED.float()
@@ -71,8 +71,10 @@ class Geometry:
     rot: int
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.top, self.left, self.height, self.width, int(self.hflip),
-                             int(self.vflip), self.rot], dtype=torch.int64)
+        return torch.tensor(
+            [self.top, self.left, self.height, self.width, int(self.hflip), int(self.vflip), self.rot],
+            dtype=torch.int64,
+        )
 
 
 def view_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:
@@ -80,8 +82,9 @@ def view_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generato
     return np.random.default_rng([int(seed), int(epoch), int(index), int(view)])
 
 
-def sample_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-               ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+def sample_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params with an explicit generator."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -107,15 +110,15 @@ def sample_box(rng: np.random.Generator, height: int, width: int, scale: tuple[f
 def apply_geometry(x: torch.Tensor, g: Geometry, size: int, mode: str) -> torch.Tensor:
     """Crop, resize to size x size, flip and rotate `x` (..., H, W). mode: 'bilinear' (images, float)
     or 'nearest' (label maps; nearest-exact so a map and a pixel-accurate mask stay aligned)."""
-    crop = x[..., g.top:g.top + g.height, g.left:g.left + g.width]
+    crop = x[..., g.top : g.top + g.height, g.left : g.left + g.width]
     lead = crop.shape[:-2]
     c4 = crop.reshape(-1, 1, g.height, g.width) if crop.dim() != 4 else crop
     if mode == "bilinear":
-        out = F.interpolate(c4.float(), size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=True)
+        out = F.interpolate(c4.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     else:
-        out = F.interpolate(c4.float() if c4.dtype != torch.float32 else c4, size=(size, size),
-                            mode="nearest-exact").to(x.dtype)
+        out = F.interpolate(
+            c4.float() if c4.dtype != torch.float32 else c4, size=(size, size), mode="nearest-exact"
+        ).to(x.dtype)
     out = out.reshape(*lead, size, size)
     return orient(out, g)
 
@@ -191,10 +194,12 @@ def photometric(img: torch.Tensor, rng: np.random.Generator, spec: ViewSpec) -> 
     float (3, H, W) image in [0, 1]. Every decision is drawn from `rng` in a fixed sequence."""
     draws = rng.random(6)  # fixed number of draws, whatever is enabled
     order = rng.permutation(4)
-    factors = (rng.uniform(max(0, 1 - spec.brightness), 1 + spec.brightness),
-               rng.uniform(max(0, 1 - spec.contrast), 1 + spec.contrast),
-               rng.uniform(max(0, 1 - spec.saturation), 1 + spec.saturation),
-               rng.uniform(-spec.hue, spec.hue))
+    factors = (
+        rng.uniform(max(0, 1 - spec.brightness), 1 + spec.brightness),
+        rng.uniform(max(0, 1 - spec.contrast), 1 + spec.contrast),
+        rng.uniform(max(0, 1 - spec.saturation), 1 + spec.saturation),
+        rng.uniform(-spec.hue, spec.hue),
+    )
     sigma = rng.uniform(*spec.blur_sigma)
     if draws[0] < spec.jitter_p:
         for op in order:
@@ -228,12 +233,24 @@ def draw_geometry(rng: np.random.Generator, tile_px: int, spec: ViewSpec) -> Geo
     top, left, h, w = sample_box(rng, tile_px, tile_px, spec.scale, spec.ratio)
     flips = rng.random(2)
     rot = int(rng.integers(0, 4))
-    return Geometry(top, left, h, w, bool(spec.flips and flips[0] < 0.5),
-                    bool(spec.flips and flips[1] < 0.5), rot if spec.rotations else 0)
+    return Geometry(
+        top,
+        left,
+        h,
+        w,
+        bool(spec.flips and flips[0] < 0.5),
+        bool(spec.flips and flips[1] < 0.5),
+        rot if spec.rotations else 0,
+    )
 
 
-def make_view(image: torch.Tensor, prior: torch.Tensor | None, rng: np.random.Generator, spec: ViewSpec,
-              photometric_ops: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, Geometry]:
+def make_view(
+    image: torch.Tensor,
+    prior: torch.Tensor | None,
+    rng: np.random.Generator,
+    spec: ViewSpec,
+    photometric_ops: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, Geometry]:
     """One view: image uint8 (3, T, T) -> normalised float (3, S, S); prior (T, T) -> (S, S) (nearest).
 
     The geometry is drawn first (from `rng`) and then the photometric parameters, so switching the

@@ -6,6 +6,7 @@ once, lazily, and keeps the handles. Items are addressed by (epoch, index) so th
 are a pure function of (seed, epoch, index) whatever worker or rank draws them (`EpochBatchSampler`
 hands out those pairs).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,16 +40,28 @@ class ViewConfig:
     photometric: bool = True
 
     @classmethod
-    def from_settings(cls, s) -> "ViewConfig":
+    def from_settings(cls, s) -> ViewConfig:
         """From `PretrainSettings`."""
-        return cls(global_size=s.img_size, global_scale=s.global_scale, local_number=s.local_crops_number,
-                   local_size=s.local_crop_size, local_scale=s.local_crop_scale, solarize_p=s.solarize_p,
-                   hed_sigma=s.hed_sigma, color_jitter=s.color_jitter)
+        return cls(
+            global_size=s.img_size,
+            global_scale=s.global_scale,
+            local_number=s.local_crops_number,
+            local_size=s.local_crop_size,
+            local_scale=s.local_crop_scale,
+            solarize_p=s.solarize_p,
+            hed_sigma=s.hed_sigma,
+            color_jitter=s.color_jitter,
+        )
 
     def specs(self) -> tuple[ViewSpec, ViewSpec, ViewSpec]:
         j = self.color_jitter
-        colour = {"brightness": 0.4 * j, "contrast": 0.4 * j, "saturation": 0.2 * j, "hue": 0.1 * j,
-                  "hed_sigma": self.hed_sigma}
+        colour = {
+            "brightness": 0.4 * j,
+            "contrast": 0.4 * j,
+            "saturation": 0.2 * j,
+            "hue": 0.1 * j,
+            "hed_sigma": self.hed_sigma,
+        }
         g1 = ViewSpec(self.global_size, self.global_scale, blur_p=1.0, **colour)
         g2 = ViewSpec(self.global_size, self.global_scale, blur_p=0.1, solarize_p=self.solarize_p, **colour)
         loc = ViewSpec(self.local_size, self.local_scale, blur_p=0.5, **colour)
@@ -57,8 +70,7 @@ class ViewConfig:
 
 def read_n_classes(priors_path: str | os.PathLike) -> int | None:
     """`n_classes` (C = K + 2) from a priors store's attributes, or None if it does not say."""
-    g = store._open_group(priors_path, "priors")  # attrs only; the array is opened lazily elsewhere
-    n = g.attrs.get("n_classes")
+    n = store.map_attrs(priors_path, "priors").get("n_classes")
     return int(n) if n is not None else None
 
 
@@ -67,16 +79,20 @@ def resolve_n_classes(priors: Sequence[str | os.PathLike], given: int | None) ->
     found = {str(p): read_n_classes(p) for p in priors}
     values = {v for v in found.values() if v is not None}
     if len(values) > 1:
-        raise StoreError(f"priors stores disagree on n_classes: {found}; rerun the priors stage so that "
-                         "one cohort-level phenotype model paints them all")
+        raise StoreError(
+            f"priors stores disagree on n_classes: {found}; rerun the priors stage so that "
+            "one cohort-level phenotype model paints them all"
+        )
     if values:
         n = values.pop()
         if given is not None and given != n:
             raise DirlError(f"--n-classes {given} but the priors stores say n_classes = {n}")
         return n
     if given is None:
-        raise StoreError("the priors stores do not record n_classes; pass --n-classes (= number of cell "
-                         "classes + 2: background and non-nuclear tissue)")
+        raise StoreError(
+            "the priors stores do not record n_classes; pass --n-classes (= number of cell "
+            "classes + 2: background and non-nuclear tissue)"
+        )
     return int(given)
 
 
@@ -92,17 +108,25 @@ class CohortDataset(torch.utils.data.Dataset):
       index    int64                  the dataset index
     """
 
-    def __init__(self, tiles: Sequence[str | os.PathLike], priors: Sequence[str | os.PathLike] | None,
-                 n_classes: int | None, patch: int, views: ViewConfig, seed: int = 0,
-                 tiles_per_slide: int | None = None):
+    def __init__(
+        self,
+        tiles: Sequence[str | os.PathLike],
+        priors: Sequence[str | os.PathLike] | None,
+        n_classes: int | None,
+        patch: int,
+        views: ViewConfig,
+        seed: int = 0,
+        tiles_per_slide: int | None = None,
+    ):
         if priors is not None and len(priors) != len(tiles):
-            raise DirlError(f"{len(tiles)} tile stores but {len(priors)} priors stores: give one priors "
-                            "store per tile store, in the same order")
+            raise DirlError(
+                f"{len(tiles)} tile stores but {len(priors)} priors stores: give one priors "
+                "store per tile store, in the same order"
+            )
         if not tiles:
             raise DirlError("no tile stores given")
         if views.global_size % patch:
-            raise DirlError(f"global crop size {views.global_size} is not a multiple of the patch size "
-                            f"{patch}")
+            raise DirlError(f"global crop size {views.global_size} is not a multiple of the patch size {patch}")
         self.tiles = [Path(t) for t in tiles]
         self.priors = [Path(p) for p in priors] if priors is not None else None
         self.n_classes, self.patch, self.views, self.seed = n_classes, patch, views, seed
@@ -139,8 +163,7 @@ class CohortDataset(torch.utils.data.Dataset):
         h = self._open.get(slide)
         if h is None:
             ts = store.open_tiles(self.tiles[slide])
-            pm = (store.open_map(self.priors[slide], "priors", len(ts))
-                  if self.priors is not None else None)
+            pm = store.open_map(self.priors[slide], "priors", len(ts)) if self.priors is not None else None
             h = self._open[slide] = (ts, pm)
         return h
 
@@ -150,8 +173,9 @@ class CohortDataset(torch.utils.data.Dataset):
         img = tiles.tile(row)
         prior = np.asarray(priors[row]) if priors is not None else None
         if prior is not None and self.n_classes is not None and prior.size and prior.max() >= self.n_classes:
-            raise StoreError(f"{self.priors[slide]} row {row} has class {int(prior.max())} but "
-                             f"n_classes = {self.n_classes}")
+            raise StoreError(
+                f"{self.priors[slide]} row {row} has class {int(prior.max())} but n_classes = {self.n_classes}"
+            )
         return img, prior
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
@@ -163,13 +187,16 @@ class CohortDataset(torch.utils.data.Dataset):
         ph = self.views.photometric
         v1, p1, geo1 = make_view(image, pmap, view_rng(self.seed, epoch, index, 0), g1, ph)
         v2, p2, geo2 = make_view(image, pmap, view_rng(self.seed, epoch, index, 1), g2, ph)
-        item = {"global": torch.stack([v1, v2]),
-                "geometry": torch.stack([geo1.as_tensor(), geo2.as_tensor()]),
-                "index": torch.tensor(index, dtype=torch.int64)}
-        locs = [make_view(image, None, view_rng(self.seed, epoch, index, 2 + j), loc, ph)[0]
-                for j in range(self.views.local_number)]
-        item["local"] = (torch.stack(locs) if locs else
-                         torch.zeros(0, 3, self.views.local_size, self.views.local_size))
+        item = {
+            "global": torch.stack([v1, v2]),
+            "geometry": torch.stack([geo1.as_tensor(), geo2.as_tensor()]),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+        locs = [
+            make_view(image, None, view_rng(self.seed, epoch, index, 2 + j), loc, ph)[0]
+            for j in range(self.views.local_number)
+        ]
+        item["local"] = torch.stack(locs) if locs else torch.zeros(0, 3, self.views.local_size, self.views.local_size)
         if pmap is not None and self.n_classes is not None:
             item["occupancy"] = token_occupancy(torch.stack([p1, p2]), self.n_classes, self.patch)
             masks = torch.stack([overlap_mask(geo1, geo2, g1.size), overlap_mask(geo2, geo1, g2.size)])
@@ -187,8 +214,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         if global_batch % world:
             raise DirlError(f"batch size {global_batch} is not divisible by the {world} processes")
         if n < global_batch:
-            raise DirlError(f"the cohort has {n} tiles, fewer than one batch of {global_batch}: lower "
-                            "pretrain.batch_size or add slides")
+            raise DirlError(
+                f"the cohort has {n} tiles, fewer than one batch of {global_batch}: lower "
+                "pretrain.batch_size or add slides"
+            )
         self.n, self.global_batch, self.world, self.rank, self.seed = n, global_batch, world, rank, seed
         self.epoch, self.start = 0, 0
 
@@ -205,53 +234,5 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.epoch))
         perm = torch.randperm(self.n, generator=g).tolist()
         for b in range(self.start, self.batches_per_epoch()):
-            chunk = perm[b * self.global_batch:(b + 1) * self.global_batch]
-            yield [(self.epoch, i) for i in chunk[self.rank::self.world]]
-
-
-# --------------------------------------------------------------------------------------------------
-def write_toy_cohort(root: str | os.PathLike, n_slides: int = 2, n_tiles: int = 8, tile_px: int = 64,
-                     n_cell_classes: int = 2, seed: int = 0, write_n_classes: bool = True
-                     ) -> tuple[list[Path], list[Path]]:
-    """Tiny tile + prior stores for tests and benchmarks: pink tissue with dark round 'nuclei' whose
-    colour depends on their class, on white background; the prior map marks them. Returns the store paths
-    (tiles, priors)."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    tiles, priors = [], []
-    n_classes = n_cell_classes + 2
-    yy, xx = np.mgrid[:tile_px, :tile_px]
-    for s in range(n_slides):
-        imgs = np.empty((n_tiles, tile_px, tile_px, 3), np.uint8)
-        maps = np.zeros((n_tiles, tile_px, tile_px), np.uint8)
-        for t in range(n_tiles):
-            cx, cy, r = rng.uniform(0, tile_px, 3) * (1, 1, 0.9)
-            tissue = (xx - cx) ** 2 + (yy - cy) ** 2 < (r + tile_px / 3) ** 2
-            m = np.where(tissue, 1, 0).astype(np.uint8)
-            for _ in range(rng.integers(2, 7)):
-                k = int(rng.integers(0, n_cell_classes))
-                nx, ny = rng.uniform(0, tile_px, 2)
-                nr = tile_px / 16 * (1 + k)
-                m[((xx - nx) ** 2 + (yy - ny) ** 2 < nr ** 2) & tissue] = 2 + k
-            palette = np.array([[240, 240, 240], [230, 150, 200]] +
-                               [[60 + 50 * k, 40, 140 - 20 * k] for k in range(n_cell_classes)], np.float64)
-            img = palette[m] + rng.normal(0, 8, (tile_px, tile_px, 3))
-            imgs[t] = np.clip(img, 0, 255).astype(np.uint8)
-            maps[t] = m
-        sid = f"toy{s}"
-        coords = np.stack([np.arange(n_tiles) * tile_px, np.zeros(n_tiles)], 1).astype(np.int64)
-        tp = root / "tiles" / f"{sid}.zarr"
-        attrs = {"slide_id": sid, "source": "toy", "mpp": 0.5, "slide_mpp": 0.25, "tile_px": tile_px,
-                 "tile_px_level0": 2 * tile_px, "read_level": 0, "level0_width": n_tiles * tile_px * 2,
-                 "level0_height": tile_px * 2}
-        with store.tile_store_writer(tp, coords=coords, tissue=np.ones(n_tiles), tile_px=tile_px,
-                                     attrs=attrs) as w:
-            w.write(0, imgs)
-        pp = root / "priors" / f"{sid}.zarr"
-        pattrs = {"slide_id": sid, **({"n_classes": n_classes} if write_n_classes else {})}
-        with store.map_store_writer(pp, "priors", n=n_tiles, tile_px=tile_px, dtype="uint8",
-                                    attrs=pattrs) as (_, arr):
-            arr[:] = maps
-        tiles.append(tp)
-        priors.append(pp)
-    return tiles, priors
+            chunk = perm[b * self.global_batch : (b + 1) * self.global_batch]
+            yield [(self.epoch, i) for i in chunk[self.rank :: self.world]]

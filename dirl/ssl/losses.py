@@ -8,6 +8,7 @@ Under DistributedDataParallel every reduction that the single-process loss takes
 is all-reduced (centres, the number of valid dense entries), so that N ranks with B/N images each compute
 the same gradients and centres as one process with B images.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,7 @@ def mask_occupancy(mask: torch.Tensor, patch: int) -> torch.Tensor:
     return F.avg_pool2d(mask[:, None].float(), patch).flatten(1)
 
 
-def pool_classes(tokens: torch.Tensor, occupancy: torch.Tensor,
-                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_classes(tokens: torch.Tensor, occupancy: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Class representations z_k = sum_i P_k(i) h_i / sum_i P_k(i) with one bmm.
 
     tokens (B, N, D), occupancy P (B, N, C) -> z (B, C, D) in the tokens' dtype, mass (B, C) float32
@@ -61,8 +61,7 @@ def pool_classes(tokens: torch.Tensor, occupancy: torch.Tensor,
     return z, mass
 
 
-def valid_classes(mass_views: torch.Tensor, min_tokens: float, exclude: tuple[int, ...] = (0,)
-                  ) -> torch.Tensor:
+def valid_classes(mass_views: torch.Tensor, min_tokens: float, exclude: tuple[int, ...] = (0,)) -> torch.Tensor:
     """mass_views (2, B, C) -> (B, C) bool: class present (area >= min_tokens tokens) in both views
     and not excluded (background by default)."""
     valid = (mass_views >= min_tokens).all(0)
@@ -97,8 +96,9 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.monitors = torch.zeros(2)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float,
-                update_center: bool = True) -> torch.Tensor:
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float, update_center: bool = True
+    ) -> torch.Tensor:
         """student (V, B, K) logits, teacher (T, B, K) logits of the T global views (the first T of
         the student's). Mean over the T x (V - 1) pairs (teacher view t, student view v != t)."""
         student, teacher = student.float(), teacher.float()
@@ -134,8 +134,14 @@ class DenseLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
-                teacher_temp: float, update_center: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        valid: torch.Tensor,
+        teacher_temp: float,
+        update_center: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """student, teacher (2, B, C, K) logits of views (0, 1); valid (B, C) bool.
 
         Returns (loss, number of valid (image, class) entries over all ranks). Pairs: teacher view a
@@ -156,6 +162,5 @@ class DenseLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor, w: torch.Tensor, n_global: torch.Tensor) -> None:
         total = _all_reduce(torch.einsum("vbck,bc->k", teacher.detach().float(), w))
-        new = self.center * self.center_momentum + total[None] / n_global.clamp_min(1.0) * (
-            1 - self.center_momentum)
+        new = self.center * self.center_momentum + total[None] / n_global.clamp_min(1.0) * (1 - self.center_momentum)
         self.center.copy_(torch.where(n_global > 0, new, self.center))  # no valid entry: keep it

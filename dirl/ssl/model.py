@@ -3,6 +3,7 @@
 A trained backbone is read back by `dirl.encoders.load_backbone` (used by `dirl extract` and
 `dirl attention`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,11 +19,14 @@ def create_backbone(arch: str, img_size: int, drop_path: float = 0.0) -> nn.Modu
     import timm
 
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
-                                 dynamic_img_size=True, drop_path_rate=drop_path)
+        return timm.create_model(
+            arch, pretrained=False, num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path
+        )
     except (RuntimeError, TypeError) as e:  # unknown name, or a model without these options
-        raise DirlError(f"cannot build backbone {arch!r} with timm ({e}); use a ViT name such as "
-                        "vit_small_patch16_224 or vit_tiny_patch16_224") from e
+        raise DirlError(
+            f"cannot build backbone {arch!r} with timm ({e}); use a ViT name such as "
+            "vit_small_patch16_224 or vit_tiny_patch16_224"
+        ) from e
 
 
 def patch_size(backbone: nn.Module) -> int:
@@ -57,8 +61,15 @@ class DINOHead(nn.Module):
     """3-layer MLP (GELU; BatchNorm before each GELU with `use_bn`, DINO's use_bn_in_head) ->
     bottleneck -> L2 normalise -> weight-normed linear to `out_dim`."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, use_bn: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        use_bn: bool = False,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
@@ -90,9 +101,18 @@ class SSLNet(nn.Module):
       mass  (G, B, C)          class areas in tokens (after the overlap mask, if any)
     """
 
-    def __init__(self, arch: str, img_size: int, embed_mode: str, out_dim: int, dense_out_dim: int | None,
-                 hidden_dim: int = 2048, bottleneck_dim: int = 256, drop_path: float = 0.0,
-                 head_bn: bool = False):
+    def __init__(
+        self,
+        arch: str,
+        img_size: int,
+        embed_mode: str,
+        out_dim: int,
+        dense_out_dim: int | None,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        drop_path: float = 0.0,
+        head_bn: bool = False,
+    ):
         super().__init__()
         self.backbone = create_backbone(arch, img_size, drop_path)
         self.embed_mode = embed_mode
@@ -100,8 +120,11 @@ class SSLNet(nn.Module):
         self.embed_dim = int(self.backbone.embed_dim)
         self.patch = patch_size(self.backbone)
         self.head = DINOHead(self.embed_dim, out_dim, hidden_dim, bottleneck_dim, use_bn=head_bn)
-        self.dense_head = (DINOHead(self.embed_dim, dense_out_dim, hidden_dim, bottleneck_dim, use_bn=head_bn)
-                           if dense_out_dim else None)
+        self.dense_head = (
+            DINOHead(self.embed_dim, dense_out_dim, hidden_dim, bottleneck_dim, use_bn=head_bn)
+            if dense_out_dim
+            else None
+        )
         self._compiled = None
 
     def compile_backbone(self) -> None:
@@ -111,9 +134,13 @@ class SSLNet(nn.Module):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return (self._compiled or self.backbone.forward_features)(x)
 
-    def forward(self, global_views: torch.Tensor, local_views: torch.Tensor | None = None,
-                occupancy: torch.Tensor | None = None, valid: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        global_views: torch.Tensor,
+        local_views: torch.Tensor | None = None,
+        occupancy: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """`valid` (B, C) bool: the (image, class) pairs the dense loss uses; the dense head runs on
         those only (its BatchNorm, if any, sees no absent classes), other entries of `dense` are 0."""
         g, b = global_views.shape[:2]
@@ -125,10 +152,12 @@ class SSLNet(nn.Module):
         out = self.head(torch.cat(embs)).unflatten(0, (-1, b))  # (V, B, K)
         result = {"out": out}
         if occupancy is not None and self.dense_head is not None:
-            patches = tokens[:, self.num_prefix:]  # (G*B, N, D)
+            patches = tokens[:, self.num_prefix :]  # (G*B, N, D)
             if patches.shape[1] != occupancy.shape[2]:
-                raise DirlError(f"prior occupancy has {occupancy.shape[2]} tokens but the backbone "
-                                f"produced {patches.shape[1]}: crop size and patch size disagree")
+                raise DirlError(
+                    f"prior occupancy has {occupancy.shape[2]} tokens but the backbone "
+                    f"produced {patches.shape[1]}: crop size and patch size disagree"
+                )
             z, mass = pool_classes(patches, occupancy.flatten(0, 1))  # (G*B, C, D), (G*B, C)
             z = z.unflatten(0, (g, b))  # (G, B, C, D)
             # BatchNorm needs two entries in training: with fewer valid pairs, run on all (masked later)

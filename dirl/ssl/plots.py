@@ -1,4 +1,5 @@
 """The pretraining picture: losses against ln K, the collapse monitors, and the schedules, from log.jsonl."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,7 @@ def plot_losses(log_path: Path, out_png: Path, out_dim: int | None = None) -> No
 
     from dirl.store import atomic_path
 
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
-        if log_path.exists() else []
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     if rows:
         steps = [r["step"] for r in rows]
@@ -27,8 +27,10 @@ def plot_losses(log_path: Path, out_png: Path, out_dim: int | None = None) -> No
         if out_dim:
             axes[0].axhline(math.log(out_dim), color="grey", lw=0.8, ls="-.", label="ln K (uniform)")
         axes[0].set_ylabel("loss")
-        for key, label in (("teacher_entropy", "per-image entropy / ln K  (1: uniform targets)"),
-                           ("teacher_batch_entropy", "entropy of the batch mean / ln K  (0: one dimension)")):
+        for key, label in (
+            ("teacher_entropy", "per-image entropy / ln K  (1: uniform targets)"),
+            ("teacher_batch_entropy", "entropy of the batch mean / ln K  (0: one dimension)"),
+        ):
             if any(key in r for r in rows):
                 axes[1].plot(steps, [r.get(key, float("nan")) for r in rows], label=label)
         axes[1].set_ylim(0, 1.02)

@@ -1,12 +1,14 @@
 """Per-step schedules of DINO (Caron et al. 2021): cosine with linear warm-up, and the teacher-temperature
 warm-up. Pure functions of the step, so a resumed run needs no schedule state."""
+
 from __future__ import annotations
 
 import math
 
 
-def cosine(step: int, total_steps: int, base: float, final: float, warmup_steps: int = 0,
-           warmup_start: float = 0.0) -> float:
+def cosine(
+    step: int, total_steps: int, base: float, final: float, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> float:
     """Linear warm-up from `warmup_start` to `base` over `warmup_steps`, then a half cosine from `base`
     towards `final` over the remaining steps, exactly as DINO's `cosine_scheduler` (which divides by the
     number of cosine steps, so the last value is just above `final`). Steps past the end give `final`."""

@@ -1,4 +1,5 @@
 """Every hyper-parameter of a pretraining run (config section `pretrain`, flags of `dirl pretrain`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,8 +27,13 @@ class PretrainSettings(Settings):
     dense_out_dim: int = 4096  # dense head output dimension
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
-    head_bn: bool = field(default=False, metadata={"help": "BatchNorm in the heads' MLP (DINO's "
-                          "use_bn_in_head): keeps small cohorts of similar tiles from collapsing"})
+    head_bn: bool = field(
+        default=False,
+        metadata={
+            "help": "BatchNorm in the heads' MLP (DINO's "
+            "use_bn_in_head): keeps small cohorts of similar tiles from collapsing"
+        },
+    )
     lambda_dense: float = 1.0  # weight of the dense loss (method dirl)
     epochs: int = 100
     batch_size: int = 64  # global batch (all processes together)
@@ -42,26 +48,37 @@ class PretrainSettings(Settings):
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
-    clip_grad: float = field(default=3.0, metadata={"help": "largest gradient norm of each parameter "
-                             "tensor, as DINO clips (0: off)"})
+    clip_grad: float = field(
+        default=3.0, metadata={"help": "largest gradient norm of each parameter tensor, as DINO clips (0: off)"}
+    )
     freeze_last_layer: int = 1  # epochs with the heads' last layers frozen
     local_crops_number: int = 0  # multi-crop: local crops per image (DINO loss only)
     local_crop_size: int = 96
-    global_crop_scale: tuple[float, float] | None = field(default=None, metadata={
-        "help": "random-resized-crop scale of the global views (none: DINO's, 0.14-1 without local "
-                "crops, 0.4-1 with them)"})
+    global_crop_scale: tuple[float, float] | None = field(
+        default=None,
+        metadata={
+            "help": "random-resized-crop scale of the global views (none: DINO's, 0.14-1 without local "
+            "crops, 0.4-1 with them)"
+        },
+    )
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     solarize_p: float = 0.0  # solarisation of the second global view (DINO uses 0.2)
-    color_jitter: float = field(default=1.0, metadata={"help": "strength of the colour jitter, 1 = DINO's "
-                                "(brightness/contrast 0.4, saturation 0.2, hue 0.1); H&E needs less"})
+    color_jitter: float = field(
+        default=1.0,
+        metadata={
+            "help": "strength of the colour jitter, 1 = DINO's "
+            "(brightness/contrast 0.4, saturation 0.2, hue 0.1); H&E needs less"
+        },
+    )
     hed_sigma: float = 0.05  # HED stain jitter strength (0 = off)
     min_tokens: float = 1.0  # a class needs this much area (in tokens) in both views to be matched
     match: str = _c("all", "overlap", help="overlap: pool only inside the region the two crops share")
     exclude_background: bool = True  # no dense term for class 0 (glass)
     tiles_per_slide: int = 0  # at most this many tiles per slide (a fixed random subset); 0 = all
     num_workers: int = 4
-    precision: str = _c("auto", "fp32", "bf16", "fp16", help="auto: bf16 on GPUs that have it, else fp16; "
-                        "fp32 on the CPU")
+    precision: str = _c(
+        "auto", "fp32", "bf16", "fp16", help="auto: bf16 on GPUs that have it, else fp16; fp32 on the CPU"
+    )
     compile: bool = False  # torch.compile the backbones
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = once per epoch)

@@ -9,6 +9,7 @@ exactly), log.jsonl (losses, collapse monitors, throughput), loss_curves.png, an
 multi-process: launch with `torchrun --nproc_per_node N -m dirl.cli pretrain ...`; `batch_size` is the
 global batch. The step itself is dirl.ssl.trainer; the settings dirl.ssl.settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,16 @@ from dirl.ssl.trainer import Trainer, world
 log = logging.getLogger("dirl.pretrain")
 CHECKPOINT_FORMAT = "dirl-pretrain/1"
 # averaged over the steps between two log lines
-MEANS = ("loss", "loss_dino", "loss_dense", "teacher_entropy", "teacher_batch_entropy", "kl",
-         "dense_pairs_per_image")
+MEANS = ("loss", "loss_dino", "loss_dense", "teacher_entropy", "teacher_batch_entropy", "kl", "dense_pairs_per_image")
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
@@ -55,8 +59,15 @@ def set_rng_state(st: dict[str, Any]) -> None:
 class Run:
     """One `dirl pretrain` invocation: data, trainer, resume, loop, outputs."""
 
-    def __init__(self, outdir: str | os.PathLike, tiles: list[str], priors: list[str] | None,
-                 s: PretrainSettings, n_classes: int | None = None, restart_on_mismatch: bool = False):
+    def __init__(
+        self,
+        outdir: str | os.PathLike,
+        tiles: list[str],
+        priors: list[str] | None,
+        s: PretrainSettings,
+        n_classes: int | None = None,
+        restart_on_mismatch: bool = False,
+    ):
         from dirl.ssl.data import CohortDataset, EpochBatchSampler, ViewConfig, resolve_n_classes
 
         self.out = Path(outdir)
@@ -73,15 +84,27 @@ class Run:
         self.trainer = Trainer(s, self.n_classes, self.device)
         patch = self.trainer.patch
         views = ViewConfig.from_settings(s)
-        self.dataset = CohortDataset(tiles, priors if s.dense else None, self.n_classes, patch, views,
-                                     seed=s.seed, tiles_per_slide=s.tiles_per_slide or None)
+        self.dataset = CohortDataset(
+            tiles,
+            priors if s.dense else None,
+            self.n_classes,
+            patch,
+            views,
+            seed=s.seed,
+            tiles_per_slide=s.tiles_per_slide or None,
+        )
         self.sampler = EpochBatchSampler(len(self.dataset), s.batch_size, self.world, self.rank, s.seed)
         nw = s.num_workers
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=nw,
-            pin_memory=self.device.type == "cuda", persistent_workers=nw > 0,
-            prefetch_factor=4 if nw > 0 else None, worker_init_fn=_worker_init if nw > 0 else None,
-            generator=torch.Generator())  # own generator: iterating never consumes the global RNG
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=nw,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=nw > 0,
+            prefetch_factor=4 if nw > 0 else None,
+            worker_init_fn=_worker_init if nw > 0 else None,
+            generator=torch.Generator(),
+        )  # own generator: iterating never consumes the global RNG
         self.trainer.set_iters_per_epoch(self.sampler.batches_per_epoch())
         self.epoch, self.batch, self.step = 0, 0, 0
         self.ckpt = self.out / "checkpoint.pt"
@@ -100,9 +123,17 @@ class Run:
         else:
             rngs = [rng_state()]
         if self.rank == 0:
-            state = {"format": CHECKPOINT_FORMAT, "dirl_version": __version__, **self.meta(),
-                     "epoch": self.epoch, "batch": self.batch, "step": self.step, "world_size": self.world,
-                     "rng": rngs, **self.trainer.state_dict()}
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "dirl_version": __version__,
+                **self.meta(),
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "step": self.step,
+                "world_size": self.world,
+                "rng": rngs,
+                **self.trainer.state_dict(),
+            }
             with atomic_path(self.ckpt) as tmp:
                 torch.save(state, tmp)
         if self.world > 1:
@@ -113,19 +144,23 @@ class Run:
             return False
         st = torch.load(self.ckpt, map_location="cpu", weights_only=False)
         if st.get("format") != CHECKPOINT_FORMAT:
-            raise DirlError(f"{self.ckpt} is not a dirl pretrain checkpoint ({st.get('format')}); "
-                            "move it away to start afresh")
+            raise DirlError(
+                f"{self.ckpt} is not a dirl pretrain checkpoint ({st.get('format')}); move it away to start afresh"
+            )
         problem = None
         diff = settings_diff(st["settings"], self.s.to_dict())
         if diff:
-            detail = ", ".join(f"{k}: checkpoint {st['settings'].get(k)!r} vs now {self.s.to_dict().get(k)!r}"
-                               for k in diff)
+            detail = ", ".join(
+                f"{k}: checkpoint {st['settings'].get(k)!r} vs now {self.s.to_dict().get(k)!r}" for k in diff
+            )
             problem = f"{self.ckpt} was written with different settings ({detail})"
         elif st["data"] != self.dataset.signature() or st.get("n_classes") != self.n_classes:
             problem = f"{self.ckpt} was trained on other data (slides, tile counts or n_classes differ)"
         if problem and not self.restart_on_mismatch:
-            raise DirlError(f"{problem}; use the same settings and data to resume, pass "
-                            "--restart-on-mismatch, or delete the output directory to start afresh")
+            raise DirlError(
+                f"{problem}; use the same settings and data to resume, pass "
+                "--restart-on-mismatch, or delete the output directory to start afresh"
+            )
         if problem:
             log.warning("%s: starting afresh (--restart-on-mismatch)", problem)
             if self.world > 1:
@@ -140,12 +175,19 @@ class Run:
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank])
         else:
-            log.warning("checkpoint written by %d processes, resuming with %d: stochastic depth draws "
-                        "differ from an uninterrupted run", len(rngs), self.world)
+            log.warning(
+                "checkpoint written by %d processes, resuming with %d: stochastic depth draws "
+                "differ from an uninterrupted run",
+                len(rngs),
+                self.world,
+            )
             set_rng_state(rngs[0])
         if self.rank == 0 and self.log_path.exists():  # drop log lines past the checkpoint
-            keep = [ln for ln in self.log_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= self.step]
+            keep = [
+                ln
+                for ln in self.log_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= self.step
+            ]
             self.log_path.write_text("".join(ln + "\n" for ln in keep))
         log.info("resumed from %s at epoch %d, step %d", self.ckpt, self.epoch, self.step)
         return True
@@ -158,9 +200,17 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
         if self.rank == 0:
-            log.info("%s pretraining: %d tiles, %d steps/epoch x %d epochs, batch %d on %d process(es), "
-                     "%s, %s", s.method, len(self.dataset), self.sampler.batches_per_epoch(), s.epochs,
-                     s.batch_size, self.world, self.device, str(self.trainer.amp_dtype).replace("torch.", ""))
+            log.info(
+                "%s pretraining: %d tiles, %d steps/epoch x %d epochs, batch %d on %d process(es), %s, %s",
+                s.method,
+                len(self.dataset),
+                self.sampler.batches_per_epoch(),
+                s.epochs,
+                s.batch_size,
+                self.world,
+                self.device,
+                str(self.trainer.amp_dtype).replace("torch.", ""),
+            )
         t_plot = time.perf_counter()
         with open(self.log_path, "a") if self.rank == 0 else open(os.devnull, "w") as logf:
             while self.epoch < s.epochs:
@@ -190,8 +240,13 @@ class Run:
             self.step, self.batch = self.step + 1, self.batch + 1
             meter.add(m)
             if self.step % s.log_every == 0 or self.batch >= n:
-                row = {"step": self.step, "epoch": self.epoch + self.batch / n, **meter.flush(s.batch_size),
-                       **{k: m[k] for k in ("lr", "wd", "teacher_temp", "momentum")}, "time": time.time()}
+                row = {
+                    "step": self.step,
+                    "epoch": self.epoch + self.batch / n,
+                    **meter.flush(s.batch_size),
+                    **{k: m[k] for k in ("lr", "wd", "teacher_temp", "momentum")},
+                    "time": time.time(),
+                }
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
                 why = self.trainer.collapsed(row) if self.step > self.trainer.warmup_steps else None
@@ -221,15 +276,26 @@ class Run:
             a = store.open_tiles(t).attrs
             mpps.add(float(a["mpp"]))
             tile_px.add(int(a["tile_px"]))
-        meta = {"arch": self.s.arch, "img_size": self.s.img_size, "patch_size": self.trainer.patch,
-                "embed": self.s.embed, "embed_dim": self.trainer.student.embed_dim,
-                "num_prefix_tokens": self.trainer.student.num_prefix, "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD), "method": self.s.method, "epochs": self.epoch, "step": self.step,
-                "tile_mpp": mpps.pop() if len(mpps) == 1 else sorted(mpps),
-                "tile_px": tile_px.pop() if len(tile_px) == 1 else sorted(tile_px),
-                "n_classes": self.n_classes, "settings": self.s.to_dict(), "dirl_version": __version__,
-                "load": "timm.create_model(arch, num_classes=0, img_size=img_size, dynamic_img_size=True)"
-                        ".load_state_dict(torch.load('backbone.pt'))"}
+        meta = {
+            "arch": self.s.arch,
+            "img_size": self.s.img_size,
+            "patch_size": self.trainer.patch,
+            "embed": self.s.embed,
+            "embed_dim": self.trainer.student.embed_dim,
+            "num_prefix_tokens": self.trainer.student.num_prefix,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "method": self.s.method,
+            "epochs": self.epoch,
+            "step": self.step,
+            "tile_mpp": mpps.pop() if len(mpps) == 1 else sorted(mpps),
+            "tile_px": tile_px.pop() if len(tile_px) == 1 else sorted(tile_px),
+            "n_classes": self.n_classes,
+            "settings": self.s.to_dict(),
+            "dirl_version": __version__,
+            "load": "timm.create_model(arch, num_classes=0, img_size=img_size, dynamic_img_size=True)"
+            ".load_state_dict(torch.load('backbone.pt'))",
+        }
         with atomic_path(self.out / "backbone.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -265,8 +331,11 @@ class Meter:
     def flush(self, batch_size: int) -> dict[str, float]:
         now = time.perf_counter()
         dt = max(now - self.t0, 1e-9)
-        out = {**{key: v / self.k for key, v in self.sums.items()},
-               "images_per_s": self.k * batch_size / dt, "data_wait_frac": self.t_data / dt}
+        out = {
+            **{key: v / self.k for key, v in self.sums.items()},
+            "images_per_s": self.k * batch_size / dt,
+            "data_wait_frac": self.t_data / dt,
+        }
         self.sums, self.k, self.t_data, self.t0 = {}, 0, 0.0, now
         return out
 
@@ -277,15 +346,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("outdir", help="output directory (results/<cohort>/pretrain/<method>)")
     p.add_argument("--tiles", nargs="+", required=True, help="tile stores tiles/{slide}.zarr")
     p.add_argument("--priors", nargs="+", help="prior stores priors/{slide}.zarr, same order as --tiles")
-    p.add_argument("--n-classes", type=int, help="prior classes C = cell classes + 2, if the priors "
-                   "stores do not record n_classes")
-    p.add_argument("--restart-on-mismatch", action="store_true", help="if OUTDIR/checkpoint.pt was "
-                   "written with other settings or data, start afresh (default: stop with an error); "
-                   "for workflows that rerun the stage when its settings change")
-    p.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after this many steps in "
-                   "total (a rerun resumes); for time-limited jobs")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads of this job, shared by its processes "
-                   "(0: torch's default)")
+    p.add_argument(
+        "--n-classes", type=int, help="prior classes C = cell classes + 2, if the priors stores do not record n_classes"
+    )
+    p.add_argument(
+        "--restart-on-mismatch",
+        action="store_true",
+        help="if OUTDIR/checkpoint.pt was "
+        "written with other settings or data, start afresh (default: stop with an error); "
+        "for workflows that rerun the stage when its settings change",
+    )
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        help="checkpoint and stop after this many steps in total (a rerun resumes); for time-limited jobs",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads of this job, shared by its processes (0: torch's default)"
+    )
     PretrainSettings.add_arguments(p.add_argument_group("settings (dirl.ssl.settings.PretrainSettings)"))
 
 
@@ -300,8 +378,9 @@ def main(args: argparse.Namespace) -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     try:
         with torch_threads(max(1, args.threads // local) if args.threads else 0):
-            Run(args.outdir, args.tiles, args.priors, s, args.n_classes,
-                args.restart_on_mismatch).run(args.stop_after_steps)
+            Run(args.outdir, args.tiles, args.priors, s, args.n_classes, args.restart_on_mismatch).run(
+                args.stop_after_steps
+            )
     finally:
         if n_procs > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -2,6 +2,7 @@
 teacher and student forward, losses, backward, per-parameter gradient clipping, last layer frozen in the
 first epoch(s), optimiser step, EMA of the teacher. Used by `dirl pretrain` (dirl.ssl.train) and by
 bench/pretrain.py, so the benchmark times the real step."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,7 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_reg if name.endswith(".bias") or p.ndim == 1 else reg).append(p)
-    return [{"params": reg, "regularized": True},
-            {"params": no_reg, "weight_decay": 0.0, "regularized": False}]
+    return [{"params": reg, "regularized": True}, {"params": no_reg, "weight_decay": 0.0, "regularized": False}]
 
 
 @torch.no_grad()
@@ -52,8 +52,7 @@ def clip_per_parameter(params: list[torch.Tensor], clip: float) -> None:
 class Trainer:
     """Student, teacher, losses, optimiser and schedules; `step(batch, step, epoch)` is one step."""
 
-    def __init__(self, s: PretrainSettings, n_classes: int | None, device: torch.device,
-                 iters_per_epoch: int = 1):
+    def __init__(self, s: PretrainSettings, n_classes: int | None, device: torch.device, iters_per_epoch: int = 1):
         self.s, self.device, self.n_classes = s, device, n_classes
         self.world, self.rank = world()
         self.set_iters_per_epoch(iters_per_epoch)
@@ -65,8 +64,17 @@ class Trainer:
         torch.manual_seed(s.seed)  # identical initialisation on every rank
 
         def net(drop_path: float) -> SSLNet:
-            return SSLNet(s.arch, s.img_size, s.embed, s.out_dim, dense_dim, s.head_hidden_dim,
-                          s.head_bottleneck_dim, drop_path, s.head_bn)
+            return SSLNet(
+                s.arch,
+                s.img_size,
+                s.embed,
+                s.out_dim,
+                dense_dim,
+                s.head_hidden_dim,
+                s.head_bottleneck_dim,
+                drop_path,
+                s.head_bn,
+            )
 
         self.student, self.teacher = net(s.drop_path), net(0.0)
         self.teacher.load_state_dict(self.student.state_dict())
@@ -79,18 +87,19 @@ class Trainer:
         torch.manual_seed(s.seed * 7919 + 1 + self.rank)  # per-rank randomness from here (drop path)
         self.patch = self.student.patch
         if s.img_size % self.patch:
-            raise DirlError(f"pretrain.img_size {s.img_size} is not a multiple of the patch size "
-                            f"{self.patch} of {s.arch}")
+            raise DirlError(
+                f"pretrain.img_size {s.img_size} is not a multiple of the patch size {self.patch} of {s.arch}"
+            )
         if s.compile:
             self.student.compile_backbone()
             self.teacher.compile_backbone()
         self.net: nn.Module = self.student
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+                self.student, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.dino_loss = DINOLoss(s.out_dim, s.student_temp, s.center_momentum).to(device)
-        self.dense_loss = (DenseLoss(s.dense_out_dim, s.student_temp, s.center_momentum).to(device)
-                           if s.dense else None)
+        self.dense_loss = DenseLoss(s.dense_out_dim, s.student_temp, s.center_momentum).to(device) if s.dense else None
         kw = {"fused": True} if device.type == "cuda" else {}
         self.opt = torch.optim.AdamW(param_groups(self.student), lr=0.0, **kw)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
@@ -117,8 +126,9 @@ class Trainer:
             "lr": schedules.cosine(step, self.total_steps, base_lr, s.min_lr, warm, 0.0),
             "wd": schedules.cosine(step, self.total_steps, s.weight_decay, s.weight_decay_end),
             "momentum": schedules.cosine(step, self.total_steps, s.momentum_teacher, 1.0),
-            "teacher_temp": schedules.teacher_temperature(epoch, s.warmup_teacher_temp, s.teacher_temp,
-                                                          s.warmup_teacher_temp_epochs),
+            "teacher_temp": schedules.teacher_temperature(
+                epoch, s.warmup_teacher_temp, s.teacher_temp, s.warmup_teacher_temp_epochs
+            ),
         }
 
     def _inputs(self, batch: dict[str, torch.Tensor]):
@@ -161,17 +171,20 @@ class Trainer:
         else:
             l_dense = n_valid = torch.zeros((), device=self.device)
             loss = l_dino
-        stats = torch.cat([torch.stack([loss.detach(), l_dino.detach(), l_dense.detach()]).float(),
-                           self.dino_loss.monitors.float()])
+        stats = torch.cat(
+            [torch.stack([loss.detach(), l_dino.detach(), l_dense.detach()]).float(), self.dino_loss.monitors.float()]
+        )
         if self.world > 1:
             dist.all_reduce(stats)
             stats /= self.world
         values = dict(zip(STEP_STATS, stats.tolist()))  # one sync per step: the finiteness check is collective
         if not all(math.isfinite(v) for v in values.values()):
-            raise DirlError(f"non-finite loss at step {step} (epoch {epoch}): loss {values['loss']}, dino "
-                            f"{values['loss_dino']}, dense {values['loss_dense']}, lr {sch['lr']:.3g}; lower "
-                            "pretrain.lr or use precision fp32/bf16, then rerun (it resumes from the last "
-                            "checkpoint)")
+            raise DirlError(
+                f"non-finite loss at step {step} (epoch {epoch}): loss {values['loss']}, dino "
+                f"{values['loss_dino']}, dense {values['loss_dense']}, lr {sch['lr']:.3g}; lower "
+                "pretrain.lr or use precision fp32/bf16, then rerun (it resumes from the last "
+                "checkpoint)"
+            )
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if epoch < s.freeze_last_layer:  # DINO: the last layers learn only after the first epoch(s)
@@ -193,18 +206,26 @@ class Trainer:
     def collapsed(self, stats: dict[str, float]) -> str | None:
         """Which collapse the monitors show (after the warm-up), or None."""
         if stats["teacher_entropy"] > 0.98 and stats["kl"] < 0.02 * math.log(self.s.out_dim):
-            return ("uniform: the teacher's targets are nearly uniform and the student matches them (centring "
-                    "wins); try head_bn: true, a lower teacher_temp or a weaker color_jitter")
+            return (
+                "uniform: the teacher's targets are nearly uniform and the student matches them (centring "
+                "wins); try head_bn: true, a lower teacher_temp or a weaker color_jitter"
+            )
         if stats["teacher_batch_entropy"] < 0.2:
-            return ("one dimension: every image gets the same target (sharpening wins); try a higher "
-                    "teacher_temp warm-up or a lower learning rate")
+            return (
+                "one dimension: every image gets the same target (sharpening wins); try a higher "
+                "teacher_temp warm-up or a lower learning rate"
+            )
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                "dino_loss": self.dino_loss.state_dict(),
-                "dense_loss": self.dense_loss.state_dict() if self.dense_loss is not None else None}
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "dino_loss": self.dino_loss.state_dict(),
+            "dense_loss": self.dense_loss.state_dict() if self.dense_loss is not None else None,
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.student.load_state_dict(st["student"])

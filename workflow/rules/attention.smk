@@ -15,21 +15,21 @@ rule attention:
             caption="../report/attention.rst",
             category="4. Attention",
         ),
-    params:
-        backbones=lambda w, input: named_paths("--backbone", input.backbones, lambda p: p.parent.name),
-        cohort=COHORT,
-        settings=settings("attention"),
     log:
         f"{LOGS}/attention.log",
     benchmark:
         f"{BENCH}/attention.tsv"
-    threads: config["extract"]["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=60,
-        **job(config["extract"]["threads"], config["extract"]["gpus"]),
     conda:
         ENV
+    threads: config["extract"]["threads"]
+    resources:
+        **job(config["extract"]["threads"], config["extract"]["gpus"]),
+        mem_mb=8000,
+        runtime=60,
+    params:
+        backbones=lambda w, input: named_paths("--backbone", input.backbones, lambda p: p.parent.name),
+        cohort=COHORT,
+        settings=settings("attention"),
     shell:
         "dirl attention {params.backbones} --untrained --tiles {input.tiles:q} --priors {input.priors:q} "
         "--out {output.json:q} --overlays {output.overlays:q} --cohort {params.cohort} --threads {threads} "

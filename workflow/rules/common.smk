@@ -4,6 +4,7 @@ start-up, by the same code `dirl` uses (dirl.config, dirl.samples).
 Every setting reaches its job through `params:` built here, so Snakemake's params
 rerun-trigger reruns exactly the stages whose settings changed (and what depends on them).
 """
+
 import json
 import math
 import os
@@ -36,7 +37,11 @@ if SRC not in sys.path:
 # call it through the shell functions `dirl <command>` and `dirl_distributed N <command>` (torchrun with
 # N processes) defined in the prefix below: the interpreter's path is in no rule's code or params, so
 # moving the venv reruns nothing. `set -euo pipefail` is Snakemake's default prefix, kept.
-PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else shlex.quote(sys.executable)
+PY = (
+    "python"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else shlex.quote(sys.executable)
+)
 _py = PY.replace("{", "{{").replace("}", "}}")  # Snakemake formats the prefix: braces doubled
 shell.prefix(
     "set -euo pipefail; "
@@ -80,8 +85,10 @@ if RUN_MIL:
     except DirlError as e:
         raise WorkflowError(str(e)) from None
 elif workflow.is_main_process:  # cluster jobs re-read the Snakefile: say it once
-    logger.warning(f"note: {'no slide has a label' if not LABELLED else 'mil.models is empty'}: "
-                   "MIL and the summary are left out; every stage up to features runs")
+    logger.warning(
+        f"note: {'no slide has a label' if not LABELLED else 'mil.models is empty'}: "
+        "MIL and the summary are left out; every stage up to features runs"
+    )
 
 
 def settings(section, target=None, **extra):
@@ -116,9 +123,12 @@ def job(threads, gpus=0):
     """resources of a job: `cpus_per_task` (the configured threads, not capped by the submitting
     machine's cores), `gpu`, and the partition and GPU model for that many GPUs."""
     site = config["slurm"]
-    return {"cpus_per_task": int(threads), "gpu": int(gpus),
-            "slurm_partition": lambda w: site["gpu_partition" if gpus else "cpu_partition"],
-            "gpu_model": lambda w: site["gpu_model"] if gpus else None}
+    return {
+        "cpus_per_task": int(threads),
+        "gpu": int(gpus),
+        "slurm_partition": lambda w: site["gpu_partition" if gpus else "cpu_partition"],
+        "gpu_model": lambda w: site["gpu_model"] if gpus else None,
+    }
 
 
 # ---- segment
@@ -156,8 +166,10 @@ def feature_sources():
 
 def encoder_inputs(wildcards):
     if wildcards.source in RUNS:
-        return [f"{RESULTS}/pretrain/{wildcards.source}/backbone.pt",
-                f"{RESULTS}/pretrain/{wildcards.source}/backbone.json"]
+        return [
+            f"{RESULTS}/pretrain/{wildcards.source}/backbone.pt",
+            f"{RESULTS}/pretrain/{wildcards.source}/backbone.json",
+        ]
     weights = config["extract"]["encoders"][wildcards.source].get("weights")
     return [weights] if weights else []
 
@@ -167,7 +179,9 @@ def encoder_args(wildcards):
         return f"--encoder {shlex.quote(f'{RESULTS}/pretrain/{wildcards.source}/backbone.pt')}"
     enc = config["extract"]["encoders"][wildcards.source]
     args = [f"--encoder {shlex.quote(enc['encoder'])}"]
-    args += [f"--{k.replace('_', '-')} {shlex.quote(str(enc[k]))}" for k in ("weights", "embed", "img_size") if k in enc]
+    args += [
+        f"--{k.replace('_', '-')} {shlex.quote(str(enc[k]))}" for k in ("weights", "embed", "img_size") if k in enc
+    ]
     if enc.get("model_kwargs"):
         args.append(f"--model-kwargs {shlex.quote(json.dumps(enc['model_kwargs']))}")
     return " ".join(args)
@@ -176,6 +190,3 @@ def encoder_args(wildcards):
 # ---- mil
 def labelled_slides():
     return LABELLED
-
-
-

@@ -11,20 +11,20 @@ rule extract:
         encoder=encoder_inputs,
     output:
         f"{RESULTS}/features/{{source}}/{{slide}}.h5",
-    params:
-        encoder=encoder_args,
-        settings=settings("extract"),
     log:
         f"{LOGS}/extract/{{source}}/{{slide}}.log",
     benchmark:
         f"{BENCH}/extract/{{source}}/{{slide}}.tsv"
-    threads: config["extract"]["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=60,
-        **job(config["extract"]["threads"], config["extract"]["gpus"]),
     conda:
         ENV
+    threads: config["extract"]["threads"]
+    resources:
+        **job(config["extract"]["threads"], config["extract"]["gpus"]),
+        mem_mb=8000,
+        runtime=60,
+    params:
+        encoder=encoder_args,
+        settings=settings("extract"),
     shell:
         "dirl extract {input.tiles:q} {params.encoder} --out {output:q} --threads {threads} "
         "--settings {params.settings:q} > {log:q} 2>&1"

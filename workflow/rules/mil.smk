@@ -11,12 +11,12 @@ rule mil_splits:
         samples=config["samples"],
     output:
         f"{RESULTS}/mil/splits.json",
-    params:
-        settings=settings("mil", "dirl.mil.splits:SplitSettings"),
     log:
         f"{LOGS}/mil/splits.log",
     conda:
         ENV
+    params:
+        settings=settings("mil", "dirl.mil.splits:SplitSettings"),
     shell:
         "dirl splits --samples {input.samples:q} --out {output:q} --settings {params.settings:q} > {log:q} 2>&1"
 
@@ -37,22 +37,22 @@ rule mil:
             subcategory="{model}",
             labels={"features": "{source}", "model": "{model}"},
         ),
+    log:
+        f"{LOGS}/mil/{{source}}/{{model}}.log",
+    benchmark:
+        f"{BENCH}/mil/{{source}}/{{model}}.tsv"
+    conda:
+        ENV
+    threads: config["mil"]["threads"]
+    resources:
+        **job(config["mil"]["threads"]),
+        mem_mb=8000,
+        runtime=120,
     params:
         settings=settings("mil", "dirl.mil.train:MilSettings"),
         features=lambda w: f"{RESULTS}/features/{w.source}",
         out=lambda w, output: str(Path(output.metrics).parent),
         tiles=f"{RESULTS}/tiles",
-    log:
-        f"{LOGS}/mil/{{source}}/{{model}}.log",
-    benchmark:
-        f"{BENCH}/mil/{{source}}/{{model}}.tsv"
-    threads: config["mil"]["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        **job(config["mil"]["threads"]),
-    conda:
-        ENV
     shell:
         "dirl mil --samples {input.samples:q} --features {params.features:q} --model {wildcards.model} "
         "--splits {input.splits:q} --tiles {params.tiles:q} --out {params.out:q} --threads {threads} "
@@ -61,18 +61,19 @@ rule mil:
 
 rule summary:
     input:
-        metrics=expand(f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
-                       source=feature_sources(), model=config["mil"]["models"]),
+        metrics=expand(
+            f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json", source=feature_sources(), model=config["mil"]["models"]
+        ),
         attention=rules.attention.output.json,
     output:
         tsv=f"{RESULTS}/summary.tsv",
         md=report(f"{RESULTS}/summary.md", caption="../report/summary.rst", category="0. Summary"),
-    params:
-        named=lambda w, input: named_paths("--metrics", input.metrics, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"),
-        out=lambda w, output: str(Path(output.tsv).parent),
     log:
         f"{LOGS}/summary.log",
     conda:
         ENV
+    params:
+        named=lambda w, input: named_paths("--metrics", input.metrics, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"),
+        out=lambda w, output: str(Path(output.tsv).parent),
     shell:
         "dirl summary {params.named} --attention {input.attention:q} --out {params.out:q} > {log:q} 2>&1"

@@ -19,24 +19,24 @@ rule pretrain:
             category="3. Pretraining",
             labels={"run": "{run}"},
         ),
+    log:
+        f"{LOGS}/pretrain/{{run}}.log",
+    benchmark:
+        f"{BENCH}/pretrain/{{run}}.tsv"
     wildcard_constraints:
         run="|".join(re.escape(r) for r in RUNS),
+    conda:
+        ENV
+    threads: config["pretrain"]["threads"]
+    resources:
+        **job(config["pretrain"]["threads"], config["pretrain"]["gpus"]),
+        mem_mb=16000,
+        runtime=1440,
     params:
         settings=lambda w: pretrain_settings(w.run),
         priors=lambda w, input: ("--priors " + " ".join(shlex.quote(p) for p in input.priors)) if input.priors else "",
         outdir=lambda w, output: str(Path(output.backbone).parent),
         launcher=pretrain_launcher,
-    log:
-        f"{LOGS}/pretrain/{{run}}.log",
-    benchmark:
-        f"{BENCH}/pretrain/{{run}}.tsv"
-    threads: config["pretrain"]["threads"]
-    resources:
-        mem_mb=16000,
-        runtime=1440,
-        **job(config["pretrain"]["threads"], config["pretrain"]["gpus"]),
-    conda:
-        ENV
     shell:
         "{params.launcher} pretrain {params.outdir:q} --tiles {input.tiles:q} {params.priors} "
         "--settings {params.settings:q} --threads {threads} --restart-on-mismatch >> {log:q} 2>&1"

@@ -1,25 +1,24 @@
 """Stages 2-3: nuclei (per slide), cohort cell classes, and per-pixel prior maps (per slide)."""
 
 
-
 rule segment:
     input:
         tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
     output:
         cells=directory(f"{RESULTS}/cells/{{slide}}.zarr"),
-    params:
-        settings=settings("segmentation"),
     log:
         f"{LOGS}/segment/{{slide}}.log",
     benchmark:
         f"{BENCH}/segment/{{slide}}.tsv"
-    threads: config["segmentation"]["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        **job(config["segmentation"]["threads"], segment_gpu()),
     conda:
         ENV
+    threads: config["segmentation"]["threads"]
+    resources:
+        **job(config["segmentation"]["threads"], segment_gpu()),
+        mem_mb=8000,
+        runtime=120,
+    params:
+        settings=settings("segmentation"),
     shell:
         "dirl segment {input.tiles:q} {output.cells:q} --threads {threads} --settings {params.settings:q} > {log:q} 2>&1"
 
@@ -35,18 +34,18 @@ rule phenotype:
             caption="../report/phenotypes.rst",
             category="2. Nuclei and cell classes",
         ),
-    params:
-        settings=settings("phenotypes", "dirl.segment.phenotype:PhenotypeSettings"),
     log:
         f"{LOGS}/phenotype.log",
     benchmark:
         f"{BENCH}/phenotype.tsv"
-    resources:
-        mem_mb=8000,
-        runtime=60,
-        **job(1),
     conda:
         ENV
+    resources:
+        **job(1),
+        mem_mb=8000,
+        runtime=60,
+    params:
+        settings=settings("phenotypes", "dirl.segment.phenotype:PhenotypeSettings"),
     shell:
         "dirl phenotype {input.cells:q} --tiles {input.tiles:q} --out {output.model:q} "
         "--gallery {output.gallery:q} --settings {params.settings:q} > {log:q} 2>&1"
@@ -65,19 +64,19 @@ rule priors:
             category="2. Nuclei and cell classes",
             labels={"slide": "{slide}"},
         ),
-    params:
-        settings=settings("phenotypes", "dirl.segment.priors:PriorSettings"),
     log:
         f"{LOGS}/priors/{{slide}}.log",
     benchmark:
         f"{BENCH}/priors/{{slide}}.tsv"
-    threads: config["segmentation"]["threads"]
-    resources:
-        mem_mb=4000,
-        runtime=60,
-        **job(config["segmentation"]["threads"]),
     conda:
         ENV
+    threads: config["segmentation"]["threads"]
+    resources:
+        **job(config["segmentation"]["threads"]),
+        mem_mb=4000,
+        runtime=60,
+    params:
+        settings=settings("phenotypes", "dirl.segment.priors:PriorSettings"),
     shell:
         "dirl priors {input.tiles:q} {input.cells:q} {input.model:q} {output.priors:q} "
         "--overlay {output.overlay:q} --threads {threads} --settings {params.settings:q} > {log:q} 2>&1"

@@ -4,14 +4,14 @@
 rule synth:
     output:
         "resources/synth/{name}.{fmt}",
-    wildcard_constraints:
-        fmt="svs|tiff",
-    params:
-        settings=lambda w: json.dumps(config["synth"][w.name], sort_keys=True),
     log:
         f"{LOGS}/synth/{{name}}.{{fmt}}.log",
+    wildcard_constraints:
+        fmt="svs|tiff",
     conda:
         ENV
+    params:
+        settings=lambda w: json.dumps(config["synth"][w.name], sort_keys=True),
     shell:
         "dirl synth {output:q} --settings {params.settings:q} > {log:q} 2>&1"
 

@@ -12,22 +12,22 @@ rule tile:
             category="1. Tiling",
             labels={"slide": "{slide}"},
         ),
+    log:
+        f"{LOGS}/tile/{{slide}}.log",
+    benchmark:
+        f"{BENCH}/tile/{{slide}}.tsv"
+    conda:
+        ENV
+    threads: config["tiling"]["threads"]
+    resources:
+        **job(config["tiling"]["threads"]),
+        mem_mb=4000,
+        runtime=60,
     params:
         slide=lambda w: SAMPLES[w.slide].path,
         settings=settings("tiling"),
         mpp=slide_mpp_arg,
         on_error="empty" if config["allow_failed_slides"] else "fail",
-    log:
-        f"{LOGS}/tile/{{slide}}.log",
-    benchmark:
-        f"{BENCH}/tile/{{slide}}.tsv"
-    threads: config["tiling"]["threads"]
-    resources:
-        mem_mb=4000,
-        runtime=60,
-        **job(config["tiling"]["threads"]),
-    conda:
-        ENV
     shell:
         "dirl tile {params.slide:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
         "--qc {output.qc:q} --threads {threads} --on-error {params.on_error} --settings {params.settings:q} "
