@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from dirl.runtime import allocated_cpus
 
     cpus = allocated_cpus()
-    if cpus and getattr(args, "threads", None) is not None and args.threads != cpus:
+    if cpus and getattr(args, "threads", None) is not None:
         # in a SLURM job: use what the allocation gave, not what the submitting machine's --cores allowed
-        logging.getLogger("dirl").info("%d CPU threads (the SLURM allocation; asked for %d)", cpus, args.threads)
+        asked = f"; asked for {args.threads}" if args.threads != cpus else ""
+        logging.getLogger("dirl").info("%d CPU threads (the SLURM allocation%s)", cpus, asked)
         args.threads = cpus
     try:
         module.main(args)

@@ -47,6 +47,8 @@ class Cluster:
         return [dict(zip(keys, line.split("|"))) for line in out.splitlines() if line.strip()]
 
     def stop(self) -> None:
+        if "_conf" in self.pids:
+            Path("/etc/slurm/slurm.conf").unlink(missing_ok=True)
         for name in DAEMONS:
             pid = self.pids.get(name)
             if pid:
@@ -80,7 +82,7 @@ def _pid(path: Path, timeout: float = 30) -> int:
     raise RuntimeError(f"{path} never appeared")
 
 
-def start(root: Path, cpus: int | None = None, mem_mb: int = 8000) -> Cluster:
+def start(root: Path, cpus: int | None = None, mem_mb: int = 20000) -> Cluster:
     """Configure and start the cluster under `root` (state, spool, logs, pid files all live there)."""
     host = socket.gethostname().split(".")[0]
     cpus = cpus or len(os.sched_getaffinity(0))
@@ -142,6 +144,13 @@ def start(root: Path, cpus: int | None = None, mem_mb: int = 8000) -> Cluster:
         )
         + "\n"
     )
+    # job steps (srun inside a batch job) look for the configuration at the default path, whatever the
+    # submitting environment said: put it there for the cluster's lifetime (a test machine's own file wins)
+    default = Path("/etc/slurm/slurm.conf")
+    if not default.exists():
+        default.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(conf, default)
+        pids["_conf"] = 0
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = Cluster(root, env, pids)
     try:

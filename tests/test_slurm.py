@@ -72,8 +72,8 @@ def site_profile(dest: Path) -> Path:
     text = text.replace('slurm_account: "CHANGE_ME"', 'slurm_account: "lab"')
     text = text.replace('cpu_partition: "CHANGE_ME"', 'cpu_partition: "cpu"')
     text = text.replace('gpu_partition: "CHANGE_ME"', 'gpu_partition: "gpu"')
-    assert "CHANGE_ME" not in text
     profile = yaml.safe_load(text)
+    assert "CHANGE_ME" not in yaml.safe_dump(profile)  # every value to set was set
     profile.update({"slurm-status-command": "squeue", "jobs": 4, "latency-wait": 5, "seconds-between-status-checks": 2})
     (dest / "config.yaml").write_text(yaml.safe_dump(profile))
     return dest
