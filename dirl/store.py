@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import uuid
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,18 @@ class TileStore:
         """Tile `i` as uint8 (T, T, 3)."""
         return self.read(i, i + 1)[0]
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The tiles of `rows` (sorted) as uint8 (len(rows), T, T, 3)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one slice
+            return self.read(int(rows[0]), int(rows[-1]) + 1)
+        try:
+            return read_rows(self.images, rows)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise StoreError(f"tile store {self.path} (slide {self.slide_id}): tiles {rows[:3].tolist()}... "
+                             f"cannot be read ({e}); the store is damaged: delete it and rerun the tile stage "
+                             "for this slide") from e
+
 
 def open_tiles(path: str | os.PathLike) -> TileStore:
     g = _open_group(path, "tile")
@@ -365,6 +378,44 @@ def open_tiles(path: str | os.PathLike) -> TileStore:
 def _register_codecs(g: zarr.Group) -> None:
     if g.attrs.get("images_codec") == "jpeg":
         import dirl.jpeg_codec  # noqa: F401  (registers the codec)
+
+
+def read_rows(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (sorted) of an array whose first axis is the tile."""
+    return np.asarray(arr.get_orthogonal_selection((np.asarray(rows),) + (slice(None),) * (arr.ndim - 1)))
+
+
+def write_rows(arr: zarr.Array, rows: np.ndarray, block: np.ndarray) -> None:
+    """Write rows `rows` (sorted) of a new map array, the other rows zero. Whole shards at a time: zarr
+    3.1 cannot write an integer-array selection into a sharded array, and a shard written whole is
+    written once."""
+    rows = np.asarray(rows, dtype=np.int64)
+    shard = (arr.shards or arr.chunks)[0]
+    for s0 in np.unique(rows // shard) * shard:
+        s1 = min(arr.shape[0], s0 + shard)
+        inside = (rows >= s0) & (rows < s1)
+        full = np.zeros((s1 - s0, *arr.shape[1:]), dtype=arr.dtype)
+        full[rows[inside] - s0] = block[inside]
+        arr[s0:s1] = full
+
+
+def rows_by_shard(rows: np.ndarray, shard: int = SHARD_TILES) -> list[np.ndarray]:
+    """`rows` (sorted) cut where a new shard starts: blocks that `write_rows` writes whole, once each."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return []
+    cuts = np.flatnonzero(np.diff(rows // shard)) + 1
+    return np.split(rows, cuts)
+
+
+def tile_subset(n: int, cap: int, slide_id: str) -> np.ndarray:
+    """The rows of a slide's tiles that segmentation, priors, pretraining and the attention diagnostics
+    use when `pretrain.tiles_per_slide` caps them: all rows when `cap` is 0 or n <= cap, else a fixed
+    random subset of `cap` rows, sorted, seeded by the slide id (the same for every seed and stage)."""
+    if not cap or n <= cap:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(zlib.crc32(slide_id.encode()))
+    return np.sort(rng.choice(n, cap, replace=False)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -184,7 +184,10 @@ def load_sample(
     if priors is not None and len(priors) != len(tiles):
         raise DirlError(f"{len(tiles)} tile stores but {len(priors)} priors stores")
     stores = [store.open_tiles(t) for t in tiles]
-    picks = sample_tiles([len(s) for s in stores], n_tiles, seed)
+    # only tiles with prior maps: under pretrain.tiles_per_slide the priors stores list the rows they cover
+    rows = [np.asarray(store.map_attrs(p, "priors").get("rows", np.arange(len(ts))), dtype=np.int64)
+            for p, ts in zip(priors, stores)] if priors else [np.arange(len(ts)) for ts in stores]
+    picks = [(s, int(rows[s][r])) for s, r in sample_tiles([len(r) for r in rows], n_tiles, seed)]
     if not picks:
         raise DirlError("no tiles to analyse (every slide is empty or failed)")
     images = np.stack([stores[s].tile(r) for s, r in picks])

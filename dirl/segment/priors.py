@@ -122,6 +122,10 @@ def make_priors(
     tiles = store.open_tiles(tiles_path)
     n, tp, mpp = len(tiles), tiles.tile_px, tiles.mpp
     labels = store.open_map(cells_path, "labels", n)
+    cells_attrs = store.map_attrs(cells_path, "cells")
+    # only the tiles that were segmented (pretrain.tiles_per_slide): the other rows stay 0
+    rows = np.asarray(cells_attrs.get("rows", np.arange(n)), dtype=np.int64)
+    subset = {"rows": rows.tolist(), "tiles_per_slide": cells_attrs["tiles_per_slide"]} if "rows" in cells_attrs else {}
     model = PhenotypeModel.load(model_path)
     tab = store.read_nuclei(cells_path)
     if len(tab["tile"]) and np.any(np.diff(tab["tile"]) < 0):
@@ -142,28 +146,32 @@ def make_priors(
         "model": str(Path(model_path)),
         "cells": str(Path(cells_path)),
         "settings": asdict(s),
+        **subset,
     }
     counts = np.zeros(n_classes, dtype=np.int64)
     with (
         store.map_store_writer(out, "priors", n=n, tile_px=tp, dtype="uint8", attrs=attrs) as (root, arr),
         ThreadPoolExecutor(max(1, threads)) as pool,
     ):
-        for start in range(0, n, store.SHARD_TILES):
-            stop = min(n, start + store.SHARD_TILES)
-            imgs, labs = tiles.read(start, stop), np.asarray(labels[start:stop])
+        for idx in store.rows_by_shard(rows):  # whole shards: write_rows writes each once
+            imgs, labs = tiles.take(idx), store.read_rows(labels, idx)
             block = np.stack(
                 list(
                     pool.map(
-                        lambda i, imgs=imgs, labs=labs, start=start: paint(imgs[i], labs[i], luts[start + i], mpp, s),
-                        range(stop - start),
+                        lambda i, imgs=imgs, labs=labs, idx=idx: paint(imgs[i], labs[i], luts[idx[i]], mpp, s),
+                        range(len(idx)),
                     )
                 )
             )
-            arr[start:stop] = block
+            if subset:
+                store.write_rows(arr, idx, block)
+            else:
+                arr[idx[0] : idx[-1] + 1] = block
             counts += np.bincount(block.ravel(), minlength=n_classes)[:n_classes]
         root.attrs["pixel_fractions"] = (counts / max(counts.sum(), 1)).round(5).tolist()
     if overlay:
-        write_overlay(overlay, tiles, labels, out, tab, cls, model)
+        note = f" ({len(rows)} of {n} tiles: pretrain.tiles_per_slide)" if subset else ""
+        write_overlay(overlay, tiles, labels, out, tab, cls, model, note=note)
     dt = time.perf_counter() - t0
     log.info(
         "slide %r: priors for %d tiles in %.1f s; pixel fractions %s",
@@ -194,6 +202,7 @@ def write_overlay(
     cls: np.ndarray,
     model: PhenotypeModel,
     n: int = 4,
+    note: str = "",
 ) -> None:
     """PNG: per chosen tile, the image with class-coloured nucleus contours | the prior map."""
     from PIL import Image, ImageDraw
@@ -210,7 +219,7 @@ def write_overlay(
     gap, head = 4, 16 + 14 * len(names) + 4
     canvas = Image.new("RGB", (2 * tp + 3 * gap, head + max(1, len(chosen)) * (tp + gap) + gap), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((gap, 2), f"{tiles.slide_id}: nuclei by class | prior map", fill="black")
+    draw.text((gap, 2), f"{tiles.slide_id}: nuclei by class | prior map{note}", fill="black")
     for c, label in enumerate(names):
         y = 16 + 14 * c
         draw.rectangle((gap, y, gap + 10, y + 10), fill=tuple(int(v) for v in colours[c]), outline="black")

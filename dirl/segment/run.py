@@ -22,31 +22,38 @@ from typing import Any
 
 import numpy as np
 
+from dirl import store
 from dirl.segment import base, features
 from dirl.settings import Settings, comments
 
 log = logging.getLogger(__name__)
 
 
-def _blocks(tiles: Any, step: int, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
-    """Shards of the tile store in order, the next one read in the background."""
-    n = len(tiles)
-    starts = list(range(0, n, step))
-    if not starts:
+def _blocks(tiles: Any, rows: np.ndarray, step: int, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+    """The tiles of `rows` in blocks of `step`, the next block read in the background."""
+    chunks = store.rows_by_shard(rows, step)  # a block never shares a shard with the next
+    if not chunks:
         return
-    nxt = pool.submit(tiles.read, 0, min(n, step))
-    for i in range(len(starts)):
+    nxt = pool.submit(tiles.take, chunks[0])
+    for i in range(len(chunks)):
         block = nxt.result()
-        if i + 1 < len(starts):
-            s2 = starts[i + 1]
-            nxt = pool.submit(tiles.read, s2, min(n, s2 + step))
+        if i + 1 < len(chunks):
+            nxt = pool.submit(tiles.take, chunks[i + 1])
         yield block
 
 
 def segment_store(
-    tiles_path: str | Path, out: str | Path, backend: base.Backend, *, threads: int = 2, block: int | None = None
+    tiles_path: str | Path,
+    out: str | Path,
+    backend: base.Backend,
+    *,
+    threads: int = 2,
+    block: int | None = None,
+    tiles_per_slide: int = 0,
 ) -> dict[str, Any]:
-    """Segment every tile of `tiles_path` into the cells store `out`. Returns a summary."""
+    """Segment the tiles of `tiles_path` into the cells store `out`: every tile, or with `tiles_per_slide`
+    only the subset pretraining and the attention diagnostics use (`store.tile_subset`; the other rows get
+    empty label maps, and the store's `rows` attr lists the segmented ones). Returns a summary."""
     from tqdm import tqdm
 
     from dirl import store
@@ -56,6 +63,8 @@ def segment_store(
     n, tp, mpp = len(tiles), tiles.tile_px, tiles.mpp
     scale = float(tiles.attrs["tile_px_level0"]) / tp if n else 1.0  # a failed slide's store has none
     step = block or store.SHARD_TILES
+    rows = store.tile_subset(n, tiles_per_slide, tiles.slide_id)
+    subset = len(rows) < n
     attrs = {
         **backend.describe(),
         "slide_id": tiles.slide_id,
@@ -64,6 +73,7 @@ def segment_store(
         "tiles": str(Path(tiles_path)),
         "tile_px_level0": tiles.attrs["tile_px_level0"],
         **({"failed": tiles.failed} if tiles.failed else {}),
+        **({"rows": rows.tolist(), "tiles_per_slide": tiles_per_slide} if subset else {}),
     }
     n_nuc = 0
     oom = getattr(backend, "net_batch", None)  # dirl.oom.HalvingBatch of GPU backends: name the slide
@@ -73,22 +83,26 @@ def segment_store(
         store.map_store_writer(out, "labels", n=n, tile_px=tp, dtype="uint32", attrs=attrs) as (root, arr),
         ThreadPoolExecutor(max(1, threads)) as pool,
         ThreadPoolExecutor(1) as reader,
-        tqdm(total=n, unit="tile", desc=f"segment {tiles.slide_id}", disable=None, mininterval=2) as bar,
+        tqdm(total=len(rows), unit="tile", desc=f"segment {tiles.slide_id}", disable=None, mininterval=2) as bar,
     ):
         table = store.NucleusTableWriter(
             root, features.COLUMNS, {"mpp": mpp, "units": {"x": "level-0 px", "y": "level-0 px", "area_um2": "µm²"}}
         )
         start = 0
-        for labels, images in _zip_stream(backend, _blocks(tiles, step, reader), mpp):
+        for labels, images in _zip_stream(backend, _blocks(tiles, rows, step, reader), mpp):
             m = len(labels)
-            arr[start : start + m] = labels
+            idx = rows[start : start + m]
+            if subset:
+                store.write_rows(arr, idx, labels)
+            else:
+                arr[start : start + m] = labels
 
             def feats(
-                i: int, start: int = start, labels: np.ndarray = labels, images: np.ndarray = images
+                i: int, idx: np.ndarray = idx, labels: np.ndarray = labels, images: np.ndarray = images
             ) -> Mapping[str, np.ndarray]:
-                x0, y0 = tiles.coords[start + i]
+                x0, y0 = tiles.coords[idx[i]]
                 return features.tile_features(
-                    images[i], labels[i], mpp, tile=start + i, origin=(float(x0), float(y0)), scale=scale
+                    images[i], labels[i], mpp, tile=int(idx[i]), origin=(float(x0), float(y0)), scale=scale
                 )
 
             parts = list(pool.map(feats, range(m)))
@@ -97,21 +111,22 @@ def segment_store(
             n_nuc += len(cols["tile"])
             start += m
             bar.update(m)
-        if start != n:
-            raise RuntimeError(f"backend returned {start} label tiles for {n} tiles")
+        if start != len(rows):
+            raise RuntimeError(f"backend returned {start} label tiles for {len(rows)} tiles")
         table.close()
         root.attrs.update({"n_nuclei": n_nuc})
     dt = time.perf_counter() - t0
     log.info(
-        "slide %r: %d nuclei in %d tiles (%s) in %.1f s (%.1f tiles/s)",
+        "slide %r: %d nuclei in %d%s tiles (%s) in %.1f s (%.1f tiles/s)",
         tiles.slide_id,
         n_nuc,
-        n,
+        len(rows),
+        f" of {n} (pretrain.tiles_per_slide)" if subset else "",
         backend.name,
         dt,
-        n / max(dt, 1e-9),
+        len(rows) / max(dt, 1e-9),
     )
-    return {"tiles": n, "nuclei": n_nuc, "seconds": dt}
+    return {"tiles": len(rows), "nuclei": n_nuc, "seconds": dt}
 
 
 class _Tee:
@@ -181,10 +196,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tiles", help="tile store, results/<cohort>/tiles/{slide}.zarr")
     p.add_argument("out", help="cells store to write, results/<cohort>/cells/{slide}.zarr")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (tiles, features, mask post-processing)")
+    p.add_argument("--tiles-per-slide", type=int, default=0, help="segment only the subset of tiles pretraining "
+                   "uses (pretrain.tiles_per_slide; 0: every tile)")
     SegmentSettings.add_arguments(p.add_argument_group("settings (segment backends' Params)"))
 
 
 def main(args: argparse.Namespace) -> None:
     s = SegmentSettings.from_args(args)
     with base.create(s.backend, {**s.to_dict(), "threads": args.threads}) as backend:
-        segment_store(args.tiles, args.out, backend, threads=args.threads)
+        segment_store(args.tiles, args.out, backend, threads=args.threads, tiles_per_slide=args.tiles_per_slide)

@@ -97,7 +97,8 @@ def resolve_n_classes(priors: Sequence[str | os.PathLike], given: int | None) ->
 
 
 class CohortDataset(torch.utils.data.Dataset):
-    """All tiles (optionally at most `tiles_per_slide` per slide, a fixed random subset) of a cohort.
+    """All tiles of a cohort, or at most `tiles_per_slide` per slide: the fixed subset of `store.tile_subset`
+    (seeded by the slide id), the tiles segmentation and the priors cover under that cap.
 
     `__getitem__((epoch, index))` returns
       global   float32 (2, 3, S, S)   normalised global views
@@ -137,14 +138,17 @@ class CohortDataset(torch.utils.data.Dataset):
         for i, t in enumerate(self.tiles):  # metadata only; handles are opened per worker
             ts = store.open_tiles(t)
             n = len(ts)
+            keep = store.tile_subset(n, tiles_per_slide or 0, ts.slide_id)
             if self.priors is not None:
                 store.open_map(self.priors[i], "priors", n)  # row alignment check
+                painted = store.map_attrs(self.priors[i], "priors").get("rows")
+                if painted is not None and not np.array_equal(painted, keep):
+                    raise StoreError(
+                        f"{self.priors[i]} holds priors for {len(painted)} of {n} tiles, not the {len(keep)} "
+                        f"pretrain.tiles_per_slide = {tiles_per_slide or 0} selects: rerun segment and priors"
+                    )
             self.slide_ids.append(ts.slide_id)
             self.counts.append(n)
-            keep = np.arange(n)
-            if tiles_per_slide and n > tiles_per_slide:
-                rng = np.random.default_rng([seed, i, 7919])
-                keep = np.sort(rng.choice(n, tiles_per_slide, replace=False))
             rows.append(np.stack([np.full(len(keep), i), keep], 1))
         self.rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
         self._pid: int | None = None

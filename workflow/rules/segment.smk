@@ -19,8 +19,11 @@ rule segment:
         runtime=120,
     params:
         settings=settings("segmentation"),
+        # with pretrain.tiles_per_slide, only the tiles pretraining and attention use are segmented
+        cap=config["pretrain"]["tiles_per_slide"],
     shell:
-        "dirl segment {input.tiles:q} {output.cells:q} --threads {threads} --settings {params.settings:q} > {log:q} 2>&1"
+        "dirl segment {input.tiles:q} {output.cells:q} --threads {threads} --tiles-per-slide {params.cap} "
+        "--settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule phenotype:
