@@ -1,9 +1,10 @@
 """On-disk layouts: the Zarr tile, cell and prior stores and the HDF5 feature file.
 
-This is the only module that knows paths inside the stores (../shared/DESIGN.md, section 2). Every
-writer builds its output under a temporary sibling name and renames it into place when complete, so an
-interrupted job never leaves a store that looks finished. Readers check the attributes they rely on
-and fail with a message that names the file.
+This is the only module that knows paths inside the stores (the README's outputs table describes them),
+so it holds every artefact's reader and writer and is long on purpose: one place to look for a layout.
+Every writer builds its output under a temporary sibling name and renames it into place when complete,
+guarded by a lock against concurrent writers (`atomic_path`), so an interrupted job never leaves a store
+that looks finished. Readers check the attributes they rely on and fail with a message naming the file.
 """
 
 from __future__ import annotations
@@ -359,9 +360,11 @@ class TileStore:
         try:
             return read_rows(self.images, rows)
         except (ValueError, RuntimeError, OSError) as e:
-            raise StoreError(f"tile store {self.path} (slide {self.slide_id}): tiles {rows[:3].tolist()}... "
-                             f"cannot be read ({e}); the store is damaged: delete it and rerun the tile stage "
-                             "for this slide") from e
+            raise StoreError(
+                f"tile store {self.path} (slide {self.slide_id}): tiles {rows[:3].tolist()}... "
+                f"cannot be read ({e}); the store is damaged: delete it and rerun the tile stage "
+                "for this slide"
+            ) from e
 
 
 def open_tiles(path: str | os.PathLike) -> TileStore:

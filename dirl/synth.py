@@ -1,4 +1,5 @@
-"""Synthetic H&E-like whole-slide images, for tests and benchmarks.
+"""Synthetic H&E-like whole-slide images, for tests and benchmarks. One module on purpose (the renderer,
+its noise, stain model and nuclei, and the pyramid writer share their coordinate conventions).
 
 `render` computes any level-0 region of a virtual slide; `write_slide` streams a whole pyramidal,
 tiled JPEG TIFF (Aperio SVS or generic TIFF) that OpenSlide opens.

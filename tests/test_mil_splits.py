@@ -9,8 +9,8 @@ import pytest
 
 from dirl.errors import ConfigError
 from dirl.mil.data import Cohort, read_sample_sheet
+from dirl.mil.metrics import compute_metrics
 from dirl.mil.splits import load_splits, make_splits, write_json
-from dirl.mil.train import compute_metrics
 
 
 def cohort(n_patients=(12, 9, 15), seed=0) -> Cohort:

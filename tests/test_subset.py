@@ -1,5 +1,6 @@
 """pretrain.tiles_per_slide: segmentation, priors, pretraining and the attention sample use one fixed
 subset of each slide's tiles (seeded by the slide id), and say so; the other rows are left empty."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,12 @@ def cohort(tmp_path_factory):
     model = d / "model.json"
     assert cli(["phenotype", str(cells), "--tiles", str(tiles), "--out", str(model), "--k", "2"]) == 0
     priors = d / "priors" / "s.zarr"
-    assert cli(["priors", str(tiles), str(cells), str(model), str(priors), "--overlay", str(d / "p.png"),
-                "--threads", "1"]) == 0
+    assert (
+        cli(
+            ["priors", str(tiles), str(cells), str(model), str(priors), "--overlay", str(d / "p.png"), "--threads", "1"]
+        )
+        == 0
+    )
     return tiles, cells, priors
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,8 +184,14 @@ def load_sample(
         raise DirlError(f"{len(tiles)} tile stores but {len(priors)} priors stores")
     stores = [store.open_tiles(t) for t in tiles]
     # only tiles with prior maps: under pretrain.tiles_per_slide the priors stores list the rows they cover
-    rows = [np.asarray(store.map_attrs(p, "priors").get("rows", np.arange(len(ts))), dtype=np.int64)
-            for p, ts in zip(priors, stores)] if priors else [np.arange(len(ts)) for ts in stores]
+    rows = (
+        [
+            np.asarray(store.map_attrs(p, "priors").get("rows", np.arange(len(ts))), dtype=np.int64)
+            for p, ts in zip(priors, stores)
+        ]
+        if priors
+        else [np.arange(len(ts)) for ts in stores]
+    )
     picks = [(s, int(rows[s][r])) for s, r in sample_tiles([len(r) for r in rows], n_tiles, seed)]
     if not picks:
         raise DirlError("no tiles to analyse (every slide is empty or failed)")
@@ -268,125 +273,6 @@ def untrained_like(meta: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any
     return model, {**meta, "method": UNTRAINED}
 
 
-# --------------------------------------------------------------------------------------------------
-# summaries and comparisons
-def _summary(v: np.ndarray) -> dict[str, float]:
-    v = np.asarray(v, dtype=np.float64)
-    return {
-        "mean": float(v.mean()),
-        "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-        "median": float(np.median(v)),
-        "q25": float(np.quantile(v, 0.25)),
-        "q75": float(np.quantile(v, 0.75)),
-    }
-
-
-def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-    """b - a per tile: mean, sd, share of tiles where b is higher, Wilcoxon signed-rank p."""
-    from scipy.stats import wilcoxon
-
-    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
-    p = None
-    if len(d) > 1 and np.any(d != 0):
-        try:
-            p = float(wilcoxon(d).pvalue)
-        except ValueError:
-            p = None
-    return {
-        "mean_diff": float(d.mean()),
-        "sd_diff": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-        "frac_higher": float((d > 0).mean()),
-        "wilcoxon_p": p,
-    }
-
-
-def describe(m: Measured, class_names: list[str]) -> dict[str, Any]:
-    res: dict[str, Any] = {
-        "backbone": m.meta.get("path"),
-        "arch": m.meta.get("arch"),
-        "method": m.meta.get("method"),
-        "seed": m.meta.get("settings", {}).get("seed"),
-        "source": m.source,
-        "n_tokens": int(m.maps.shape[-1] ** 2),
-        "n_heads": int(m.per_head["entropy"].shape[1]),
-        HEADLINE: _summary(m.headline),
-        "mean_of_heads": {k: _summary(v.mean(1)) for k, v in m.per_head.items()},
-        "per_head": {k: [float(x) for x in v.mean(0)] for k, v in m.per_head.items()},
-        "head_averaged_map": {k: _summary(v) for k, v in m.head_mean.items()},
-    }
-    if m.share is not None:
-        share, area = m.share.mean(0), m.area.mean(0)
-        res["class_share"] = {
-            "classes": class_names,
-            "attention": [float(v) for v in share],
-            "area": [float(v) for v in area],
-            "enrichment": [float(a / b) if b > 0 else None for a, b in zip(share, area)],
-        }
-    res["per_image"] = {
-        HEADLINE: [float(v) for v in m.headline],
-        **{f"map_{k}": [float(x) for x in v] for k, v in m.head_mean.items()},
-    }
-    return res
-
-
-def compare(a: Measured, b: Measured) -> dict[str, Any]:
-    """b against a on the same tiles: the headline, the head-averaged map's metrics, and per class the
-    difference in enrichment."""
-    out = {
-        HEADLINE: _paired(a.headline, b.headline),
-        **{f"map_{k}": _paired(a.head_mean[k], b.head_mean[k]) for k in METRICS},
-    }
-    if a.share is not None and b.share is not None:
-        area = a.area.mean(0)
-        out["enrichment_diff"] = [
-            float((b.share.mean(0)[c] - a.share.mean(0)[c]) / area[c]) if area[c] > 0 else None
-            for c in range(len(area))
-        ]
-    return out
-
-
-RUN_NAME = re.compile(r"^(?P<method>.+?)(?:-s(?P<seed>\d+))?$")
-
-
-def by_seed(names: list[str]) -> dict[int, dict[str, str]]:
-    """{seed: {method: run name}}: runs named `<method>-s<seed>` (replicates) or `<method>` (one seed)."""
-    out: dict[int, dict[str, str]] = {}
-    for n in names:
-        m = RUN_NAME.match(n)
-        out.setdefault(int(m["seed"] or 0), {})[m["method"]] = n
-    return out
-
-
-def _run_order(name: str) -> tuple[int, int, str]:
-    """Seed, then untrained, dino, dirl, the rest: the order of overlay columns and tables."""
-    m = RUN_NAME.match(name)
-    rank = {UNTRAINED: 0, "dino": 1, "dirl": 2}.get(m["method"], 3)
-    return int(m["seed"] or 0), rank, name
-
-
-def replicates(measured: dict[str, Measured], pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """For method pairs (a, b) such as (dino, dirl) and (untrained, dino): per seed the paired mean
-    difference of the headline (b - a), and over seeds its mean and sd."""
-    seeds = by_seed(list(measured))
-    out: dict[str, Any] = {}
-    for a, b in pairs:
-        rows = {
-            seed: _paired(measured[runs[a]].headline, measured[runs[b]].headline)["mean_diff"]
-            for seed, runs in sorted(seeds.items())
-            if a in runs and b in runs
-        }
-        if rows:
-            v = np.array(list(rows.values()))
-            out[f"{b}_minus_{a}"] = {
-                "per_seed": {str(k): v_ for k, v_ in rows.items()},
-                "mean": float(v.mean()),
-                "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                "n_seeds": len(v),
-                "same_sign": bool(np.all(v > 0) or np.all(v < 0)),
-            }
-    return out
-
-
 def analyse(
     backbones: dict[str, str],
     tiles: list[str],
@@ -398,6 +284,7 @@ def analyse(
     cohort: str | None = None,
 ) -> dict[str, Any]:
     """Run the diagnostics on every backbone (and the untrained references); returns the summary."""
+    from dirl.analysis.compare import RUN_NAME, by_seed, compare, describe, replicates, run_order
     from dirl.encoders import load_backbone
     from dirl.runtime import resolve_device
 
@@ -415,7 +302,7 @@ def analyse(
             if ref not in refs:
                 refs[ref] = untrained_like(meta)
         models = {**refs, **models}
-    models = dict(sorted(models.items(), key=lambda kv: _run_order(kv[0])))
+    models = dict(sorted(models.items(), key=lambda kv: run_order(kv[0])))
     measured = {name: measure(name, model, meta, sample, s, device) for name, (model, meta) in models.items()}
     names = list(measured)
     seeds = by_seed(names)
@@ -436,65 +323,10 @@ def analyse(
         "replicates": replicates(measured, pairs),
     }
     if overlays:
+        from dirl.analysis.overlays import write_overlays
+
         write_overlays(Path(overlays), sample, measured)
     return summary
-
-
-# --------------------------------------------------------------------------------------------------
-def write_overlays(outdir: Path, sample: Sample, measured: dict[str, Measured]) -> None:
-    """One PNG per tile (image | prior map | each backbone's head-averaged attention, the untrained
-    reference first) and overview.png with all."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    from dirl.store import atomic_path
-
-    outdir.mkdir(parents=True, exist_ok=True)
-    n_classes = sample.n_classes if sample.priors is not None else 0
-    colours = [(1, 1, 1), (0.95, 0.75, 0.85)] + [plt.cm.tab10(i % 10)[:3] for i in range(max(0, n_classes - 2))]
-    cmap = ListedColormap(colours) if n_classes else None
-    names = list(measured)
-    ncol = 1 + (1 if n_classes else 0) + len(names)
-    n = min(len(sample.ids), min(len(m.maps) for m in measured.values()))
-
-    def draw(axes, i):
-        img = sample.images[i]
-        axes[0].imshow(img)
-        axes[0].set_title(f"{sample.ids[i][0]} #{sample.ids[i][1]}", fontsize=8)
-        c = 1
-        if n_classes:
-            axes[1].imshow(sample.priors[i], cmap=cmap, vmin=-0.5, vmax=n_classes - 0.5, interpolation="nearest")
-            axes[1].set_title("prior map", fontsize=8)
-            c = 2
-        vmax = max(float(measured[k].maps[i].max()) for k in names)  # one scale per tile: sparsity shows
-        for j, k in enumerate(names):
-            m = measured[k].maps[i][None, None].float()
-            up = F.interpolate(m, size=img.shape[:2], mode="nearest")[0, 0].numpy()
-            axes[c + j].imshow(img)
-            axes[c + j].imshow(up, cmap="inferno", alpha=0.6, interpolation="nearest", vmin=0, vmax=vmax)
-            axes[c + j].set_title(f"{k}  heads H={measured[k].headline[i]:.3f}", fontsize=8)
-        for ax in axes:
-            ax.axis("off")
-
-    for i in range(n):
-        fig, axes = plt.subplots(1, ncol, figsize=(2.6 * ncol, 2.8))
-        draw(np.atleast_1d(axes), i)
-        fig.tight_layout()
-        sid, row = sample.ids[i]
-        with atomic_path(outdir / f"{sid}_{row}.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
-    if n:
-        fig, axes = plt.subplots(n, ncol, figsize=(2.6 * ncol, 2.6 * n), squeeze=False)
-        for i in range(n):
-            draw(axes[i], i)
-        fig.tight_layout()
-        with atomic_path(outdir / "overview.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
-        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------

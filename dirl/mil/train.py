@@ -1,4 +1,5 @@
-"""`dirl mil`: patient-level cross-validated MIL on one feature source.
+"""`dirl mil`: patient-level cross-validated MIL on one feature source (metrics and result files:
+dirl.mil.metrics; models: dirl.mil.models; splits: dirl.mil.splits).
 
 For each fold of `splits.json` (see splits.py): train one model on the training bags (one bag per step,
 or a few bags per step with gradient accumulation — never padded), class-weighted cross-entropy, AdamW,
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +30,7 @@ import numpy as np
 from dirl import store
 from dirl.errors import ConfigError
 from dirl.mil.data import Bags, Cohort, open_bags, read_sample_sheet
+from dirl.mil.metrics import compute_metrics, json_safe, mean_sd, plot_roc, write_predictions
 from dirl.mil.splits import write_json
 from dirl.settings import Settings
 
@@ -63,48 +64,6 @@ class MilSettings(Settings):
     device: str = "auto"
     memory_gb: float = 16.0  # hold bags in RAM up to this size
     device_cache_gb: float = 4.0  # hold bags on the device up to this
-
-
-# --------------------------------------------------------------------------------------------------
-# metrics
-def _binary_auc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    return float(roc_auc_score(y, s))
-
-
-def compute_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    """auc: binary AUC of class 1 for two classes, else the macro mean of one-vs-rest AUCs over the
-    classes present (with positives and negatives) in `y`; balanced accuracy; macro F1."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score
-
-    k = prob.shape[1]
-    if k == 2:
-        auc = _binary_auc(y, prob[:, 1])
-    else:
-        aucs = [_binary_auc((y == c).astype(int), prob[:, c]) for c in range(k)]
-        aucs = [a for a in aucs if not np.isnan(a)]
-        auc = float(np.mean(aucs)) if aucs else float("nan")
-    pred = prob.argmax(1)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ba = float(balanced_accuracy_score(y, pred))
-        f1 = float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0))
-    return {"auc": auc, "balanced_accuracy": ba, "f1_macro": f1}
-
-
-def _mean_sd(rows: list[dict[str, float]], keys) -> tuple[dict[str, float], dict[str, float]]:
-    mean, sd = {}, {}
-    for key in keys:
-        v = np.array([r[key] for r in rows], dtype=float)
-        v = v[~np.isnan(v)]
-        mean[key] = float(v.mean()) if len(v) else float("nan")
-        sd[key] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-    return mean, sd
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,11 +318,11 @@ def run_cv(
                     **{f"prob_{c}": float(v) for c, v in zip(classes, p)},
                 }
             )
-    _write_predictions(out / "predictions.csv", rows, classes)
+    write_predictions(out / "predictions.csv", rows, classes)
     yy = np.array([classes.index(r["label"]) for r in rows])
     pp = np.array([[r[f"prob_{c}"] for c in classes] for r in rows])
     keys = ("auc", "balanced_accuracy", "f1_macro")
-    mean, sd = _mean_sd(fold_metrics, keys)
+    mean, sd = mean_sd(fold_metrics, keys)
     metrics = {
         "feature_source": source,
         "model": model_name,
@@ -400,7 +359,7 @@ def run_cv(
             )
     elif n_heatmaps:
         log.info("meanpool attention is uniform: no heatmaps")
-    write_json(out / "metrics.json", _json_safe(metrics))
+    write_json(out / "metrics.json", json_safe(metrics))
     log.info(
         "%s/%s: AUC %.3f ± %.3f, balanced accuracy %.3f ± %.3f, F1 %.3f ± %.3f over %d folds",
         source,
@@ -421,79 +380,8 @@ def _tile_size_level0(bags: Bags, s: str) -> int:
     return int(attrs.get("patch_size_level0") or attrs.get("patch_size") or 256)
 
 
-def _json_safe(o):
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, float) and not np.isfinite(o):
-        return None  # JSON has no NaN
-    if isinstance(o, np.generic):
-        return _json_safe(o.item())
-    return o
-
-
-def _write_predictions(path: Path, rows: list[dict], classes: list[str]) -> None:
-    cols = ["slide_id", "patient_id", "label", "fold", "pred"] + [f"prob_{c}" for c in classes]
-    with store.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
-def plot_roc(path: Path, rows: list[dict], classes: list[str], title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    y = np.array([classes.index(r["label"]) for r in rows])
-    fig, ax = plt.subplots(figsize=(5, 5))
-    targets = [1] if len(classes) == 2 else range(len(classes))
-    for c in targets:
-        yc = (y == c).astype(int)
-        if yc.min() == yc.max():
-            continue
-        p = np.array([r[f"prob_{classes[c]}"] for r in rows])
-        fpr, tpr, _ = roc_curve(yc, p)
-        auc = _binary_auc(yc, p)
-        name = classes[c] if len(classes) > 2 else f"{classes[1]} vs {classes[0]}"
-        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {auc:.3f})")
-        if len(classes) == 2:  # per fold, thin
-            folds = np.array([r["fold"] for r in rows])
-            for f in np.unique(folds):
-                m = folds == f
-                if yc[m].min() != yc[m].max():
-                    a, b, _ = roc_curve(yc[m], p[m])
-                    ax.plot(a, b, lw=0.8, alpha=0.4, color="grey")
-    ax.plot([0, 1], [0, 1], ls="--", color="k", lw=0.8)
-    ax.set(
-        xlabel="false positive rate",
-        ylabel="true positive rate",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-        title=f"out-of-fold ROC {title}",
-    )
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with store.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------------------
 # CLI
-def _flag(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, label, [patient_id])")
     p.add_argument("--features", required=True, help="feature directory (features/{source})")

@@ -1,4 +1,4 @@
-"""Nuclei segmentation, cell classes and per-pixel prior maps (issue #3).
+"""Nuclei segmentation, cell classes and per-pixel prior maps.
 
 - `base`: the backend interface and registry (`watershed`, `cellpose`, or "package.module:Class").
 - `watershed`: classical CPU segmenter; `cellpose_backend`: Cellpose 4, batched and pipelined on GPU.

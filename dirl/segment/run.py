@@ -196,8 +196,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tiles", help="tile store, results/<cohort>/tiles/{slide}.zarr")
     p.add_argument("out", help="cells store to write, results/<cohort>/cells/{slide}.zarr")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (tiles, features, mask post-processing)")
-    p.add_argument("--tiles-per-slide", type=int, default=0, help="segment only the subset of tiles pretraining "
-                   "uses (pretrain.tiles_per_slide; 0: every tile)")
+    p.add_argument(
+        "--tiles-per-slide",
+        type=int,
+        default=0,
+        help="segment only the subset of tiles pretraining uses (pretrain.tiles_per_slide; 0: every tile)",
+    )
     SegmentSettings.add_arguments(p.add_argument_group("settings (segment backends' Params)"))
 
 
