@@ -9,6 +9,12 @@ import numpy as np
 
 from dirl import store
 
+# `dirl pretrain` flags of a model small enough for tests (ViT-Tiny at 64 px, small heads)
+TINY_PRETRAIN = (
+    "--arch vit_tiny_patch16_224 --img-size 64 --out-dim 256 --dense-out-dim 128 --head-hidden-dim 256 "
+    "--num-workers 0 --log-every 1 --warmup-epochs 0"
+).split()
+
 
 def write_toy_cohort(
     root: str | os.PathLike,

@@ -115,7 +115,7 @@ def test_killed_segmentation(tiles: Path, tmp_path: Path) -> None:
 def test_killed_pretraining_resumes_exactly(tmp_path: Path) -> None:
     """Killed mid-epoch, after a step that was logged but not checkpointed: the rerun resumes from the
     last checkpoint, drops the orphan log line and ends with the uninterrupted run's losses."""
-    from helpers_toy import write_toy_cohort
+    from helpers_toy import TINY_PRETRAIN, write_toy_cohort
 
     from dirl.runtime import torch_threads
 
@@ -125,22 +125,7 @@ def test_killed_pretraining_resumes_exactly(tmp_path: Path) -> None:
         *map(str, t),
         "--priors",
         *map(str, p),
-        "--arch",
-        "vit_tiny_patch16_224",
-        "--img-size",
-        "64",
-        "--out-dim",
-        "256",
-        "--dense-out-dim",
-        "128",
-        "--head-hidden-dim",
-        "256",
-        "--num-workers",
-        "0",
-        "--log-every",
-        "1",
-        "--warmup-epochs",
-        "0",
+        *TINY_PRETRAIN,
         "--epochs",
         "1",
         "--batch-size",

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import slurm_cluster
 import yaml
+from helpers_workflow import tiny_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -35,24 +36,7 @@ CONFIG = {
         "s1": {"populations": ["lymphocyte"], "width": 768, "height": 768, "seed": 1, "tissue": "full"},
         "s2": {"populations": ["tumour"], "width": 768, "height": 768, "seed": 2, "tissue": "full"},
     },
-    "tiling": {"mpp": 1.0, "tile_px": 64, "threads": THREADS["tile"]},
-    "segmentation": {"threads": THREADS["segment"]},
-    "phenotypes": {"k": 2, "sample": 5000},
-    "pretrain": {
-        "arch": "vit_tiny_patch16_224",
-        "img_size": 32,
-        "out_dim": 256,
-        "dense_out_dim": 128,
-        "head_hidden_dim": 128,
-        "head_bottleneck_dim": 64,
-        "epochs": 1,
-        "warmup_epochs": 0,
-        "batch_size": 16,
-        "num_workers": 0,
-        "threads": THREADS["pretrain"],
-    },
-    "attention": {"n_tiles": 8, "n_overlays": 1},
-    "extract": {"batch_size": 64, "threads": THREADS["extract"]},
+    **tiny_stages(THREADS),
 }
 SAMPLES = "slide_id\tpath\ns1\tresources/synth/s1.svs\ns2\tresources/synth/s2.svs\n"  # no labels
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_toy import write_toy_cohort
+from helpers_toy import TINY_PRETRAIN, write_toy_cohort
 
 from dirl.cli import main as cli
 from dirl.errors import DirlError
@@ -18,24 +18,7 @@ from dirl.ssl import schedules
 from dirl.ssl.settings import PretrainSettings
 from dirl.ssl.train import Run
 
-TINY = [
-    "--arch",
-    "vit_tiny_patch16_224",
-    "--img-size",
-    "64",
-    "--out-dim",
-    "256",
-    "--dense-out-dim",
-    "128",
-    "--head-hidden-dim",
-    "256",
-    "--num-workers",
-    "0",
-    "--log-every",
-    "1",
-    "--warmup-epochs",
-    "0",
-]
+TINY = list(TINY_PRETRAIN)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers_workflow import tiny_stages
 
 from dirl import store
 
@@ -36,25 +37,7 @@ CONFIG = {
         "b1": {"populations": ["tumour"], "width": 1024, "height": 1024, "seed": 3, "tissue": "full"},
         "b2": {"populations": ["tumour"], "width": 1024, "height": 1024, "seed": 4, "tissue": "full"},
     },
-    "tiling": {"mpp": 1.0, "tile_px": 64, "threads": 1},
-    "segmentation": {"threads": 1},
-    "phenotypes": {"k": 2, "sample": 5000},
-    "pretrain": {
-        "arch": "vit_tiny_patch16_224",
-        "img_size": 32,
-        "out_dim": 256,
-        "dense_out_dim": 128,
-        "head_hidden_dim": 128,
-        "head_bottleneck_dim": 64,
-        "epochs": 1,
-        "warmup_epochs": 0,
-        "batch_size": 32,
-        "num_workers": 0,
-        "threads": 1,
-        "tiles_per_slide": 32,
-    },
-    "attention": {"n_tiles": 8, "n_overlays": 2},
-    "extract": {"batch_size": 64, "threads": 1},
+    **tiny_stages(batch_size=32, tiles_per_slide=32),
     "mil": {"models": ["meanpool", "abmil"], "folds": 2, "epochs": 3},
 }
 SAMPLES = (
@@ -144,7 +127,9 @@ def test_every_stage_output_meets_the_contracts(cohort: Path) -> None:
         t = store.open_tiles(res / "tiles" / f"{sid}.zarr")
         assert len(t) == 64  # 1024 px of tissue at 0.5 µm/px = 512 µm; 64 px tiles at 1 µm/px: 8 x 8
         priors = store.open_map(res / "priors" / f"{sid}.zarr", "priors", len(t))
-        values = np.unique(priors[:8])
+        rows = store.tile_subset(len(t), 32, sid)  # pretrain.tiles_per_slide: only those are segmented
+        assert store.map_attrs(res / "priors" / f"{sid}.zarr", "priors")["rows"] == rows.tolist()
+        values = np.unique(store.read_rows(priors, rows[:8]))
         assert {1}.issubset(values) and values.max() >= 2  # tissue and at least one cell class
         assert (res / "features" / "dirl" / f"{sid}.h5").exists()
     for method in ("dirl", "dino"):

@@ -12,32 +12,14 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+from helpers_workflow import tiny_stages
 
 from dirl import store
 
 ROOT = Path(__file__).resolve().parents[1]
 # what a user's shell has without `source .venv/bin/activate`: no `python` with openslide on PATH
 BARE_PATH = "/usr/bin:/bin"
-TINY = {
-    "tiling": {"mpp": 1.0, "tile_px": 64, "threads": 1},
-    "segmentation": {"threads": 1},
-    "phenotypes": {"k": 2, "sample": 5000},
-    "pretrain": {
-        "arch": "vit_tiny_patch16_224",
-        "img_size": 32,
-        "out_dim": 256,
-        "dense_out_dim": 128,
-        "head_hidden_dim": 128,
-        "head_bottleneck_dim": 64,
-        "epochs": 1,
-        "warmup_epochs": 0,
-        "batch_size": 16,
-        "num_workers": 0,
-        "threads": 1,
-    },
-    "attention": {"n_tiles": 8, "n_overlays": 2},
-    "extract": {"batch_size": 64, "threads": 1},
-}
+TINY = tiny_stages()
 
 
 def run_as_user(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
