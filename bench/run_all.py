@@ -34,7 +34,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STAGES = ("tile", "segment", "pretrain", "extract", "mil")
+STAGES = ("tile", "segment", "pretrain", "extract", "mil", "loaders")
 STDERR_TAIL = 30  # lines of a failed stage's stderr in the report
 
 # The goals stated in DESIGN.md / the issue: (stage, description, value getter, test, threshold text)
@@ -44,7 +44,30 @@ GOALS: list[tuple[str, str, str, str, float]] = [
     ("tile", "tile loop alone >= half the bare-read rate", "loop_over_bare", ">=", 0.5),
     ("pretrain", "DiRL step <= 1.10x the DINO step", "dirl_over_dino_ratio", "<=", 1.10),
     ("extract", "extraction >= 90 % of the bare forward pass", "extract_vs_bare", ">=", 0.9),
+    (
+        "loaders",
+        "pretraining loader >= 100 images/s per core (224 px, DiRL views)",
+        "pretrain_images_per_s_per_core",
+        ">=",
+        100.0,
+    ),
+    ("loaders", "extraction loader >= 500 tiles/s per core", "extract_tiles_per_s_per_core", ">=", 500.0),
 ]
+
+# A TCGA-BRCA-sized cohort on one node with 4 GPUs and 32 cores, from the measured per-core rates and,
+# where no GPU was measured, the GPU goals (marked as assumptions): 1,000 slides, 20,000 tiles each at
+# 0.5 µm/px, pretrain.tiles_per_slide 2,000 (what segmentation and priors then cover), 100 epochs per
+# method (config/cohorts/tcga_brca.yaml).
+COHORT = {
+    "slides": 1000,
+    "tiles_per_slide": 20000,
+    "subset_per_slide": 2000,
+    "epochs": 100,
+    "methods": 2,
+    "gpus": 4,
+    "cores": 32,
+}
+GPU_ASSUMED = {"cellpose_tiles_per_s": 50.0, "pretrain_images_per_s": 1500.0, "extract_tiles_per_s": 8000.0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,6 +424,30 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
                 _ratio(r.get("read_tiles_per_s"), e),
             ),
         ]
+    elif stage == "loaders":
+        rows += [
+            (
+                f"pretraining loader, DiRL views ({r.get('img')} px), images/s per core",
+                _get(r, "pretrain_dirl", "images_per_s"),
+                "DINO views only",
+                _get(r, "pretrain_dino", "images_per_s"),
+                _ratio(_get(r, "pretrain_dirl", "images_per_s"), _get(r, "pretrain_dino", "images_per_s")),
+            ),
+            (
+                "pretraining loader + 8 local crops, images/s per core",
+                _get(r, "pretrain_multicrop", "images_per_s"),
+                "DiRL views",
+                _get(r, "pretrain_dirl", "images_per_s"),
+                _ratio(_get(r, "pretrain_multicrop", "images_per_s"), _get(r, "pretrain_dirl", "images_per_s")),
+            ),
+            (
+                "extraction loader (decode + normalise), tiles/s per core",
+                _get(r, "extract", "tiles_per_s"),
+                "store decode alone",
+                _get(r, "decode", "tiles_per_s"),
+                r.get("extract_over_decode"),
+            ),
+        ]
     elif stage == "mil":
         models = r.get("models") or {}
         base = _get(models, "meanpool", "bags_per_s")
@@ -498,8 +545,90 @@ def render_markdown(report: dict[str, Any]) -> str:
         mem = [(k, v) for k, v in mem if v is not None]
         if mem:
             L += ["", "Peak memory: " + "; ".join(f"{k} {_fmt(v)}" for k, v in mem)]
+    L += cohort_estimate(report["stages"])
     L += ["", f"Raw JSON of every stage: `{report['json']}`.", ""]
     return "\n".join(L)
+
+
+def cohort_estimate(stages: dict[str, dict[str, Any]]) -> list[str]:
+    """Hours per stage for COHORT on one node, from this run's rates (per core, or per GPU where one was
+    measured) and GPU_ASSUMED otherwise."""
+    c = COHORT
+    res = {k: (v.get("result") or {}) for k, v in stages.items()}
+    tiles_all = c["slides"] * c["tiles_per_slide"]
+    subset = c["slides"] * c["subset_per_slide"]
+    rows = []
+
+    def add(stage: str, work: float, unit: str, rate: float | None, per: str, workers: int, source: str) -> None:
+        hours = work / (rate * workers) / 3600 if rate else None
+        rows.append((stage, f"{work:,.0f} {unit}", f"{_fmt(rate)} {unit}/s per {per}", workers, source, hours))
+
+    tile_rate = _get(res, "tile", "dirl_tiles_per_s")
+    add(
+        "tile",
+        tiles_all,
+        "tiles",
+        tile_rate / max(1, _get(res, "tile", "threads") or 2) if tile_rate else None,
+        "core",
+        c["cores"],
+        "measured (20k px slide, end to end)",
+    )
+    add(
+        "segment (Cellpose, subset)",
+        subset,
+        "tiles",
+        GPU_ASSUMED["cellpose_tiles_per_s"],
+        "GPU",
+        c["gpus"],
+        "assumed: the GPU goal, not yet measured",
+    )
+    ws = _get(res, "segment", "watershed_stage") or {}
+    ws_rate = next((v for k, v in ws.items() if k.startswith("stage_threads1")), None)
+    add("segment (watershed, subset, instead)", subset, "tiles", ws_rate, "core", c["cores"], "measured (1 thread)")
+    steps = c["epochs"] * subset * c["methods"]
+    add(
+        "pretrain (both methods)",
+        steps,
+        "images",
+        GPU_ASSUMED["pretrain_images_per_s"],
+        "GPU",
+        c["gpus"],
+        "assumed: the GPU goal, not yet measured",
+    )
+    loader = _get(res, "loaders", "pretrain_images_per_s_per_core")
+    add("  its loader", steps, "images", loader, "core", c["cores"], "measured: must not be slower than the GPUs")
+    add(
+        "extract (both methods, every tile)",
+        tiles_all * c["methods"],
+        "tiles",
+        GPU_ASSUMED["extract_tiles_per_s"],
+        "GPU",
+        c["gpus"],
+        "assumed: the GPU goal, not yet measured",
+    )
+    ext_loader = _get(res, "loaders", "extract_tiles_per_s_per_core")
+    add("  its loader", tiles_all * c["methods"], "tiles", ext_loader, "core", c["cores"], "measured")
+    L = [
+        "",
+        "## A TCGA-BRCA-sized cohort on one node (estimate)",
+        "",
+        f"{c['slides']:,} slides x {c['tiles_per_slide']:,} tiles at 0.5 µm/px; pretrain.tiles_per_slide "
+        f"{c['subset_per_slide']:,} (segmentation, priors and pretraining cover that subset); {c['epochs']} epochs "
+        f"per method; one node with {c['gpus']} GPUs and {c['cores']} cores. A stage's hours = its work / "
+        "(rate x workers); where no GPU figure exists yet the GPU goal stands in (marked).",
+        "",
+        "| stage | work | rate | workers | rate from | hours |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for stage, work, rate, workers, source, hours in rows:
+        L.append(f"| {stage} | {work} | {rate} | {workers} | {source} | {_fmt(hours)} |")
+    main = [h for (s_, _, _, _, _, h) in rows if h is not None and not s_.startswith(" ") and "instead" not in s_]
+    L += [
+        "",
+        f"Total of the GPU-bound path (tile, Cellpose, pretraining, extraction): {_fmt(sum(main))} h "
+        "(loaders must keep up: compare each loader row with the stage above it).",
+    ]
+    return L
 
 
 # --------------------------------------------------------------------------------------------------
