@@ -30,7 +30,7 @@ import numpy as np
 
 from dirl import store
 from dirl.errors import ConfigError
-from dirl.runtime import PRECISIONS, resolve_device, torch_threads
+from dirl.runtime import PRECISIONS, enable_tf32, resolve_device, torch_threads
 from dirl.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class ExtractSettings(Settings):
     workers: int = -1  # DataLoader workers (-1: auto)
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     precision: str = field(default="auto", metadata={"choices": PRECISIONS, "help": "auto: bf16 on CUDA, fp32 on CPU"})
+    tf32: bool = True  # TF32 tensor cores for fp32 work on NVIDIA GPUs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +284,7 @@ def _main(args: argparse.Namespace) -> None:
     enc = load_encoder(
         args.encoder, weights=args.weights, embed_kind=args.embed, img_size=args.img_size, model_kwargs=kwargs or None
     )
+    enable_tf32(device, s.tf32)
     amp, cl = prepare_model(enc, device, s.precision)
     workers = s.workers if s.workers >= 0 else default_workers(device)
     log.info("encoder %s (D=%d) on %s, %d workers", enc.encoder_id, enc.dim, device, workers)

@@ -79,6 +79,7 @@ class PretrainSettings(Settings):
     precision: str = _c(
         "auto", "fp32", "bf16", "fp16", help="auto: bf16 on GPUs that have it, else fp16; fp32 on the CPU"
     )
+    tf32: bool = True  # TF32 tensor cores for the fp32 parts on NVIDIA GPUs
     compile: bool = False  # torch.compile the backbones
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = once per epoch)

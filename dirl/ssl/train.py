@@ -305,8 +305,8 @@ def _worker_init(_: int) -> None:
 
 
 class Meter:
-    """Means of the step statistics between two log lines, throughput and the share of the time spent
-    waiting for data (what tells a loader-bound GPU run)."""
+    """Means of the step statistics between two log lines, throughput, the share of the time spent
+    waiting for data (what tells a loader-bound GPU run) and, on a GPU, the peak memory."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -336,6 +336,9 @@ class Meter:
             "images_per_s": self.k * batch_size / dt,
             "data_wait_frac": self.t_data / dt,
         }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # what a smaller GPU must hold
+            out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         self.sums, self.k, self.t_data, self.t0 = {}, 0, 0.0, now
         return out
 

@@ -57,7 +57,7 @@ class Trainer:
         self.world, self.rank = world()
         self.set_iters_per_epoch(iters_per_epoch)
         self.amp_dtype = resolve_precision(s.precision, device)
-        enable_tf32(device)  # fp32 parts (losses, optimiser) on tensor cores
+        enable_tf32(device, s.tf32)  # fp32 parts (losses, optimiser) on tensor cores
         if s.dense and not n_classes:
             raise DirlError("method dirl needs the number of prior classes (priors stores or --n-classes)")
         dense_dim = s.dense_out_dim if s.dense else None
