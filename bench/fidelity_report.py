@@ -47,6 +47,16 @@ def mil_cell(rows: list[dict], section: str, model: str, source: str, seed: str)
     return f"{float(r['mean']):.3f}" + (f" ± {float(r['sd']):.3f}" if seed == "all" and r["sd"] else "")
 
 
+def save_thumbnail(src: Path, dst: Path, width: int = 1400) -> None:
+    """The overview as a JPEG `width` px wide: the full-size PNG (~3 MB) is too heavy to keep in git."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        im.thumbnail((width, width))
+        im.save(dst, quality=85)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", type=Path)
@@ -165,7 +175,7 @@ def main() -> None:
         ]
     if a.pictures:
         a.pictures.mkdir(parents=True, exist_ok=True)
-        shutil.copy(res / "analysis" / "attention_overlays" / "overview.png", a.pictures / f"{cohort}_attention.png")
+        save_thumbnail(res / "analysis" / "attention_overlays" / "overview.png", a.pictures / f"{cohort}_attention.jpg")
         for m in ("dino", "dirl"):
             shutil.copy(
                 res / "pretrain" / f"{m}-s{seeds[0]}" / "loss_curves.png", a.pictures / f"{cohort}_{m}_loss.png"
