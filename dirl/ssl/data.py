@@ -19,8 +19,8 @@ import torch
 
 from dirl import store
 from dirl.errors import DirlError, StoreError
-from dirl.ssl.augment import ViewSpec, make_view, overlap_mask, view_rng
-from dirl.ssl.losses import mask_occupancy, token_occupancy
+from dirl.ssl.augment import ViewSpec, make_view, overlap_occupancy, view_rng
+from dirl.ssl.losses import token_occupancy
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,9 @@ class CohortDataset(torch.utils.data.Dataset):
         item["local"] = torch.stack(locs) if locs else torch.zeros(0, 3, self.views.local_size, self.views.local_size)
         if pmap is not None and self.n_classes is not None:
             item["occupancy"] = token_occupancy(torch.stack([p1, p2]), self.n_classes, self.patch)
-            masks = torch.stack([overlap_mask(geo1, geo2, g1.size), overlap_mask(geo2, geo1, g2.size)])
-            item["overlap"] = mask_occupancy(masks, self.patch)
+            item["overlap"] = torch.stack(
+                [overlap_occupancy(geo1, geo2, g1.size, self.patch), overlap_occupancy(geo2, geo1, g2.size, self.patch)]
+            )
         return item
 
 
