@@ -10,10 +10,17 @@ import numpy as np
 from dirl import store
 
 # `dirl pretrain` flags of a model small enough for tests (ViT-Tiny at 64 px, small heads)
-TINY_PRETRAIN = (
-    "--arch vit_tiny_patch16_224 --img-size 64 --out-dim 256 --dense-out-dim 128 --head-hidden-dim 256 "
-    "--num-workers 0 --log-every 1 --warmup-epochs 0"
-).split()
+TINY_SETTINGS = dict(
+    arch="vit_tiny_patch16_224",
+    img_size=64,
+    out_dim=256,
+    dense_out_dim=128,
+    head_hidden_dim=256,
+    num_workers=0,
+    log_every=1,
+    warmup_epochs=0,
+)
+TINY_PRETRAIN = [f for k, v in TINY_SETTINGS.items() for f in (f"--{k.replace('_', '-')}", str(v))]  # as CLI flags
 
 
 def write_toy_cohort(

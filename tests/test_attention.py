@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers_toy import write_toy_cohort
+from helpers_toy import TINY_SETTINGS, write_toy_cohort
 
 from dirl.analysis.attention import (
     attention_metrics,
@@ -171,15 +171,7 @@ def test_untrained_reference_is_the_trainers_first_backbone():
     from dirl.ssl.settings import PretrainSettings
     from dirl.ssl.trainer import Trainer
 
-    s = PretrainSettings(
-        arch="vit_tiny_patch16_224",
-        img_size=32,
-        out_dim=64,
-        head_hidden_dim=32,
-        head_bottleneck_dim=16,
-        method="dino",
-        seed=7,
-    )
+    s = PretrainSettings(**{**TINY_SETTINGS, "img_size": 32}, method="dino", seed=7)
     first = Trainer(s, None, torch.device("cpu")).teacher.backbone.state_dict()
     ref, _ = untrained_like({"arch": s.arch, "img_size": s.img_size, "settings": s.to_dict()})
     assert all(torch.equal(first[k], v) for k, v in ref.state_dict().items())

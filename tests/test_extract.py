@@ -96,6 +96,16 @@ def reference(tiles: Path, backbone: Path, embed: str) -> np.ndarray:
         return (tok[:, 0] if embed == "cls" else tok[:, m.num_prefix_tokens :].mean(1)).numpy()
 
 
+def extract_args(tiles, bb, out, workers: int) -> list[str]:
+    """`dirl extract` in batches of 8 (dividing neither the 37 tiles nor the 16-tile shards), one thread."""
+    return ["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--batch-size", "8"] + [
+        "--workers",
+        str(workers),
+        "--threads",
+        "1",
+    ]
+
+
 @pytest.mark.parametrize("tile_px,embed,workers", [(48, "mean", 0), (32, "cls", 1)])
 def test_features_equal_backbone_output_in_row_order(tmp_path, tile_px, embed, workers):
     tiles = tmp_path / "s1.zarr"
@@ -103,25 +113,7 @@ def test_features_equal_backbone_output_in_row_order(tmp_path, tile_px, embed, w
     bb = make_backbone(tmp_path / "pretrain" / "dirl", img=32, embed=embed)
     out = tmp_path / "features" / "s1.h5"
     # batch 8 does not divide 37 tiles nor align with the 16-tile shards: order must still hold
-    assert (
-        main(
-            [
-                "extract",
-                str(tiles),
-                "--encoder",
-                str(bb),
-                "--out",
-                str(out),
-                "--batch-size",
-                "8",
-                "--workers",
-                str(workers),
-                "--threads",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert main(extract_args(tiles, bb, out, workers)) == 0
     x, c, attrs = store.read_features(out)
     assert x.dtype == np.float32 and x.shape == (37, 192)
     assert c.dtype == np.int64 and np.array_equal(c, coords)
@@ -213,24 +205,7 @@ def test_killed_run_leaves_no_complete_looking_file(tmp_path):
             return original(self, a, b)
         store.TileStore.read = read
     """
-    kill_at(
-        patch,
-        [
-            "extract",
-            str(tiles),
-            "--encoder",
-            str(bb),
-            "--out",
-            str(out),
-            "--batch-size",
-            "8",
-            "--workers",
-            "0",
-            "--threads",
-            "1",
-        ],
-        tmp_path / "reached",
-    )
+    kill_at(patch, extract_args(tiles, bb, out, 0), tmp_path / "reached")
     assert not out.exists() and in_progress(out), "rows should be going into a temporary sibling"
     assert main(["extract", str(tiles), "--encoder", str(bb), "--out", str(out), "--threads", "1"]) == 0
     assert store.read_features(out)[0].shape == (40, 192) and not store.leftovers(out)

@@ -35,17 +35,22 @@ def tiles(slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_killed_tiling(slide: Path, tiles: Path, tmp_path: Path) -> None:
-    out = tmp_path / "tiles" / "s.zarr"
-    patch = """
+def pause_at_tile_shard(n: int) -> str:
+    """A patch for `kill_at`: the tile writer pauses before writing shard `n`."""
+    return f"""
         from dirl import store
         original = store.TileWriter.write_encoded
         def write_encoded(self, shard, chunks):
-            if shard == 2:
+            if shard == {n}:
                 pause()
             return original(self, shard, chunks)
         store.TileWriter.write_encoded = write_encoded
     """
+
+
+def test_killed_tiling(slide: Path, tiles: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiles" / "s.zarr"
+    patch = pause_at_tile_shard(2)
     kill_at(patch, ["tile", str(slide), str(out), *TILE_ARGS], tmp_path / "reached")
     assert not out.exists() and in_progress(out)
     with pytest.raises(StoreError):
@@ -63,15 +68,7 @@ def test_orphaned_writer_never_replaces_a_newer_store(slide: Path, tiles: Path, 
     writes the store; then the orphan wakes up and finishes. The rerun's store stays; the orphan's
     result is discarded with a clear error, and its temporary output was never cleared under it."""
     out = tmp_path / "tiles" / "s.zarr"
-    patch = """
-        from dirl import store
-        original = store.TileWriter.write_encoded
-        def write_encoded(self, shard, chunks):
-            if shard == 1:
-                pause()
-            return original(self, shard, chunks)
-        store.TileWriter.write_encoded = write_encoded
-    """
+    patch = pause_at_tile_shard(1)
     orphan = stopped_at(patch, ["tile", str(slide), str(out), *TILE_ARGS], tmp_path / "reached")
     try:
         assert in_progress(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_toy import TINY_PRETRAIN, write_toy_cohort
+from helpers_toy import TINY_PRETRAIN, TINY_SETTINGS, write_toy_cohort
 
 from dirl.cli import main as cli
 from dirl.errors import DirlError
@@ -150,19 +150,7 @@ def test_resume_refuses_other_settings(tmp_path, cohort):
     out = tmp_path / "run"
     args = [*cohort, *TINY, "--epochs", "2", "--batch-size", "8"]
     assert cli(["pretrain", str(out), *args, "--stop-after-steps", "1"]) == 0
-    s = PretrainSettings(
-        arch="vit_tiny_patch16_224",
-        img_size=64,
-        out_dim=256,
-        dense_out_dim=128,
-        head_hidden_dim=256,
-        num_workers=0,
-        warmup_epochs=0,
-        epochs=2,
-        batch_size=8,
-        lambda_dense=0.5,
-        lr=0.001,
-    )
+    s = PretrainSettings(**TINY_SETTINGS, epochs=2, batch_size=8, lambda_dense=0.5, lr=0.001)
     tiles = [a for a in cohort[1 : cohort.index("--priors")]]
     priors = cohort[cohort.index("--priors") + 1 :]
     with pytest.raises(DirlError, match=r"lambda_dense.*lr|lr.*lambda_dense") as e:
@@ -187,17 +175,7 @@ def test_non_finite_loss_names_the_step(tmp_path, cohort, monkeypatch):
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(losses.DINOLoss, "forward", poisoned)
-    s = PretrainSettings(
-        arch="vit_tiny_patch16_224",
-        img_size=64,
-        out_dim=256,
-        dense_out_dim=128,
-        head_hidden_dim=256,
-        num_workers=0,
-        warmup_epochs=0,
-        epochs=2,
-        batch_size=4,
-    )
+    s = PretrainSettings(**TINY_SETTINGS, epochs=2, batch_size=4)
     tiles = cohort[1 : cohort.index("--priors")]
     priors = cohort[cohort.index("--priors") + 1 :]
     with pytest.raises(DirlError, match="non-finite loss at step 2"):
