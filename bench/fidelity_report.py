@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Write the fidelity experiment's report from a finished workflow run (prints Markdown, or --out FILE).
 
-    python bench/fidelity_report.py results/fidelity_cpu --config config/cohorts/fidelity_cpu.yaml \
+    .venv/bin/python bench/fidelity_report.py results/fidelity_cpu --config config/cohorts/fidelity_cpu.yaml \
         --pictures bench/fidelity --out bench/FIDELITY-run.md
 
 Tables: per seed the attention headline of the untrained backbone, DINO and DiRL and the paired
 differences; the DINO loss at the end against ln K and the collapse monitors per run; MIL per seed with
-DiRL − DINO; the wall time of every stage from Snakemake's benchmarks. Copies the attention overview and
+DiRL − DINO; the wall time of every stage from Snakemake's benchmarks. Saves the attention overview (a JPEG) and copies
 the loss curves of seed 0 into --pictures.
 """
 
