@@ -23,6 +23,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/mil.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
@@ -36,3 +37,4 @@ rule all:
         expand(f"{RESULTS}/features/{{source}}/{{slide}}.h5", source=feature_sources(), slide=SLIDES),
         f"{RESULTS}/failed_slides.txt",
         f"{RESULTS}/summary.tsv" if RUN_MIL else [],
+        (expand(f"{RESULTS}/export/{{slide}}.geojson", slide=SLIDES) if config["qupath_export"] else []),

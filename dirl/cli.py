@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "splits": ("dirl.mil.splits", "patient-level cross-validation splits of a cohort (for dirl mil)"),
     "mil": ("dirl.mil.train", "cross-validated slide-level MIL classifiers"),
     "summary": ("dirl.summary", "DiRL vs DINO: attention and MIL results, seed by seed"),
+    "export": ("dirl.export", "a slide's tiles and nuclei as GeoJSON for QuPath"),
 }
 
 

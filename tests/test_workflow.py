@@ -39,6 +39,7 @@ CONFIG = {
     },
     **tiny_stages(batch_size=32, tiles_per_slide=32),
     "mil": {"models": ["meanpool", "abmil"], "folds": 2, "epochs": 3},
+    "qupath_export": True,
 }
 SAMPLES = (
     "slide_id\tpath\tpatient_id\tlabel\n"
@@ -132,6 +133,10 @@ def test_every_stage_output_meets_the_contracts(cohort: Path) -> None:
         values = np.unique(store.read_rows(priors, rows[:8]))
         assert {1}.issubset(values) and values.max() >= 2  # tissue and at least one cell class
         assert (res / "features" / "dirl" / f"{sid}.h5").exists()
+        feats = json.loads((res / "export" / f"{sid}.geojson").read_text())["features"]
+        nuclei = [f for f in feats if f["properties"]["objectType"] == "detection"]
+        assert len(feats) - len(nuclei) == 64 and len(nuclei) == store.nucleus_count(res / "cells" / f"{sid}.zarr") > 0
+        assert all(f["properties"]["classification"]["name"].startswith("class ") for f in nuclei)
     for method in ("dirl", "dino"):
         log = [json.loads(line) for line in (res / "pretrain" / method / "log.jsonl").read_text().splitlines()]
         assert log and all(np.isfinite(r["loss"]) for r in log)

@@ -4,6 +4,7 @@ a slide, a slide that is missing, and command-line overrides."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def test_unlabelled_cohort_with_a_broken_and_a_missing_slide(tmp_path, cmu_slide
         tmp_path,
         f"slide_id\tpath\ncmu\t{cmu_slide}\nbroken\t{broken}\ngone\t{tmp_path}/gone.svs\n",
         allow_failed_slides=True,
+        qupath_export=True,
     )
     proc = run_as_user(work, "--keep-going")
     out = proc.stdout + proc.stderr
@@ -72,6 +74,17 @@ def test_unlabelled_cohort_with_a_broken_and_a_missing_slide(tmp_path, cmu_slide
             assert h["features"].shape[0] == 0
     assert (res / "pretrain" / "dirl" / "backbone.pt").exists()
     assert not (res / "mil").exists() and not (res / "summary.tsv").exists()
+    # QuPath export: the good slide's tiles and nuclei; the failed ones, empty but valid
+    kinds = {
+        sid: [
+            f["properties"]["objectType"]
+            for f in json.loads((res / "export" / f"{sid}.geojson").read_text())["features"]
+        ]
+        for sid in ("cmu", "gone")
+    }
+    assert kinds["cmu"].count("tile") == len(good)
+    assert kinds["cmu"].count("detection") == store.nucleus_count(res / "cells" / "cmu.zarr") > 0
+    assert kinds["gone"] == []
 
 
 @pytest.mark.slow

@@ -1,0 +1,160 @@
+"""`dirl export`: one slide's tiles and nuclei as GeoJSON for QuPath (drag the file onto the open slide).
+
+Coordinates are level-0 pixels, QuPath's and the tile store's. The FeatureCollection holds
+- every tile (`objectType: tile`, class `tile`), with its tissue fraction and row in the tile store;
+- with `--cells`, every nucleus (`objectType: detection`) as the polygon traced around its pixels in the
+  label map, with its measurements (area, shape, stain); with `--phenotypes`, classified by its cell
+  class, named and coloured as in the priors overlay (`class 2: large pale elongated`).
+Features are written one at a time (a slide can carry a million nuclei) into a temporary file renamed
+when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from dirl import store
+from dirl.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+# nucleus measurements exported (name in QuPath: table column)
+MEASUREMENTS = {
+    "Area µm^2": "area_um2",
+    "Perimeter µm": "perimeter_um",
+    "Circularity": "circularity",
+    "Eccentricity": "eccentricity",
+    "Solidity": "solidity",
+    "Hematoxylin OD mean": "h_od",
+    "Eosin OD mean": "e_od",
+}
+NUCLEUS = {"name": "nucleus", "color": [31, 119, 180]}
+TILE = {"name": "tile", "color": [200, 200, 200]}
+
+
+def _feature(ring: list[list[float]], object_type: str, cls: dict[str, Any], measurements: dict) -> str:
+    return json.dumps(
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": object_type, "classification": cls, "measurements": measurements},
+        },
+        separators=(",", ":"),
+    )
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """(K, 2) x, y pixel-centre vertices around a mask's largest connected part (its bounding box when the
+    part is too small to make a polygon of three points)."""
+    m = np.pad(mask.astype(np.uint8), 1)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if contours:
+        c = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float64) - 1.0
+        if len(c) >= 3:
+            return c
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+
+
+def nucleus_rings(labels: np.ndarray, ids: np.ndarray) -> Iterator[np.ndarray]:
+    """The outline (K, 2) of each label in `ids` of one tile's label map, in tile pixels (x, y)."""
+    boxes = ndimage.find_objects(labels)
+    for i in ids:
+        box = boxes[int(i) - 1] if 0 < i <= len(boxes) else None
+        if box is None:
+            raise StoreError(f"nucleus table names label {int(i)}, absent from its tile's label map")
+        yield outline(labels[box] == i) + (box[1].start, box[0].start)
+
+
+def _classes(cells: Path, model_path: str | None, tab: dict[str, np.ndarray]) -> tuple[np.ndarray, list[dict]]:
+    """Per table row an index into the returned QuPath classifications."""
+    if model_path is None:
+        return np.zeros(len(tab["tile"]), np.int64), [NUCLEUS]
+    from dirl.segment.phenotype import PhenotypeModel
+    from dirl.segment.priors import PALETTE
+
+    model = PhenotypeModel.load(model_path)
+    names = store.prior_class_names([c["description"] for c in model.raw["classes"]])[store.FIRST_CELL_PRIOR :]
+    classes = [{"name": n, "color": [int(v) for v in PALETTE[c % len(PALETTE)]]} for c, n in enumerate(names)]
+    return model.predict(tab), classes
+
+
+def export_slide(tiles_path: str | Path, out: str | Path, cells: str | Path | None = None, phenotypes=None) -> dict:
+    """Write the GeoJSON of one slide; returns counts."""
+    t0 = time.perf_counter()
+    tiles = store.open_tiles(tiles_path)
+    n = len(tiles)
+    scale = float(tiles.attrs["tile_px_level0"]) / tiles.tile_px if n else 1.0
+    side = float(tiles.attrs["tile_px_level0"]) if n else 0.0
+    counts = {"tiles": n, "nuclei": 0}
+    with store.atomic_path(out) as tmp, open(tmp, "w") as f:
+        f.write('{"type":"FeatureCollection","features":[\n')
+        first = True
+
+        def put(line: str) -> None:
+            nonlocal first
+            f.write(line if first else ",\n" + line)
+            first = False
+
+        for row, ((x, y), tissue) in enumerate(zip(tiles.coords.tolist(), tiles.tissue.tolist())):
+            ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+            put(_feature(ring, "tile", TILE, {"Tissue fraction": round(float(tissue), 4), "Row": row}))
+        if cells is not None:
+            counts["nuclei"] = _put_nuclei(Path(cells), tiles, phenotypes, scale, put)
+        f.write("\n]}\n")
+    log.info(
+        "slide %r: %d tiles, %d nuclei -> %s in %.1f s",
+        tiles.slide_id,
+        n,
+        counts["nuclei"],
+        out,
+        time.perf_counter() - t0,
+    )
+    return counts
+
+
+def _put_nuclei(cells: Path, tiles: store.TileStore, phenotypes: str | None, scale: float, put) -> int:
+    n = len(tiles)
+    labels = store.open_map(cells, "labels", n)
+    tab = store.read_nuclei(cells)
+    order = np.lexsort((tab["label"], tab["tile"]))
+    tab = {k: v[order] for k, v in tab.items()}
+    cls, classes = _classes(cells, phenotypes, tab)
+    bounds = np.searchsorted(tab["tile"], np.arange(n + 1))
+    done = 0
+    for a in range(0, n, store.SHARD_TILES):  # one shard of label maps in memory at a time
+        block = np.asarray(labels[a : a + store.SHARD_TILES])
+        for t in range(a, a + len(block)):
+            lo, hi = bounds[t], bounds[t + 1]
+            if lo == hi:
+                continue
+            x0, y0 = (float(v) for v in tiles.coords[t])
+            for j, ring in zip(range(lo, hi), nucleus_rings(block[t - a], tab["label"][lo:hi])):
+                pts = ((ring + 0.5) * scale + (x0, y0)).round(1).tolist()
+                m = {k: round(float(tab[c][j]), 4) for k, c in MEASUREMENTS.items() if c in tab}
+                put(_feature([*pts, pts[0]], "detection", classes[int(cls[j])], m))
+                done += 1
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tiles", help="tile store, results/<cohort>/tiles/{slide}.zarr")
+    p.add_argument("--out", required=True, help="GeoJSON to write, results/<cohort>/export/{slide}.geojson")
+    p.add_argument("--cells", help="cells store (results/<cohort>/cells/{slide}.zarr): export the nuclei")
+    p.add_argument("--phenotypes", help="phenotype model (phenotypes/model.json): classify the nuclei")
+
+
+def main(args: argparse.Namespace) -> None:
+    export_slide(args.tiles, args.out, args.cells, args.phenotypes)
