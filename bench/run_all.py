@@ -3,7 +3,7 @@
 
     python bench/run_all.py [--small] [--only tile,mil] [--stage-args 'mil=--bags 32'] [--timeout S]
 
-Each of bench/{tile,segment,pretrain,extract,mil}.py runs as its own subprocess (never two at once:
+Each of bench/{tile,segment,pretrain,extract,mil,loaders,export}.py runs as its own subprocess (never two at once:
 they would time each other), with `--small` when given here. Its result is the last JSON object it
 prints on stdout. Writes
 
@@ -35,7 +35,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STAGES = ("tile", "segment", "pretrain", "extract", "mil", "loaders")
+STAGES = ("tile", "segment", "pretrain", "extract", "mil", "loaders", "export")
 STDERR_TAIL = 30  # lines of a failed stage's stderr in the report
 
 # The goals stated in DESIGN.md / the issue: (stage, description, value getter, test, threshold text)
@@ -449,6 +449,18 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
                 r.get("extract_over_decode"),
             ),
         ]
+    elif stage == "export":
+        rows.append(
+            (
+                f"dirl export (GeoJSON for QuPath), nuclei/s ({r.get('nuclei')} nuclei, {r.get('tiles')} tiles)",
+                r.get("dirl_nuclei_per_s"),
+                "per-nucleus find_contours + one json.dump",
+                r.get("naive_nuclei_per_s"),
+                r.get("dirl_over_naive"),
+            )
+        )
+        if r.get("process_max_rss_mb") is not None:
+            mem.append(("benchmark process peak RSS, MiB", r.get("process_max_rss_mb")))
     elif stage == "mil":
         models = r.get("models") or {}
         base = _get(models, "meanpool", "bags_per_s")
