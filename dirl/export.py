@@ -4,7 +4,8 @@ Coordinates are level-0 pixels, QuPath's and the tile store's. The FeatureCollec
 - every tile (`objectType: tile`, class `tile`), with its tissue fraction and row in the tile store;
 - with `--cells`, every nucleus (`objectType: detection`) as the polygon traced around its pixels in the
   label map, with its measurements (area, shape, stain); with `--phenotypes`, classified by its cell
-  class, named and coloured as in the priors overlay (`class 2: large pale elongated`).
+  class, named and coloured as in the priors overlay (`class 2: large pale elongated`); without, by its
+  imported type (segmentation backend `import`), if it has one.
 Features are written one at a time (a slide can carry a million nuclei) into a temporary file renamed
 when complete.
 """
@@ -78,16 +79,23 @@ def nucleus_rings(labels: np.ndarray, ids: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def _classes(cells: Path, model_path: str | None, tab: dict[str, np.ndarray]) -> tuple[np.ndarray, list[dict]]:
-    """Per table row an index into the returned QuPath classifications."""
-    if model_path is None:
-        return np.zeros(len(tab["tile"]), np.int64), [NUCLEUS]
-    from dirl.segment.phenotype import PhenotypeModel
+    """Per table row an index into the returned QuPath classifications: the phenotype model's classes,
+    else the imported types (backend import), else one class `nucleus`."""
     from dirl.segment.priors import PALETTE
+
+    if model_path is None:
+        types = store.map_attrs(cells, "labels").get("type_names")
+        if not types or "type" not in tab or (tab["type"] < 0).any():
+            return np.zeros(len(tab["tile"]), np.int64), [NUCLEUS]
+        classes = [{"name": n, "color": [int(v) for v in PALETTE[c % len(PALETTE)]]} for c, n in enumerate(types)]
+        return tab["type"].astype(np.int64), classes
+    from dirl.segment.phenotype import PhenotypeModel
 
     model = PhenotypeModel.load(model_path)
     names = store.prior_class_names([c["description"] for c in model.raw["classes"]])[store.FIRST_CELL_PRIOR :]
     classes = [{"name": n, "color": [int(v) for v in PALETTE[c % len(PALETTE)]]} for c, n in enumerate(names)]
-    return model.predict(tab), classes
+    cls = model.predict(tab, store.map_attrs(cells, "labels").get("type_names"))
+    return np.where(cls < 0, len(classes), cls), [*classes, NUCLEUS]  # -1: a type the model drops
 
 
 def export_slide(tiles_path: str | Path, out: str | Path, cells: str | Path | None = None, phenotypes=None) -> dict:

@@ -2,7 +2,8 @@
 
 A tab-separated file with a header row. Columns: `slide_id` and `path` (required), `patient_id` (slides
 of one patient never straddle folds; default: the slide id), `label` (slide class for MIL; empty =
-unlabelled, pretraining only) and `mpp` (µm/px for slides whose metadata lacks it). A line whose first
+unlabelled, pretraining only), `mpp` (µm/px for slides whose metadata lacks it) and `nuclei` (the
+slide's typed nuclei, GeoJSON or HoVer-Net JSON, for `segmentation.backend: import`). A line whose first
 character is `#` is a comment; `#` anywhere else is data
 (a path `CMU#1.svs`, a patient `case#1`). Every error names the file, the line and the column.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from dirl.errors import ConfigError
 
-COLUMNS = ("slide_id", "path", "patient_id", "label", "mpp")
+COLUMNS = ("slide_id", "path", "patient_id", "label", "mpp", "nuclei")
 REQUIRED = ("slide_id", "path")
 # letters, digits, '.', '_' and '-': safe as a file name on every file system and in Snakemake wildcards
 SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -31,6 +32,7 @@ class Sample:
     label: str | None = None
     mpp: float | None = None
     line: int = 0  # line in the sheet (1 = header), for messages
+    nuclei: str | None = None  # typed nuclei to import (segmentation.backend: import)
 
 
 def read_samples(path: str | os.PathLike) -> list[Sample]:
@@ -52,7 +54,7 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
         hint = " (is it tab-separated?)" if len(columns) == 1 else ""
         raise ConfigError(
             f"sample sheet {path}: missing column(s) {missing}{hint}; expected "
-            f"{', '.join(COLUMNS)} (the last three optional)"
+            f"{', '.join(COLUMNS)} (the last four optional)"
         )
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
@@ -97,7 +99,7 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
             raise ConfigError(f"{where} ({sid}): mpp {rec['mpp']!r} is not a number") from None
         if not math.isfinite(mpp) or mpp <= 0:
             raise ConfigError(f"{where} ({sid}): mpp {rec['mpp']!r} must be a positive number (µm/px)")
-    return Sample(sid, rec["path"], rec.get("patient_id", sid), rec.get("label"), mpp, i)
+    return Sample(sid, rec["path"], rec.get("patient_id", sid), rec.get("label"), mpp, i, rec.get("nuclei"))
 
 
 def _check_cohort(path: Path, samples: list[Sample]) -> None:

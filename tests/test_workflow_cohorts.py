@@ -39,6 +39,7 @@ def run_as_user(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def cohort(tmp_path: Path, sheet: str, **config) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "samples.tsv").write_text(sheet)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"cohort": "c", "samples": "samples.tsv", **TINY, **config}))
     return tmp_path
@@ -144,3 +145,34 @@ def test_labels_are_checked_only_when_mil_runs(tmp_path):
     proc = dry_run(cohort(tmp_path, sheet, mil={"models": []}))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "mil.models is empty" in out and "rule mil" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_imported_nuclei_feed_segmentation_and_priors(tmp_path, cmu_slide):
+    """segmentation.backend import: the sample sheet's `nuclei` column feeds each slide's segment job
+    (run as a user would, up to the priors); a sheet without the column is refused at start-up."""
+    from dirl.cli import main as cli
+
+    lab = tmp_path / "lab"  # the lab's own nuclei: here dirl's, exported from a separate run on the slide
+    tiling = ["--mpp", str(TINY["tiling"]["mpp"]), "--tile-px", str(TINY["tiling"]["tile_px"])]
+    assert cli(["tile", str(cmu_slide), str(lab / "t.zarr"), *tiling]) == 0
+    assert cli(["segment", str(lab / "t.zarr"), str(lab / "c.zarr")]) == 0
+    assert cli(["export", str(lab / "t.zarr"), "--cells", str(lab / "c.zarr"), "--out", str(lab / "cmu.geojson")]) == 0
+    seg, pheno = {"backend": "import", "threads": 1}, {**TINY["phenotypes"], "source": "imported"}
+    sheet = f"slide_id\tpath\tnuclei\ncmu\t{cmu_slide}\t{lab / 'cmu.geojson'}\n"
+    work = cohort(tmp_path / "run", sheet, segmentation=seg, phenotypes=pheno)
+    proc = run_as_user(work, "--until", "priors")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    cells = work / "results" / "c" / "cells" / "cmu.zarr"
+    attrs = store.map_attrs(cells, "labels")
+    assert attrs["backend"] == "import" and attrs["type_names"] == ["nucleus"]
+    assert store.nucleus_count(cells) == store.nucleus_count(lab / "c.zarr") > 100
+    priors = store.map_attrs(work / "results" / "c" / "priors" / "cmu.zarr", "priors")
+    assert priors["class_names"] == ["glass", "tissue", "class 0: nucleus"]  # the imported type is the class
+    bad = cohort(tmp_path / "bad", f"slide_id\tpath\ncmu\t{cmu_slide}\n", segmentation=seg)
+    proc = dry_run(bad)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "names none for ['cmu']" in out and "Traceback" not in out
+    proc = dry_run(cohort(tmp_path / "bad2", sheet, phenotypes=pheno))  # imported classes, watershed nuclei
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "set segmentation.backend: import" in out and "Traceback" not in out

@@ -29,6 +29,7 @@ from dirl.errors import ConfigError
 BACKENDS: dict[str, str] = {
     "watershed": "dirl.segment.watershed:WatershedBackend",
     "cellpose": "dirl.segment.cellpose_backend:CellposeBackend",
+    "import": "dirl.segment.imported:ImportBackend",
 }
 
 

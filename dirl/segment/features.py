@@ -61,6 +61,7 @@ COLUMNS: dict[str, str] = {
     "h_od_std": "float32",
     "h_od_ring": "float32",
     "border": "uint8",
+    "type": "int16",  # imported type (index into the store's `type_names`), -1 for segmented nuclei
 }
 
 
@@ -96,11 +97,13 @@ def tile_features(
     origin: tuple[float, float] = (0.0, 0.0),
     scale: float = 1.0,
     od: tuple[np.ndarray, np.ndarray] | None = None,
+    types: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Table rows of the nuclei in one tile.
 
     labels: (T, T) instance ids 1..n (0 background), as written by `base.Backend.finish`.
     origin: level-0 (x, y) of the tile's top-left corner; scale: level-0 px per tile px.
+    types: imported type of label i at types[i - 1] (the import backend), else every row gets -1.
     """
     import cv2
     from scipy import ndimage
@@ -182,6 +185,7 @@ def tile_features(
         "h_od_std": h_std,
         "h_od_ring": h_ring,
         "border": border,
+        "type": np.asarray(types) if types is not None else np.full(n, -1),
     }
     out = {k: np.asarray(v, dtype=COLUMNS[k]) for k, v in out.items()}
     if not present.all():  # labels were not consecutive: drop the ids that have no pixels

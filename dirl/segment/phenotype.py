@@ -18,7 +18,7 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,22 @@ class PhenotypeSettings(Settings):
     sample: int = 50000  # nuclei sampled over the cohort for the fit
     seed: int = 0
     n_init: int = 10  # k-means restarts
+    source: str = field(
+        default="kmeans",
+        metadata={
+            "choices": ("kmeans", "imported"),
+            "help": "kmeans: classes fitted on morphology; imported: the nuclei's types (segmentation backend import)",
+        },
+    )
+    type_classes: tuple[str, ...] = ()  # source imported: "type=class" ("type=-": tissue); empty: a class per type
+    unknown_types: str = field(
+        default="error",
+        metadata={
+            "choices": ("error", "drop", "other"),
+            "help": "source imported: the types type_classes "
+            "does not name are an error, dropped (tissue) or one class `other`",
+        },
+    )
 
 
 @dataclass
@@ -106,8 +122,13 @@ class PhenotypeModel:
     def standardise(self, table: dict[str, np.ndarray]) -> np.ndarray:
         return (feature_matrix(table, self.spec) - self.mean) / self.std
 
-    def predict(self, table: dict[str, np.ndarray]) -> np.ndarray:
-        """Class 0..k-1 of every row (nearest centroid in standardised space)."""
+    def predict(self, table: dict[str, np.ndarray], type_names: list[str] | None = None) -> np.ndarray:
+        """Class 0..k-1 of every row: nearest centroid in standardised space, or with imported types
+        (`type_names`: the cells store's) the class of the row's type, -1 for a dropped type."""
+        if self.raw.get("method") == "imported":
+            from dirl.segment.imported import imported_classes
+
+            return imported_classes(self.raw["type_classes"], type_names, table["type"])
         z = self.standardise(table)
         if len(z) == 0:
             return np.zeros(0, dtype=np.int64)
@@ -345,7 +366,12 @@ def main(args: argparse.Namespace) -> None:
 
     s = PhenotypeSettings.from_args(args)
     cells = [Path(c) for c in args.cells]
-    model, tab, src, cls = fit(cells, k=s.k, sample=s.sample, seed=s.seed, n_init=s.n_init)
+    if s.source == "imported":
+        from dirl.segment.imported import fit_imported
+
+        model, tab, src, cls = fit_imported(cells, s.type_classes, s.unknown_types, s.sample, s.seed)
+    else:
+        model, tab, src, cls = fit(cells, k=s.k, sample=s.sample, seed=s.seed, n_init=s.n_init)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(model, indent=1))
     for c in model["classes"]:

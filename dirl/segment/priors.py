@@ -131,7 +131,7 @@ def make_priors(
     if len(tab["tile"]) and np.any(np.diff(tab["tile"]) < 0):
         order = np.lexsort((tab["label"], tab["tile"]))
         tab = {k: v[order] for k, v in tab.items()}
-    cls = model.predict(tab)
+    cls = model.predict(tab, store.map_attrs(cells_path, "labels").get("type_names"))
     values = store.prior_value(cls).astype(np.uint8)
     luts = _luts(tab, values, n)
     n_classes = store.prior_value(model.k)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from dirl import store
+from dirl.errors import ConfigError
 from dirl.segment import base, features
 from dirl.settings import Settings, comments
 
@@ -50,10 +51,12 @@ def segment_store(
     threads: int = 2,
     block: int | None = None,
     tiles_per_slide: int = 0,
+    nuclei: str | Path | None = None,
 ) -> dict[str, Any]:
     """Segment the tiles of `tiles_path` into the cells store `out`: every tile, or with `tiles_per_slide`
     only the subset pretraining and the attention diagnostics use (`store.tile_subset`; the other rows get
-    empty label maps, and the store's `rows` attr lists the segmented ones). Returns a summary."""
+    empty label maps, and the store's `rows` attr lists the segmented ones). `nuclei`: the slide's file of
+    typed nuclei for the import backend. Returns a summary."""
     from tqdm import tqdm
 
     from dirl import store
@@ -65,6 +68,11 @@ def segment_store(
     step = block or store.SHARD_TILES
     rows = store.tile_subset(n, tiles_per_slide, tiles.slide_id)
     subset = len(rows) < n
+    imported = hasattr(backend, "bind")
+    if imported and not tiles.failed:
+        backend.bind(nuclei, tiles, rows)
+    elif nuclei is not None and not imported:
+        raise ConfigError(f"--nuclei {nuclei}: only segmentation.backend import reads a nuclei file")
     attrs = {
         **backend.describe(),
         "slide_id": tiles.slide_id,
@@ -74,6 +82,7 @@ def segment_store(
         "tile_px_level0": tiles.attrs["tile_px_level0"],
         **({"failed": tiles.failed} if tiles.failed else {}),
         **({"rows": rows.tolist(), "tiles_per_slide": tiles_per_slide} if subset else {}),
+        **({"type_names": getattr(backend, "type_names", [])} if imported else {}),
     }
     n_nuc = 0
     oom = getattr(backend, "net_batch", None)  # dirl.oom.HalvingBatch of GPU backends: name the slide
@@ -98,11 +107,12 @@ def segment_store(
                 arr[start : start + m] = labels
 
             def feats(
-                i: int, idx: np.ndarray = idx, labels: np.ndarray = labels, images: np.ndarray = images
+                i: int, idx: np.ndarray = idx, labels: np.ndarray = labels, images: np.ndarray = images, at: int = start
             ) -> Mapping[str, np.ndarray]:
                 x0, y0 = tiles.coords[idx[i]]
+                types = backend.tile_types[at + i] if imported else None
                 return features.tile_features(
-                    images[i], labels[i], mpp, tile=int(idx[i]), origin=(float(x0), float(y0)), scale=scale
+                    images[i], labels[i], mpp, tile=int(idx[i]), origin=(float(x0), float(y0)), scale=scale, types=types
                 )
 
             parts = list(pool.map(feats, range(m)))
@@ -202,10 +212,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="segment only the subset of tiles pretraining uses (pretrain.tiles_per_slide; 0: every tile)",
     )
+    p.add_argument("--nuclei", help="the slide's typed nuclei (GeoJSON or HoVer-Net JSON) for backend import")
     SegmentSettings.add_arguments(p.add_argument_group("settings (segment backends' Params)"))
 
 
 def main(args: argparse.Namespace) -> None:
     s = SegmentSettings.from_args(args)
     with base.create(s.backend, {**s.to_dict(), "threads": args.threads}) as backend:
-        segment_store(args.tiles, args.out, backend, threads=args.threads, tiles_per_slide=args.tiles_per_slide)
+        segment_store(
+            args.tiles,
+            args.out,
+            backend,
+            threads=args.threads,
+            tiles_per_slide=args.tiles_per_slide,
+            nuclei=args.nuclei,
+        )

@@ -72,6 +72,15 @@ ENV = "../../envs/dirl.yaml"
 SAMPLES = {s.slide_id: s for s in SAMPLE_LIST}
 SLIDES = list(SAMPLES)
 ATTENTION_SLIDES = config["attention"]["slides"] or SLIDES
+IMPORT_NUCLEI = config["segmentation"]["backend"] == "import"
+_no_nuclei = [s.slide_id for s in SAMPLE_LIST if IMPORT_NUCLEI and not s.nuclei]
+if config["phenotypes"]["source"] == "imported" and not IMPORT_NUCLEI:
+    raise WorkflowError("phenotypes.source imported classes imported nuclei: set segmentation.backend: import")
+if _no_nuclei:
+    raise WorkflowError(
+        f"segmentation.backend import reads each slide's typed nuclei from the sample sheet's `nuclei` column; "
+        f"{config['samples']} names none for {_no_nuclei}"
+    )
 _unknown = sorted(set(ATTENTION_SLIDES) - set(SLIDES))
 if _unknown:
     raise WorkflowError(f"config attention.slides: {_unknown} are not slide ids of {config['samples']}")
@@ -105,6 +114,18 @@ def slide_path(wildcards):
     if os.path.exists(path) or any(r.is_producer(path) for r in workflow.rules if r.name != "tile"):
         return path
     return []
+
+
+def nuclei_file(wildcards):
+    """The slide's typed nuclei (backend import) as input when the file exists; a missing one fails the
+    slide's own segment job, naming it."""
+    path = SAMPLES[wildcards.slide].nuclei if IMPORT_NUCLEI else None
+    return path if path and os.path.exists(path) else []
+
+
+def nuclei_arg(wildcards):
+    path = SAMPLES[wildcards.slide].nuclei if IMPORT_NUCLEI else None
+    return f"--nuclei {shlex.quote(path)}" if path else ""
 
 
 def slide_mpp_arg(wildcards):

@@ -4,6 +4,7 @@
 rule segment:
     input:
         tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
+        nuclei=nuclei_file,
     output:
         cells=directory(f"{RESULTS}/cells/{{slide}}.zarr"),
     log:
@@ -21,9 +22,10 @@ rule segment:
         settings=settings("segmentation"),
         # with pretrain.tiles_per_slide, only the tiles pretraining and attention use are segmented
         cap=config["pretrain"]["tiles_per_slide"],
+        nuclei=nuclei_arg,  # backend import: the slide's typed nuclei (sample sheet column `nuclei`)
     shell:
         "dirl segment {input.tiles:q} {output.cells:q} --threads {threads} --tiles-per-slide {params.cap} "
-        "--settings {params.settings:q} > {log:q} 2>&1"
+        "{params.nuclei} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule phenotype:
