@@ -1,6 +1,10 @@
-"""Benchmark of `dirl export` (GeoJSON for QuPath): nuclei/s against the per-nucleus loop people write
-by hand (skimage.measure.find_contours on the whole tile's mask of each nucleus, one json.dump at the
-end), same slide, same run. Prints JSON.
+"""Benchmark of the QuPath round trip, same slide, same run. Prints JSON.
+
+- `dirl export` (GeoJSON for QuPath): nuclei/s against the per-nucleus loop people write by hand
+  (skimage.measure.find_contours on the whole tile's mask of each nucleus, one json.dump at the end);
+- `dirl segment` with backend import, reading that file back: tiles/s against the watershed stage on the
+  same tiles (the issue's goal: import at least as fast), each a `dirl segment` process on 1 thread, and
+  the import process's peak RSS.
 
     python bench/export.py [--small] [--side 4096] [--workdir DIR] [--out FILE]
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +77,25 @@ def main() -> None:
     n_naive = naive_export(tiles, cells, work / "naive.geojson")
     dt_naive = time.perf_counter() - t0
     nuclei = counts["nuclei"]
+    seg = [sys.executable, "-m", "dirl.cli", "segment", str(tiles), "--threads", "1"]
+    t0 = time.perf_counter()
+    subprocess.run(
+        [
+            *seg,
+            str(work / "imported.zarr"),
+            "--settings",
+            '{"backend": "import"}',
+            "--nuclei",
+            str(work / "dirl.geojson"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    dt_import = time.perf_counter() - t0
+    import_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    subprocess.run([*seg, str(work / "watershed.zarr")], check=True, capture_output=True)
+    dt_ws = time.perf_counter() - t0
     emit(
         {
             "bench": "export",
@@ -82,6 +106,10 @@ def main() -> None:
             "naive_nuclei_per_s": n_naive / dt_naive,
             "dirl_over_naive": (nuclei / dt) / (n_naive / dt_naive),
             "geojson_mb": (work / "dirl.geojson").stat().st_size / 2**20,
+            "import_tiles_per_s": counts["tiles"] / dt_import,
+            "watershed_tiles_per_s": counts["tiles"] / dt_ws,
+            "import_over_watershed": dt_ws / dt_import,
+            "import_process_max_rss_mb": import_rss,
             "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         },
         a.out,

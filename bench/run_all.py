@@ -53,6 +53,7 @@ GOALS: list[tuple[str, str, str, str, float]] = [
         100.0,
     ),
     ("loaders", "extraction loader >= 500 tiles/s per core", "extract_tiles_per_s_per_core", ">=", 500.0),
+    ("export", "import of typed nuclei >= the watershed stage on the same tiles", "import_over_watershed", ">=", 1.0),
 ]
 
 # A TCGA-BRCA-sized cohort on one node with 4 GPUs and 32 cores, from the measured per-core rates and,
@@ -459,6 +460,17 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
                 r.get("dirl_over_naive"),
             )
         )
+        rows.append(
+            (
+                "dirl segment, backend import of that file, tiles/s (process, 1 thread)",
+                r.get("import_tiles_per_s"),
+                "dirl segment, watershed, same tiles",
+                r.get("watershed_tiles_per_s"),
+                r.get("import_over_watershed"),
+            )
+        )
+        if r.get("import_process_max_rss_mb") is not None:
+            mem.append(("dirl segment (import) process peak RSS, MiB", r.get("import_process_max_rss_mb")))
         if r.get("process_max_rss_mb") is not None:
             mem.append(("benchmark process peak RSS, MiB", r.get("process_max_rss_mb")))
     elif stage == "mil":

@@ -34,58 +34,108 @@ log = logging.getLogger(__name__)
 HOVERNET_TYPES = {0: "unlabelled", 1: "neoplastic", 2: "inflammatory", 3: "connective", 4: "dead", 5: "epithelial"}
 
 
-def read_nuclei_file(path: str | Path) -> tuple[list[np.ndarray], list[str]]:
-    """Polygons (K, 2) level-0 (x, y) and their type names, from GeoJSON or HoVer-Net JSON."""
+class Nuclei:
+    """Polygons in level-0 (x, y), packed: vertices of nucleus i are `xy[offsets[i]:offsets[i + 1]]`
+    (float32; a million nuclei of ~30 vertices take ~250 MB, not the gigabytes of parsed JSON), their
+    bounding boxes (x0, y0, x1, y1) and type names."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self.names: list[str] = []
+
+    def add(self, ring: Any, name: str) -> None:
+        xy = np.asarray(ring, dtype=np.float32).reshape(-1, 2)
+        if len(xy) < 3:
+            raise ValueError(f"a nucleus of {len(xy)} vertices: polygons need 3 or more")
+        self._parts.append(xy)
+        self.names.append(name)
+
+    def pack(self) -> Nuclei:
+        sizes = [len(p) for p in self._parts]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.xy = np.concatenate(self._parts) if self._parts else np.zeros((0, 2), np.float32)
+        self.boxes = (
+            np.array([[*p.min(0), *p.max(0)] for p in self._parts], np.float64) if self._parts else np.zeros((0, 4))
+        )
+        self._parts = []
+        return self
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def polygon(self, i: int) -> np.ndarray:
+        return self.xy[self.offsets[i] : self.offsets[i + 1]]
+
+
+def read_nuclei_file(path: str | Path) -> Nuclei:
+    """The nuclei of a GeoJSON or HoVer-Net JSON file, parsed as a stream (one nucleus in memory at a time)."""
+    import ijson
+
     path = Path(path)
     if not path.is_file():
         raise DirlError(f"nuclei file {path} does not exist")
+    out = Nuclei()
     try:
-        doc = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+        kind = _kind(path)
+        with open(path, "rb") as f:
+            if kind == "hovernet":
+                for _, v in ijson.kvitems(f, "nuc", use_float=True):
+                    t = v.get("type")
+                    out.add(
+                        v["contour"], HOVERNET_TYPES.get(int(t), f"type {int(t)}") if t is not None else "unclassified"
+                    )
+            elif kind in ("features", "list"):
+                for feat in ijson.items(f, "features.item" if kind == "features" else "item", use_float=True):
+                    _add_feature(out, feat)
+            elif kind == "feature":
+                _add_feature(out, json.load(f))
+            else:
+                raise DirlError(
+                    f"nuclei file {path}: neither GeoJSON (QuPath, CellViT) nor HoVer-Net JSON (a 'nuc' dict)"
+                )
+    except ijson.JSONError as e:
         raise DirlError(f"nuclei file {path} is not JSON ({e})") from e
-    try:
-        if isinstance(doc, dict) and isinstance(doc.get("nuc"), dict):
-            return _hovernet(doc["nuc"])
-        if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-            return _geojson(doc.get("features") or [])
-        if isinstance(doc, dict) and doc.get("type") == "Feature":
-            return _geojson([doc])
-        if isinstance(doc, list):
-            return _geojson(doc)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise DirlError(f"nuclei file {path} is malformed: {e!r}") from e
-    raise DirlError(f"nuclei file {path}: neither GeoJSON (QuPath, CellViT) nor HoVer-Net JSON (a 'nuc' dict)")
+    return out.pack()
+
+
+def _kind(path: Path) -> str:
+    """What the top level holds, from its first keys: hovernet ('nuc'), features (a FeatureCollection),
+    feature (one Feature), list (a bare list of features)."""
+    import ijson
+
+    with open(path, "rb") as f:
+        for prefix, event, value in ijson.parse(f):
+            if prefix == "" and event == "start_array":
+                return "list"
+            if prefix == "" and event == "map_key":
+                kind = {"nuc": "hovernet", "features": "features", "geometry": "feature"}.get(value)
+                if kind:
+                    return kind
+            if prefix == "" and event == "end_map":
+                break
+    return "unknown"
 
 
 # QuPath objects that are not nuclei (tissue annotations, tiles, TMA cores)
 NOT_NUCLEI = {"annotation", "tile", "tma_core", "root"}
 
 
-def _geojson(features: list[dict[str, Any]]) -> tuple[list[np.ndarray], list[str]]:
-    polys, names = [], []
-    for f in features:
-        props = f.get("properties") or {}
-        if str(props.get("objectType", "detection")).lower() in NOT_NUCLEI:
-            continue
-        cls = props.get("classification") or "unclassified"
-        name = str(cls.get("name", "unclassified") if isinstance(cls, dict) else cls)
-        g = props.get("nucleusGeometry") or f["geometry"]  # a QuPath cell: its nucleus
-        rings = {"Polygon": lambda c: [c[0]], "MultiPolygon": lambda c: [p[0] for p in c]}.get(g["type"])
-        if rings is None:
-            raise ValueError(f"a {g['type']} geometry: nuclei must be Polygons or MultiPolygons")
-        for ring in rings(g["coordinates"]):
-            polys.append(np.asarray(ring, dtype=np.float64).reshape(-1, 2))
-            names.append(name)
-    return polys, names
-
-
-def _hovernet(nuc: dict[str, Any]) -> tuple[list[np.ndarray], list[str]]:
-    polys, names = [], []
-    for v in nuc.values():
-        polys.append(np.asarray(v["contour"], dtype=np.float64).reshape(-1, 2))
-        t = v.get("type")
-        names.append(HOVERNET_TYPES.get(int(t), f"type {int(t)}") if t is not None else "unclassified")
-    return polys, names
+def _add_feature(out: Nuclei, f: dict[str, Any]) -> None:
+    props = f.get("properties") or {}
+    if str(props.get("objectType", "detection")).lower() in NOT_NUCLEI:
+        return
+    cls = props.get("classification") or "unclassified"
+    name = str(cls.get("name", "unclassified") if isinstance(cls, dict) else cls)
+    g = props.get("nucleusGeometry") or f["geometry"]  # a QuPath cell: its nucleus
+    if g["type"] == "Polygon":
+        out.add(g["coordinates"][0], name)
+    elif g["type"] == "MultiPolygon":
+        for poly in g["coordinates"]:
+            out.add(poly[0], name)
+    else:
+        raise ValueError(f"a {g['type']} geometry: nuclei must be Polygons or MultiPolygons")
 
 
 class ImportBackend(Backend):
@@ -108,15 +158,16 @@ class ImportBackend(Backend):
                 "(the sample sheet's `nuclei` column, or dirl segment --nuclei)"
             )
         self.path = Path(nuclei)
-        polys, names = read_nuclei_file(self.path)
+        self.nuclei = read_nuclei_file(self.path)
+        names = self.nuclei.names
         self.type_names = sorted(set(names))
         index = {n: i for i, n in enumerate(self.type_names)}
         self.types = np.array([index[n] for n in names], dtype=np.int16)
-        self.polys = polys
-        self.boxes = np.array([[*p.min(0), *p.max(0)] for p in polys]) if polys else np.zeros((0, 4))
+        self.boxes = self.nuclei.boxes
+        n_nuclei = len(self.nuclei)
         a = tiles.attrs
         w, h = a.get("level0_width"), a.get("level0_height")
-        if len(polys) and w and h:
+        if n_nuclei and w and h:
             out = (
                 (self.boxes[:, 0] < -1)
                 | (self.boxes[:, 1] < -1)
@@ -126,7 +177,7 @@ class ImportBackend(Backend):
             if out.any():
                 i = int(np.flatnonzero(out)[0])
                 raise DirlError(
-                    f"nuclei file {self.path}: {int(out.sum())} of {len(polys)} nuclei lie outside slide "
+                    f"nuclei file {self.path}: {int(out.sum())} of {n_nuclei} nuclei lie outside slide "
                     f"{tiles.slide_id!r} ({w} x {h} level-0 px), the first at {self.boxes[i, :2].round(1).tolist()}: "
                     "is it this slide's file, in level-0 pixels?"
                 )
@@ -141,7 +192,7 @@ class ImportBackend(Backend):
                     for cy in range(y0, y1 + 1):
                         self.buckets[cx, cy].append(i)
         self.tile_types: list[np.ndarray] = []
-        log.info("%s: %d nuclei of types %s", self.path, len(polys), self.type_names)
+        log.info("%s: %d nuclei of types %s", self.path, n_nuclei, self.type_names)
 
     def _candidates(self, x0: float, y0: float) -> list[int]:
         s = self.side
@@ -157,7 +208,7 @@ class ImportBackend(Backend):
         lab = np.zeros((tile_px, tile_px), np.uint32)
         ids: list[int] = []
         for i in self._candidates(x0, y0):
-            p = self.polys[i]
+            p = self.nuclei.polygon(i)
             rr, cc = fill_polygon((p[:, 1] - y0) / self.scale - 0.5, (p[:, 0] - x0) / self.scale - 0.5, lab.shape)
             if len(rr):
                 ids.append(i)
