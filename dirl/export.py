@@ -1,7 +1,10 @@
 """`dirl export`: one slide's tiles and nuclei as GeoJSON for QuPath (drag the file onto the open slide).
 
 Coordinates are level-0 pixels, QuPath's and the tile store's. The FeatureCollection holds
-- every tile (`objectType: tile`, class `tile`), with its tissue fraction and row in the tile store;
+- every tile (`objectType: tile`, class `tile`), with its tissue fraction and row in the tile store and,
+  with `--mil-attention NAME=mil/{source}/{model}/attention.npz`, the MIL model's out-of-fold attention on
+  it (raw, and as a percentile within the slide, as the heatmaps show it: QuPath's measurement maps
+  colour the tiles by either);
 - with `--cells`, every nucleus (`objectType: detection`) as the polygon traced around its pixels in the
   label map, with its measurements (area, shape, stain); with `--phenotypes`, classified by its cell
   class, named and coloured as in the priors overlay (`class 2: large pale elongated`); without, by its
@@ -25,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from dirl import store
-from dirl.errors import StoreError
+from dirl.errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,13 @@ def _classes(cells: Path, model_path: str | None, tab: dict[str, np.ndarray]) ->
     return np.where(cls < 0, len(classes), cls), [*classes, NUCLEUS]  # -1: a type the model drops
 
 
-def export_slide(tiles_path: str | Path, out: str | Path, cells: str | Path | None = None, phenotypes=None) -> dict:
+def export_slide(
+    tiles_path: str | Path,
+    out: str | Path,
+    cells: str | Path | None = None,
+    phenotypes: str | None = None,
+    mil_attention: dict[str, str | Path] | None = None,
+) -> dict:
     """Write the GeoJSON of one slide; returns counts."""
     t0 = time.perf_counter()
     tiles = store.open_tiles(tiles_path)
@@ -106,6 +115,7 @@ def export_slide(tiles_path: str | Path, out: str | Path, cells: str | Path | No
     scale = float(tiles.attrs["tile_px_level0"]) / tiles.tile_px if n else 1.0
     side = float(tiles.attrs["tile_px_level0"]) if n else 0.0
     counts = {"tiles": n, "nuclei": 0}
+    scores = _tile_scores(tiles.slide_id, n, mil_attention or {})
     with store.atomic_path(out) as tmp, open(tmp, "w") as f:
         f.write('{"type":"FeatureCollection","features":[\n')
         first = True
@@ -117,7 +127,11 @@ def export_slide(tiles_path: str | Path, out: str | Path, cells: str | Path | No
 
         for row, ((x, y), tissue) in enumerate(zip(tiles.coords.tolist(), tiles.tissue.tolist())):
             ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
-            put(_feature(ring, "tile", TILE, {"Tissue fraction": round(float(tissue), 4), "Row": row}))
+            m = {"Tissue fraction": round(float(tissue), 4), "Row": row}
+            for name, (raw, pct) in scores.items():
+                m[f"MIL {name} attention"] = float(raw[row])
+                m[f"MIL {name} attention percentile"] = round(float(pct[row]), 2)
+            put(_feature(ring, "tile", TILE, m))
         if cells is not None:
             counts["nuclei"] = _put_nuclei(Path(cells), tiles, phenotypes, scale, put)
         f.write("\n]}\n")
@@ -130,6 +144,21 @@ def export_slide(tiles_path: str | Path, out: str | Path, cells: str | Path | No
         time.perf_counter() - t0,
     )
     return counts
+
+
+def _tile_scores(slide: str, n: int, sources: dict[str, str | Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per MIL model, the slide's tile attention and its percentile rank within the slide (a slide that
+    model did not score, e.g. unlabelled, is left out)."""
+    out = {}
+    for name, path in sources.items():
+        a = store.read_tile_scores(path).get(slide)
+        if a is None:
+            continue
+        if len(a) != n:
+            raise StoreError(f"{path}: {len(a)} attention values for slide {slide!r} of {n} tiles: rerun `dirl mil`")
+        ranks = np.argsort(np.argsort(a, kind="stable"), kind="stable")
+        out[name] = (a, 100.0 * ranks / max(n - 1, 1))
+    return out
 
 
 def _put_nuclei(cells: Path, tiles: store.TileStore, phenotypes: str | None, scale: float, put) -> int:
@@ -162,7 +191,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="GeoJSON to write, results/<cohort>/export/{slide}.geojson")
     p.add_argument("--cells", help="cells store (results/<cohort>/cells/{slide}.zarr): export the nuclei")
     p.add_argument("--phenotypes", help="phenotype model (phenotypes/model.json): classify the nuclei")
+    p.add_argument(
+        "--mil-attention",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a MIL model's attention.npz (mil/{source}/{model}/), its tiles' attention as measurements NAME",
+    )
 
 
 def main(args: argparse.Namespace) -> None:
-    export_slide(args.tiles, args.out, args.cells, args.phenotypes)
+    named = {}
+    for item in args.mil_attention:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--mil-attention {item!r}: write NAME=PATH")
+        named[name] = path
+    export_slide(args.tiles, args.out, args.cells, args.phenotypes, named)

@@ -621,3 +621,17 @@ def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict
         if "features" not in h or "coords" not in h:
             raise StoreError(f"feature file {path} lacks features/coords; delete it and rerun extract")
         return h["features"][:], h["coords"][:], {**h["coords"].attrs, "encoder": h["features"].attrs.get("encoder")}
+
+
+# --------------------------------------------------------------------------------------------------
+# mil/{source}/{model}/attention.npz: out-of-fold MIL attention, one float32 array per slide (tile rows)
+def write_tile_scores(path: str | os.PathLike, scores: Mapping[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: numpy adds no suffix
+        np.savez_compressed(f, **{s: np.asarray(v, np.float32) for s, v in scores.items()})
+
+
+def read_tile_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    if not Path(path).exists():
+        raise StoreError(f"{path} does not exist: run `dirl mil` first")
+    with np.load(path) as z:
+        return {s: z[s] for s in z.files}

@@ -95,3 +95,23 @@ def test_without_phenotypes_every_nucleus_is_a_nucleus(run, tmp_path):
     assert names == {"nucleus"}
     assert cli(["export", str(run["tiles"]), "--out", str(tmp_path / "tiles.geojson")]) == 0
     assert not _features(tmp_path / "tiles.geojson", "detection")
+
+
+def test_tiles_carry_the_mil_attention(run, tmp_path, caplog):
+    import logging
+
+    ts = store.open_tiles(run["tiles"])
+    n = len(ts)
+    att = np.random.default_rng(0).random(n).astype(np.float32)
+    scores = tmp_path / "attention.npz"
+    store.write_tile_scores(scores, {ts.slide_id: att, "another": np.ones(3)})
+    out = tmp_path / "a.geojson"
+    assert cli(["export", str(run["tiles"]), "--mil-attention", f"dirl/abmil={scores}", "--out", str(out)]) == 0
+    m = [f["properties"]["measurements"] for f in _features(out, "tile")]
+    assert np.allclose([x["MIL dirl/abmil attention"] for x in m], att)
+    pct = np.array([x["MIL dirl/abmil attention percentile"] for x in m])
+    assert pct[att.argmax()] == 100 and pct[att.argmin()] == 0 and np.array_equal(np.argsort(pct), np.argsort(att))
+    store.write_tile_scores(scores, {ts.slide_id: att[:-1]})  # a stale file: wrong number of tiles
+    with caplog.at_level(logging.ERROR, logger="dirl"):
+        assert cli(["export", str(run["tiles"]), "--mil-attention", f"x={scores}", "--out", str(out)]) == 1
+    assert f"{n - 1} attention values for slide" in caplog.text

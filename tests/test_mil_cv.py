@@ -193,6 +193,8 @@ def test_abmil_attention_sits_on_signal_tiles(cohort, abmil):
     from dirl.mil.models import Standardized, build
 
     splits = json.loads((abmil.parents[1] / "splits.json").read_text())
+    saved = store.read_tile_scores(abmil / "attention.npz")  # what `dirl export` shows in QuPath
+    assert sorted(saved) == sorted(cohort["signal"])
     ratios = []
     for i, f in enumerate(splits["splits"]):
         ck = torch.load(abmil / f"fold{i}" / "model.pt", weights_only=False)
@@ -207,6 +209,7 @@ def test_abmil_attention_sits_on_signal_tiles(cohort, abmil):
             with torch.inference_mode():
                 _, a = model(torch.from_numpy(x))
             a = a.numpy()
+            assert np.allclose(saved[s], a, rtol=1e-4, atol=1e-7)  # out of fold: the model that tested it
             sig = cohort["signal"][s]
             ratios.append(a[sig].mean() / a[~sig].mean())
     ratios = np.array(ratios)

@@ -137,6 +137,8 @@ def test_every_stage_output_meets_the_contracts(cohort: Path) -> None:
         nuclei = [f for f in feats if f["properties"]["objectType"] == "detection"]
         assert len(feats) - len(nuclei) == 64 and len(nuclei) == store.nucleus_count(res / "cells" / f"{sid}.zarr") > 0
         assert all(f["properties"]["classification"]["name"].startswith("class ") for f in nuclei)
+        tiles = [f["properties"]["measurements"] for f in feats if f["properties"]["objectType"] == "tile"]
+        assert all(np.isfinite(t["MIL dirl/abmil attention"]) and "MIL dino/abmil attention" in t for t in tiles)
     for method in ("dirl", "dino"):
         log = [json.loads(line) for line in (res / "pretrain" / method / "log.jsonl").read_text().splitlines()]
         assert log and all(np.isfinite(r["loss"]) for r in log)
@@ -180,8 +182,8 @@ def dry_run_with(cohort: Path, section: str, key: str, value: object) -> dict[st
 @pytest.mark.slow
 def test_changed_mil_setting_reruns_only_mil(cohort: Path) -> None:
     jobs = dry_run_with(cohort, "mil", "epochs", 4)
-    assert set(jobs) == {"mil", "summary", "all"}, jobs
-    assert jobs["mil"] == 4  # 2 sources x 2 models
+    assert set(jobs) == {"mil", "summary", "export", "all"}, jobs  # the QuPath files show MIL attention
+    assert jobs["mil"] == 4 and jobs["export"] == 4  # 2 sources x 2 models; 4 slides
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ Outputs in `--out` (= `mil/{source}/{model}/`), with the cohort's `mil/splits.js
   metrics.json           per fold and mean ± sd (ddof 1): auc (macro one-vs-rest; binary: plain),
                          balanced_accuracy, f1_macro; plus pooled out-of-fold values
   roc.png                out-of-fold ROC curves
+  attention.npz          out-of-fold tile attention of every slide (tile rows; `dirl export` shows it in QuPath)
   heatmaps/{slide}.png   tile attention painted on a thumbnail built from the tile store itself
                          (no slide file needed) for a few confidently, correctly classified slides
 """
@@ -319,6 +320,7 @@ def run_cv(
                 }
             )
     write_predictions(out / "predictions.csv", rows, classes)
+    store.write_tile_scores(out / "attention.npz", attention)  # out of fold, every slide (none for meanpool)
     yy = np.array([classes.index(r["label"]) for r in rows])
     pp = np.array([[r[f"prob_{c}"] for c in classes] for r in rows])
     keys = ("auc", "balanced_accuracy", "f1_macro")

@@ -1,4 +1,5 @@
-"""QuPath export (qupath_export: true): per slide, the tiles and the nuclei with their cell class as GeoJSON."""
+"""QuPath export (qupath_export: true): per slide, the tiles (with every MIL model's attention when MIL runs)
+and the nuclei with their cell class, as GeoJSON."""
 
 
 rule export:
@@ -6,6 +7,15 @@ rule export:
         tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
         cells=f"{RESULTS}/cells/{{slide}}.zarr",
         model=f"{RESULTS}/phenotypes/model.json",
+        attention=lambda w: (
+            expand(
+                f"{RESULTS}/mil/{{source}}/{{model}}/attention.npz",
+                source=feature_sources(),
+                model=[m for m in config["mil"]["models"] if m != "meanpool"],
+            )
+            if RUN_MIL
+            else []
+        ),
     output:
         geojson=f"{RESULTS}/export/{{slide}}.geojson",
     log:
@@ -18,6 +28,10 @@ rule export:
         **job(1),
         mem_mb=4000,
         runtime=60,
+    params:
+        attention=lambda w, input: named_paths(
+            "--mil-attention", input.attention, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"
+        ),
     shell:
-        "dirl export {input.tiles:q} --cells {input.cells:q} --phenotypes {input.model:q} "
+        "dirl export {input.tiles:q} --cells {input.cells:q} --phenotypes {input.model:q} {params.attention} "
         "--out {output.geojson:q} > {log:q} 2>&1"

@@ -30,6 +30,7 @@ rule mil:
     output:
         metrics=f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
         predictions=f"{RESULTS}/mil/{{source}}/{{model}}/predictions.csv",
+        attention=f"{RESULTS}/mil/{{source}}/{{model}}/attention.npz",
         roc=report(
             f"{RESULTS}/mil/{{source}}/{{model}}/roc.png",
             caption="../report/mil_roc.rst",
