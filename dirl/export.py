@@ -1,10 +1,13 @@
 """`dirl export`: one slide's tiles and nuclei as GeoJSON for QuPath (drag the file onto the open slide).
 
 Coordinates are level-0 pixels, QuPath's and the tile store's. The FeatureCollection holds
+- the tissue outline the tiling found (`objectType: annotation`, class `Tissue`);
 - every tile (`objectType: tile`, class `tile`), with its tissue fraction and row in the tile store and,
   with `--mil-attention NAME=mil/{source}/{model}/attention.npz`, the MIL model's out-of-fold attention on
   it (raw, and as a percentile within the slide, as the heatmaps show it: QuPath's measurement maps
-  colour the tiles by either);
+  colour the tiles by either); with `--attention analysis/attention.json`, for the tiles the attention
+  diagnostics sampled, each pretraining run's last-layer attention entropy (1 = uniform: DiRL vs DINO
+  tile by tile);
 - with `--cells`, every nucleus (`objectType: detection`) as the polygon traced around its pixels in the
   label map, with its measurements (area, shape, stain); with `--phenotypes`, classified by its cell
   class, named and coloured as in the priors overlay (`class 2: large pale elongated`); without, by its
@@ -44,6 +47,7 @@ MEASUREMENTS = {
 }
 NUCLEUS = {"name": "nucleus", "color": [31, 119, 180]}
 TILE = {"name": "tile", "color": [200, 200, 200]}
+TISSUE = {"name": "Tissue", "color": [0, 160, 0]}
 
 
 def _feature(ring: list[list[float]], object_type: str, cls: dict[str, Any], measurements: dict) -> str:
@@ -107,6 +111,7 @@ def export_slide(
     cells: str | Path | None = None,
     phenotypes: str | None = None,
     mil_attention: dict[str, str | Path] | None = None,
+    attention: str | Path | None = None,
 ) -> dict:
     """Write the GeoJSON of one slide; returns counts."""
     t0 = time.perf_counter()
@@ -116,6 +121,7 @@ def export_slide(
     side = float(tiles.attrs["tile_px_level0"]) if n else 0.0
     counts = {"tiles": n, "nuclei": 0}
     scores = _tile_scores(tiles.slide_id, n, mil_attention or {})
+    entropy = _attention_entropy(attention, tiles.slide_id) if attention else {}
     with store.atomic_path(out) as tmp, open(tmp, "w") as f:
         f.write('{"type":"FeatureCollection","features":[\n')
         first = True
@@ -125,12 +131,19 @@ def export_slide(
             f.write(line if first else ",\n" + line)
             first = False
 
+        rings = tiles.attrs.get("tissue_outline") or []
+        if rings:
+            geometry = {"type": "MultiPolygon", "coordinates": [[r] for r in rings]}
+            props = {"objectType": "annotation", "classification": TISSUE, "name": f"{tiles.slide_id} tissue"}
+            put(json.dumps({"type": "Feature", "geometry": geometry, "properties": props}, separators=(",", ":")))
         for row, ((x, y), tissue) in enumerate(zip(tiles.coords.tolist(), tiles.tissue.tolist())):
             ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
             m = {"Tissue fraction": round(float(tissue), 4), "Row": row}
             for name, (raw, pct) in scores.items():
                 m[f"MIL {name} attention"] = float(raw[row])
                 m[f"MIL {name} attention percentile"] = round(float(pct[row]), 2)
+            for run, value in entropy.get(row, {}).items():
+                m[f"Attention entropy {run}"] = round(value, 4)
             put(_feature(ring, "tile", TILE, m))
         if cells is not None:
             counts["nuclei"] = _put_nuclei(Path(cells), tiles, phenotypes, scale, put)
@@ -159,6 +172,13 @@ def _tile_scores(slide: str, n: int, sources: dict[str, str | Path]) -> dict[str
         ranks = np.argsort(np.argsort(a, kind="stable"), kind="stable")
         out[name] = (a, 100.0 * ranks / max(n - 1, 1))
     return out
+
+
+def _attention_entropy(path: str | Path, slide: str) -> dict[int, dict[str, float]]:
+    """Tile row -> {run: per-head attention entropy} for the tiles of `slide` the diagnostics sampled."""
+    d = json.loads(Path(path).read_text())
+    rows = [(i, int(r)) for i, (s, r) in enumerate(d["tiles"]) if s == slide]
+    return {r: {run: float(v["per_image"]["head_entropy"][i]) for run, v in d["runs"].items()} for i, r in rows}
 
 
 def _put_nuclei(cells: Path, tiles: store.TileStore, phenotypes: str | None, scale: float, put) -> int:
@@ -198,6 +218,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="a MIL model's attention.npz (mil/{source}/{model}/), its tiles' attention as measurements NAME",
     )
+    p.add_argument("--attention", help="analysis/attention.json: the sampled tiles' attention entropy per run")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -207,4 +228,4 @@ def main(args: argparse.Namespace) -> None:
         if not sep or not name or not path:
             raise ConfigError(f"--mil-attention {item!r}: write NAME=PATH")
         named[name] = path
-    export_slide(args.tiles, args.out, args.cells, args.phenotypes, named)
+    export_slide(args.tiles, args.out, args.cells, args.phenotypes, named, args.attention)

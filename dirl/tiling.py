@@ -28,7 +28,7 @@ import numpy as np
 from dirl.errors import ConfigError
 from dirl.settings import Settings
 from dirl.slide import Slide
-from dirl.tissue import TissueSettings, fraction_in_boxes, ink_mask, tissue_mask
+from dirl.tissue import TissueSettings, fraction_in_boxes, ink_mask, outline, tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def tile_slide(
         "min_tissue": s.min_tissue,
         "vendor": slide.vendor,
         "tissue_params": s.tissue.to_dict(),
+        "tissue_outline": outline(g.mask, g.mask_mpp / slide.mpp),  # level-0 polygons (QuPath export)
     }
     with (
         store.tile_store_writer(

@@ -115,3 +115,20 @@ def fraction_in_boxes(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     inside = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
     return (inside / area).astype(np.float32)
+
+
+def outline(mask: np.ndarray, level0_per_px: float, min_px: int = 16) -> list[list[list[float]]]:
+    """The tissue mask's outer boundaries as polygons in level-0 (x, y), simplified to within a mask pixel
+    (a slide's outline is a few hundred vertices): for the tile store's attrs and QuPath."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = []
+    for c in contours:
+        if cv2.contourArea(c) < min_px:
+            continue
+        c = cv2.approxPolyDP(c, 1.0, True)[:, 0, :].astype(np.float64)
+        if len(c) >= 3:
+            ring = ((c + 0.5) * level0_per_px).round(1).tolist()
+            out.append([*ring, ring[0]])
+    return out

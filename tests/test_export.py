@@ -115,3 +115,32 @@ def test_tiles_carry_the_mil_attention(run, tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="dirl"):
         assert cli(["export", str(run["tiles"]), "--mil-attention", f"x={scores}", "--out", str(out)]) == 1
     assert f"{n - 1} attention values for slide" in caplog.text
+
+
+def test_tissue_outline_surrounds_the_tissue_tiles(run):
+    from matplotlib.path import Path as Polygon
+
+    ts = store.open_tiles(run["tiles"])
+    (tissue,) = _features(run["out"], "annotation")
+    assert tissue["properties"]["classification"]["name"] == "Tissue"
+    parts = [Polygon(np.asarray(p[0])) for p in tissue["geometry"]["coordinates"]]
+    side = ts.attrs["tile_px_level0"]
+    centres = ts.coords + side / 2
+    inside = np.array([any(p.contains_point(c) for p in parts) for c in centres])
+    assert inside[ts.tissue >= 0.9].all() and len(parts) >= 1  # a tile mostly of tissue lies within
+    w, h = ts.attrs["level0_width"], ts.attrs["level0_height"]
+    assert all(0 <= x <= w + 1 and 0 <= y <= h + 1 for p in tissue["geometry"]["coordinates"] for x, y in p[0])
+
+
+def test_sampled_tiles_carry_each_runs_attention_entropy(run, tmp_path):
+    ts = store.open_tiles(run["tiles"])
+    diag = {
+        "tiles": [[ts.slide_id, 3], ["other", 0], [ts.slide_id, 5]],
+        "runs": {r: {"per_image": {"head_entropy": [v, 0.5, v + 0.01]}} for r, v in (("dino", 0.8), ("dirl", 0.95))},
+    }
+    (tmp_path / "attention.json").write_text(json.dumps(diag))
+    out = tmp_path / "d.geojson"
+    assert cli(["export", str(run["tiles"]), "--attention", str(tmp_path / "attention.json"), "--out", str(out)]) == 0
+    m = [f["properties"]["measurements"] for f in _features(out, "tile")]
+    assert [i for i, x in enumerate(m) if "Attention entropy dirl" in x] == [3, 5]
+    assert m[3]["Attention entropy dino"] == 0.8 and m[5]["Attention entropy dirl"] == 0.96

@@ -7,6 +7,7 @@ rule export:
         tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
         cells=f"{RESULTS}/cells/{{slide}}.zarr",
         model=f"{RESULTS}/phenotypes/model.json",
+        diagnostics=rules.attention.output.json,
         attention=lambda w: (
             expand(
                 f"{RESULTS}/mil/{{source}}/{{model}}/attention.npz",
@@ -34,4 +35,5 @@ rule export:
         ),
     shell:
         "dirl export {input.tiles:q} --cells {input.cells:q} --phenotypes {input.model:q} {params.attention} "
+        "--attention {input.diagnostics:q} "
         "--out {output.geojson:q} > {log:q} 2>&1"
