@@ -246,10 +246,13 @@ def photometric(img: torch.Tensor, rng: np.random.Generator, spec: ViewSpec) -> 
     return img
 
 
-def normalise(img: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=img.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=img.dtype).view(3, 1, 1)
-    return (img - m) / s
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_INV_STD = 1.0 / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def normalise(img: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of a float (3, H, W) image in [0, 1] (in place when it may)."""
+    return img.sub(_MEAN).mul_(_INV_STD)
 
 
 def draw_geometry(rng: np.random.Generator, tile_px: int, spec: ViewSpec) -> Geometry:
@@ -279,7 +282,8 @@ def make_view(
     The geometry is drawn first (from `rng`) and then the photometric parameters, so switching the
     photometric ops off does not change the crop."""
     g = draw_geometry(rng, image.shape[-1], spec)
-    img = (apply_geometry(image, g, spec.size, "bilinear") / 255.0).clamp(0, 1)
+    crop = apply_geometry(image, g, spec.size, "bilinear")
+    img = crop / 255.0 if crop.dtype == torch.uint8 else (crop / 255.0).clamp(0, 1)  # uint8: in range already
     pm = apply_geometry(prior, g, spec.size, "nearest") if prior is not None else None
     if photometric_ops:
         img = photometric(img, rng, spec)
