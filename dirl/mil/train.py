@@ -1,6 +1,9 @@
 """`dirl mil`: patient-level cross-validated MIL on one feature source (metrics and result files:
 dirl.mil.metrics; models: dirl.mil.models; splits: dirl.mil.splits).
 
+About 440 lines because the fold loop, the files it writes and its CLI read as one story; the metrics,
+the models and the splits already live apart.
+
 For each fold of `splits.json` (see splits.py): train one model on the training bags (one bag per step,
 or a few bags per step with gradient accumulation — never padded), class-weighted cross-entropy, AdamW,
 early stopping on the validation split's loss, keep the best epoch. Then predict the fold's test slides.
