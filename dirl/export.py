@@ -88,21 +88,25 @@ def nucleus_rings(labels: np.ndarray, ids: np.ndarray) -> Iterator[np.ndarray]:
 def _classes(cells: Path, model_path: str | None, tab: dict[str, np.ndarray]) -> tuple[np.ndarray, list[dict]]:
     """Per table row an index into the returned QuPath classifications: the phenotype model's classes,
     else the imported types (backend import), else one class `nucleus`."""
-    from dirl.segment.priors import PALETTE
-
     if model_path is None:
         types = store.map_attrs(cells, "labels").get("type_names")
         if not types or "type" not in tab or (tab["type"] < 0).any():
             return np.zeros(len(tab["tile"]), np.int64), [NUCLEUS]
-        classes = [{"name": n, "color": [int(v) for v in PALETTE[c % len(PALETTE)]]} for c, n in enumerate(types)]
-        return tab["type"].astype(np.int64), classes
+        return tab["type"].astype(np.int64), _coloured(types)
     from dirl.segment.phenotype import PhenotypeModel
 
     model = PhenotypeModel.load(model_path)
     names = store.prior_class_names([c["description"] for c in model.raw["classes"]])[store.FIRST_CELL_PRIOR :]
-    classes = [{"name": n, "color": [int(v) for v in PALETTE[c % len(PALETTE)]]} for c, n in enumerate(names)]
+    classes = _coloured(names)
     cls = model.predict(tab, store.map_attrs(cells, "labels").get("type_names"))
     return np.where(cls < 0, len(classes), cls), [*classes, NUCLEUS]  # -1: a type the model drops
+
+
+def _coloured(names: list[str]) -> list[dict[str, Any]]:
+    """QuPath classifications in the priors overlay's colours, class c in colour c."""
+    from dirl.segment.priors import PALETTE
+
+    return [{"name": n, "color": [int(v) for v in PALETTE[c % len(PALETTE)]]} for c, n in enumerate(names)]
 
 
 def export_slide(
@@ -164,7 +168,7 @@ def _tile_scores(slide: str, n: int, sources: dict[str, str | Path]) -> dict[str
     model did not score, e.g. unlabelled, is left out)."""
     out = {}
     for name, path in sources.items():
-        a = store.read_tile_scores(path).get(slide)
+        a = store.read_tile_scores(path, [slide]).get(slide)  # one slide's array, not the cohort's
         if a is None:
             continue
         if len(a) != n:

@@ -630,8 +630,9 @@ def write_tile_scores(path: str | os.PathLike, scores: Mapping[str, np.ndarray])
         np.savez_compressed(f, **{s: np.asarray(v, np.float32) for s, v in scores.items()})
 
 
-def read_tile_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_tile_scores(path: str | os.PathLike, slides: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of `slides` (all by default) that the file has: each is read only when asked for."""
     if not Path(path).exists():
         raise StoreError(f"{path} does not exist: run `dirl mil` first")
     with np.load(path) as z:
-        return {s: z[s] for s in z.files}
+        return {s: z[s] for s in (z.files if slides is None else slides) if s in z.files}
