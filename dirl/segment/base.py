@@ -55,6 +55,19 @@ class Backend:
         """Raw instance labels (B, T, T) for RGB uint8 tiles (B, T, T, 3) at `mpp` µm/px."""
         raise NotImplementedError
 
+    # -- typed nuclei (the import backend); the others have no types and read no per-slide file
+    type_names: list[str] | None = None
+
+    def bind(self, nuclei: Any, tiles: Any, rows: np.ndarray) -> None:
+        """Take the slide's own input before its tiles stream in: `nuclei` (a file of typed nuclei), the tile
+        store and the rows to be segmented. Only the import backend reads a nuclei file."""
+        if nuclei is not None:
+            raise ConfigError(f"--nuclei {nuclei}: only segmentation.backend import reads a nuclei file")
+
+    def types_of(self, position: int) -> np.ndarray | None:
+        """The type (index into `type_names`) of each label of the `position`-th tile streamed, or None."""
+        return None
+
     @property
     def model(self) -> str:
         """What produced the masks (weights path, or the algorithm), recorded in the store."""

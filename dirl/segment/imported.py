@@ -145,6 +145,8 @@ class ImportBackend(Backend):
     def __init__(self, params: Any):
         super().__init__(params)
         self.path: Path | None = None
+        self.type_names: list[str] = []  # a failed slide (never bound) records none
+        self.tile_types: list[np.ndarray] = []
 
     @property
     def model(self) -> str:
@@ -152,6 +154,8 @@ class ImportBackend(Backend):
 
     def bind(self, nuclei: str | Path | None, tiles: Any, rows: np.ndarray) -> None:
         """Read `nuclei` for the slide of `tiles` (a store.TileStore) and the rows to be segmented, in order."""
+        if tiles.failed:  # nothing to segment: its store stays empty
+            return
         if nuclei is None:
             raise DirlError(
                 f"segmentation.backend import: no nuclei file for slide {tiles.slide_id!r} "
@@ -191,8 +195,11 @@ class ImportBackend(Backend):
                 for cx in range(x0, x1 + 1):
                     for cy in range(y0, y1 + 1):
                         self.buckets[cx, cy].append(i)
-        self.tile_types: list[np.ndarray] = []
+        self.tile_types = []
         log.info("%s: %d nuclei of types %s", self.path, n_nuclei, self.type_names)
+
+    def types_of(self, position: int) -> np.ndarray:
+        return self.tile_types[position]
 
     def _candidates(self, x0: float, y0: float) -> list[int]:
         s = self.side

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from dirl import store
-from dirl.errors import ConfigError
 from dirl.segment import base, features
 from dirl.settings import Settings, comments
 
@@ -68,11 +67,7 @@ def segment_store(
     step = block or store.SHARD_TILES
     rows = store.tile_subset(n, tiles_per_slide, tiles.slide_id)
     subset = len(rows) < n
-    imported = hasattr(backend, "bind")
-    if imported and not tiles.failed:
-        backend.bind(nuclei, tiles, rows)
-    elif nuclei is not None and not imported:
-        raise ConfigError(f"--nuclei {nuclei}: only segmentation.backend import reads a nuclei file")
+    backend.bind(nuclei, tiles, rows)
     attrs = {
         **backend.describe(),
         "slide_id": tiles.slide_id,
@@ -82,7 +77,7 @@ def segment_store(
         "tile_px_level0": tiles.attrs["tile_px_level0"],
         **({"failed": tiles.failed} if tiles.failed else {}),
         **({"rows": rows.tolist(), "tiles_per_slide": tiles_per_slide} if subset else {}),
-        **({"type_names": getattr(backend, "type_names", [])} if imported else {}),
+        **({"type_names": backend.type_names} if backend.type_names is not None else {}),
     }
     n_nuc = 0
     oom = getattr(backend, "net_batch", None)  # dirl.oom.HalvingBatch of GPU backends: name the slide
@@ -110,9 +105,14 @@ def segment_store(
                 i: int, idx: np.ndarray = idx, labels: np.ndarray = labels, images: np.ndarray = images, at: int = start
             ) -> Mapping[str, np.ndarray]:
                 x0, y0 = tiles.coords[idx[i]]
-                types = backend.tile_types[at + i] if imported else None
                 return features.tile_features(
-                    images[i], labels[i], mpp, tile=int(idx[i]), origin=(float(x0), float(y0)), scale=scale, types=types
+                    images[i],
+                    labels[i],
+                    mpp,
+                    tile=int(idx[i]),
+                    origin=(float(x0), float(y0)),
+                    scale=scale,
+                    types=backend.types_of(at + i),
                 )
 
             parts = list(pool.map(feats, range(m)))
