@@ -5,8 +5,11 @@ snakemake --cores all --configfile config/cohorts/<name>.yaml
 snakemake --profile profiles/slurm                   # on a SLURM cluster
 """
 
+# The demo cohort is the default, never a base: with --configfile a cohort's settings are its own file
+# (and --config) plus the schema's defaults (Snakemake would otherwise merge the file over the demo's).
+if not workflow.overwrite_configfiles:
 
-configfile: "config/config.yaml"
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -8,6 +8,7 @@ starts one process per slide, and a cohort has thousands.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -71,9 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dirl").info("%d CPU threads (the SLURM allocation%s)", cpus, asked)
         args.threads = cpus
     try:
+        if hasattr(module, "io"):  # before any work: an orphan that started earlier can no longer win
+            from dirl.atomic import claim
+
+            outputs, inputs = module.io(args)
+            claim([o for o in outputs if o], [i for i in inputs if i])
         module.main(args)
     except DirlError as e:
         logging.getLogger("dirl").error("%s", one_line(e))
+        return 1
+    except OSError as e:  # the user's to fix, wherever it happened: one line, not a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        logging.getLogger("dirl").error("%s: %s", e.filename or "writing", e.strerror)
         return 1
     return 0
 

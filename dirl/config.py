@@ -145,9 +145,41 @@ def check(config: dict[str, Any]) -> None:
     pre = config.get("pretrain", {})
     patch = patch_size_of(str(pre.get("arch", "")))
     if patch:
-        size = pre.get("img_size")
-        if size and size % patch:
-            raise ConfigError(
-                f"config pretrain.img_size = {size} is not a multiple of the patch size {patch} "
-                f"of {pre['arch']}: use e.g. {max(patch, size // patch * patch)}"
-            )
+        for key in ("img_size", "local_crop_size"):
+            size = pre.get(key)
+            if key == "local_crop_size" and not pre.get("local_crops_number"):
+                continue
+            if size and size % patch:
+                raise ConfigError(
+                    f"config pretrain.{key} = {size} is not a multiple of the patch size {patch} "
+                    f"of {pre['arch']}: use e.g. {max(patch, size // patch * patch)}"
+                )
+    check_settings(config)
+
+
+def check_settings(config: dict[str, Any]) -> None:
+    """Every stage's settings built as its command will build them (ranges, choices, what depends on
+    several keys), so that a value the stage would refuse hours later is refused before any job runs."""
+    from dirl.settings import SECTIONS, command_settings, settings_class
+
+    for section, (targets, _) in SECTIONS.items():
+        values = config.get(section)
+        if values is None:
+            continue
+        for target in targets:
+            cls = settings_class(target)
+            for where, part in values.items() if section == "synth" else [(None, values)]:
+                d = command_settings(section, part, target if len(targets) > 1 else None)
+                if section == "pretrain":  # `methods` and `seeds` are the workflow's: check each method
+                    for method in config["pretrain"].get("methods", ["dirl"]):
+                        _build(cls, {**d, "method": method}, section)
+                else:
+                    _build(cls, d, f"{section}.{where}" if where else section)
+
+
+def _build(cls: Any, d: dict[str, Any], section: str) -> None:
+    try:
+        cls.from_dict(d, where=section)
+    except ConfigError as e:
+        text = str(e)
+        raise ConfigError(text if text.startswith("config ") else f"config {text}") from None

@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="where to copy the slide")
 
 
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out], []
+
+
 def main(args: argparse.Namespace) -> None:
     from dirl.store import atomic_path
 

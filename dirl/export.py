@@ -225,6 +225,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", help="analysis/attention.json: the sampled tiles' attention entropy per run")
 
 
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out], [args.tiles, args.cells, args.phenotypes, args.attention]
+
+
 def main(args: argparse.Namespace) -> None:
     named = {}
     for item in args.mil_attention:

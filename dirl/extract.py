@@ -31,15 +31,15 @@ import numpy as np
 from dirl import store
 from dirl.errors import ConfigError
 from dirl.runtime import PRECISIONS, enable_tf32, resolve_device, torch_threads
-from dirl.settings import Settings
+from dirl.settings import Settings, bounded
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ExtractSettings(Settings):
-    batch_size: int = 0  # tiles per batch (0: shard-aligned default)
-    workers: int = -1  # DataLoader workers (-1: auto)
+    batch_size: int = bounded(0, ge=0)  # tiles per batch (0: shard-aligned default)
+    workers: int = bounded(-1, ge=-1)  # DataLoader workers (-1: auto)
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     precision: str = field(default="auto", metadata={"choices": PRECISIONS, "help": "auto: bf16 on CUDA, fp32 on CPU"})
     tf32: bool = True  # TF32 tensor cores for fp32 work on NVIDIA GPUs
@@ -264,6 +264,11 @@ def _out_paths(tiles: list[str], out: str) -> list[Path]:
     if len(set(names)) != len(names):
         raise ConfigError("two tile stores share a slide name; give one --out FILE.h5 per store")
     return [Path(out) / f"{n}.h5" for n in names]
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return _out_paths(args.tiles, args.out), [*args.tiles, args.weights]
 
 
 def main(args: argparse.Namespace) -> None:

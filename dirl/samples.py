@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +87,12 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
             f"{where}: slide_id {sid!r} may hold only letters, digits, '.', '_' and '-' "
             "(it names every output file of the slide)"
         )
-    if re.search(r"[{}]", rec["path"]):
-        raise ConfigError(
-            f"{where} ({sid}): path {rec['path']!r} contains '{{' or '}}', which Snakemake "
-            "reads as a wildcard; rename the file or point to a link without them"
-        )
+    for col in ("path", "nuclei"):
+        if re.search(r"[{}]", rec.get(col, "")):
+            raise ConfigError(
+                f"{where} ({sid}): {col} {rec[col]!r} contains '{{' or '}}', which Snakemake "
+                "reads as a wildcard; rename the file or point to a link without them"
+            )
     mpp = None
     if "mpp" in rec:
         try:
@@ -103,14 +105,35 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
 
 
 def _check_cohort(path: Path, samples: list[Sample]) -> None:
-    seen: dict[str, int] = {}
-    for s in samples:
-        if s.slide_id in seen:
+    seen: dict[str, Sample] = {}
+    for s in samples:  # ids equal up to case name the same files on macOS and Windows
+        first = seen.setdefault(s.slide_id.casefold(), s)
+        if first is not s:
+            same = "the same slide_id" if first.slide_id == s.slide_id else "slide_ids equal up to case"
             raise ConfigError(
-                f"sample sheet {path}: slide_id {s.slide_id!r} on lines {seen[s.slide_id]} and "
-                f"{s.line}: each slide needs its own id"
+                f"sample sheet {path}: {same} {first.slide_id!r} (line {first.line}) and {s.slide_id!r} "
+                f"(line {s.line}): each slide needs its own id (its output files are named by it)"
             )
-        seen[s.slide_id] = s.line
+    files: dict[str, Sample] = {}
+    for s in samples:  # one slide under two ids would sit in two folds
+        first = files.setdefault(os.path.realpath(s.path), s)  # relative to the working directory, as jobs read it
+        if first is not s:
+            raise ConfigError(
+                f"sample sheet {path}: slides {first.slide_id!r} (line {first.line}) and {s.slide_id!r} "
+                f"(line {s.line}) are the same file {s.path!r}: list each slide once"
+            )
+    for column in ("patient_id", "label"):  # "café" typed two ways is one patient, one class
+        forms: dict[str, Sample] = {}
+        for s in samples:
+            value = getattr(s, column)
+            if value is None:
+                continue
+            first = forms.setdefault(unicodedata.normalize("NFC", value).casefold(), s)
+            if getattr(first, column) != value:
+                raise ConfigError(
+                    f"sample sheet {path}: {column} {getattr(first, column)!r} (line {first.line}) and "
+                    f"{value!r} (line {s.line}) differ only in case or Unicode form: write them the same way"
+                )
     labels: dict[str, Sample] = {}
     for s in samples:
         if s.label is None:

@@ -110,6 +110,28 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value  # Any, unions of plain types: as given
 
 
+_BOUNDS = ("ge", "gt", "le", "lt")
+
+
+def bounded(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    help: str = "",
+) -> Any:
+    """A numeric setting with its allowed range (checked by `Settings.validate`, mirrored in the schema as
+    minimum / exclusiveMinimum / maximum / exclusiveMaximum); `help` defaults to the line's comment."""
+    meta = {k: v for k, v in zip(_BOUNDS, (ge, gt, le, lt)) if v is not None}
+    return dataclasses.field(default=default, metadata={**meta, **({"help": help} if help else {})})
+
+
+def bounds(f: dataclasses.Field) -> dict[str, float]:
+    return {k: f.metadata[k] for k in _BOUNDS if k in f.metadata}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Base of every stage's settings. Subclasses are frozen dataclasses; `validate` checks ranges."""
@@ -125,17 +147,33 @@ class Settings:
             raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(names)}")
         hints = _hints(cls)
         kw = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in d.items()}
-        return cls(**kw).validate()
+        try:
+            return cls(**kw).validate()
+        except ConfigError as e:  # name the setting as the caller knows it (a config key, a flag)
+            text = str(e)
+            if where != cls.__name__ and text.startswith(f"{cls.__name__}."):
+                text = f"{where}.{text[len(cls.__name__) + 1 :]}"
+            raise ConfigError(text) from None
 
     def validate(self: S) -> S:
-        """Allowed values (`choices` metadata); subclasses add range checks and call this."""
+        """Allowed values (`choices` metadata) and ranges (`bounded`); subclasses add what depends on
+        several settings and call this."""
+        ops = {
+            "ge": (float.__ge__, ">="),
+            "gt": (float.__gt__, ">"),
+            "le": (float.__le__, "<="),
+            "lt": (float.__lt__, "<"),
+        }
         for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
             allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                raise ConfigError(
-                    f"{type(self).__name__}.{f.name} = {getattr(self, f.name)!r}: use one of "
-                    f"{', '.join(map(str, allowed))}"
-                )
+            if allowed and v not in allowed:
+                raise ConfigError(f"{type(self).__name__}.{f.name} = {v!r}: use one of {', '.join(map(str, allowed))}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                for k, limit in bounds(f).items():
+                    test, sign = ops[k]
+                    if not test(float(v), float(limit)):
+                        raise ConfigError(f"{type(self).__name__}.{f.name} = {v!r}: must be {sign} {limit:g}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,7 +278,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "segmentation": (("dirl.segment.run:SegmentSettings",), frozenset({"threads"})),
     "phenotypes": (("dirl.segment.phenotype:PhenotypeSettings", "dirl.segment.priors:PriorSettings"), frozenset()),
     "pretrain": (("dirl.ssl.settings:PretrainSettings",), frozenset({"methods", "seeds", "gpus", "threads"})),
-    "attention": (("dirl.analysis.attention:AttentionSettings",), frozenset({"slides"})),
+    "attention": (("dirl.analysis.settings:AttentionSettings",), frozenset({"slides"})),
     "extract": (("dirl.extract:ExtractSettings",), frozenset({"encoders", "gpus", "threads"})),
     "mil": (("dirl.mil.splits:SplitSettings", "dirl.mil.train:MilSettings"), frozenset({"models", "threads"})),
 }

@@ -76,6 +76,17 @@ class Slide:
                 raise _compression_error(sid, path, e) from e
             raise SlideError(f"slide {sid!r}: OpenSlide cannot open {path}: {e}") from e
         found = _metadata_mpp(dict(osr.properties))
+        if found is not None and mpp is not None and not MPP_RANGE[0] <= found[0] <= MPP_RANGE[1]:
+            log.warning(
+                "slide %r: its metadata claims %.4g µm/px (%s), outside %s..%s; using the sample sheet's %.4g",
+                sid,
+                found[0],
+                found[1],
+                MPP_RANGE[0],
+                MPP_RANGE[1],
+                mpp,
+            )
+            found = None
         if found is not None:
             value, source = found
             if mpp is not None and not math.isclose(mpp, value, rel_tol=0.05):

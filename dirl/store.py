@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import glob
 import logging
 import os
-import shutil
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
@@ -28,6 +25,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from dirl import __version__
+from dirl.atomic import atomic_path, check_replaceable, claim, leftovers  # noqa: F401  (re-exported)
 from dirl.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -74,142 +72,17 @@ SHARD_TILES = 256  # tiles per shard file: a 50 000-tile slide is ~200 files
 ZSTD_LEVEL = 1  # twice the speed of level 3 on H&E tiles for ~8 % more bytes (measured)
 
 
-# --------------------------------------------------------------------------------------------------
-# atomic output
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; rename it to `final` only if the block succeeds.
-
-    Works for files and directories (Zarr stores). A failed or killed block leaves at most a
-    `.tmp-*` sibling, never something at `final`; the next write of `final` removes it.
-
-    Safe against a concurrent writer of the same output, such as an orphaned job of an earlier run
-    that survived its `snakemake` (normal on a cluster): each write takes a number from the output's
-    lock file (`.{name}.lock`, under an exclusive `flock`) when it starts, and renames into place, under
-    the same lock, only if no write of `final` started after it; otherwise its result is discarded
-    (`StoreError`). While it works, a writer holds a lock on its temporary sibling, so the clean-up of
-    leftovers removes only the temporaries of dead writers.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with _locked(_lock_path(final)) as lock:
-        ticket = _next_ticket(lock)
-        for stale in leftovers(final):
-            _remove_if_dead(stale)
-        alive = _hold(_lock_path(tmp))  # before the lock above is released: never seen as dead
-    try:
-        try:
-            yield tmp
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreError(
-                    f"no space left on the device (or quota exceeded) while writing {final}: free "
-                    f"space where it lives (df -h {final.parent}) and rerun"
-                ) from e
-            raise
-        with _locked(_lock_path(final)) as lock:
-            if _read_ticket(lock) != ticket:
-                raise StoreError(
-                    f"a newer write of {final} started while this one was running (an orphaned "
-                    "job of an earlier run?); this result is discarded and the newer one kept"
-                )
-            if final.exists():  # os.replace cannot replace a non-empty directory
-                trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(final, trash)
-                os.replace(tmp, final)
-                _remove(trash)
-            else:
-                os.replace(tmp, final)
-    finally:
-        _remove(tmp)
-        _release(alive)
-
-
-def leftovers(final: str | os.PathLike) -> list[Path]:
-    """The temporary siblings of `final` that `atomic_path` blocks (killed, or still running) leave."""
-    final = Path(final)
-    name = glob.escape(final.name)
-    return sorted(
-        p
-        for pattern in (f".{name}.tmp-*", f".{name}.old-*")
-        for p in final.parent.glob(pattern)
-        if not p.name.endswith(".lock")
-    )
-
-
-def _lock_path(p: Path) -> Path:
-    """`.{name}.lock` beside `p` (hidden; temporaries' names already start with a dot)."""
-    return p.with_name(f"{'' if p.name.startswith('.') else '.'}{p.name}.lock")
-
-
-def _hold(path: Path) -> int:
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def _release(fd: int) -> None:
-    os.close(fd)  # closing the descriptor releases its flock
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[int]:
-    fd = _hold(path)
-    try:
-        yield fd
-    finally:
-        _release(fd)
-
-
-def _read_ticket(fd: int) -> int:
-    os.lseek(fd, 0, os.SEEK_SET)
-    text = os.read(fd, 64).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else 0
-
-
-def _next_ticket(fd: int) -> int:
-    ticket = _read_ticket(fd) + 1
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(ticket).encode(), 0)
-    return ticket
-
-
-def _remove_if_dead(stale: Path) -> None:
-    """Remove a temporary sibling unless a live writer holds its lock."""
-    import fcntl
-
-    lock = _lock_path(stale)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("leaving %s: another process is still writing it", stale)
-            return
-        log.warning("removing %s, left by an interrupted run", stale)
-        _remove(stale)
-        lock.unlink(missing_ok=True)
-    finally:
-        os.close(fd)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists():
-        p.unlink()
-    _lock_path(p).unlink(missing_ok=True)
-
-
 def _open_group(path: str | os.PathLike, what: str) -> zarr.Group:
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{what} store {path} does not exist: run the stage that writes it first")
     try:
-        return zarr.open_group(str(path), mode="r")
+        g = zarr.open_group(str(path), mode="r")
+        # before any member is looked up: that parses the arrays' metadata, codecs included (installed
+        # dirl also registers the codec as a zarr entry point, for readers that never import dirl)
+        if g.attrs.get("images_codec") == "jpeg":
+            import dirl.jpeg_codec  # noqa: F401
+        return g
     except Exception as e:  # zarr raises several types for a damaged store
         raise StoreError(f"{what} store {path} cannot be opened ({e}); delete it and rerun") from e
 
@@ -222,6 +95,21 @@ def _images_codec(codec: str, quality: int) -> dict[str, Any]:
 
         return {"serializer": JpegCodec(level=quality), "compressors": None}
     raise ValueError(f"unknown images codec {codec!r}: use 'zstd' (lossless) or 'jpeg'")
+
+
+def _written() -> dict[str, str]:
+    """Attributes every store gets: dirl's version, and a write id new with each write, so that a reader
+    that must know whether a store is the one it saw before (a pretraining checkpoint resumed over tiles
+    and priors) can tell, without reading the pixels."""
+    return {"dirl_version": __version__, WRITE_ID: uuid.uuid4().hex}
+
+
+WRITE_ID = "write_id"
+
+
+def write_id(path: str | os.PathLike, what: str) -> str | None:
+    """The write id of a store (None for stores written before dirl recorded one)."""
+    return _open_group(path, what).attrs.get(WRITE_ID)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +192,7 @@ def tile_store_writer(
         )
         writer = TileWriter(root, Path(tmp), n, tile_px, codec, quality)
         yield writer
-        root.attrs.update({**attrs, "n_tiles": n, "images_codec": codec, "dirl_version": __version__})
+        root.attrs.update({**attrs, "n_tiles": n, "images_codec": codec, **_written()})
 
 
 @dataclass
@@ -374,13 +262,7 @@ def open_tiles(path: str | os.PathLike) -> TileStore:
         raise StoreError(
             f"tile store {path} is incomplete (missing {missing or 'arrays'}); delete it and rerun the tile stage"
         )
-    _register_codecs(g)
     return TileStore(Path(path), g["images"], np.asarray(g["coords"][:]), np.asarray(g["tissue"][:]), dict(g.attrs))
-
-
-def _register_codecs(g: zarr.Group) -> None:
-    if g.attrs.get("images_codec") == "jpeg":
-        import dirl.jpeg_codec  # noqa: F401  (registers the codec)
 
 
 def read_rows(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
@@ -454,7 +336,7 @@ def map_store_writer(
             compressors=ZstdCodec(level=3),
         )
         yield root, arr
-        root.attrs.update({**attrs, "n_tiles": n, "dirl_version": __version__})
+        root.attrs.update({**attrs, "n_tiles": n, **_written()})
 
 
 def map_attrs(path: str | os.PathLike, name: str) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,10 @@ import numpy as np
 
 from dirl import store
 from dirl.errors import ConfigError
+from dirl.runs import DINO, DIRL, UNTRAINED, split_run
 
 log = logging.getLogger(__name__)
 METRICS = (("auc", "AUC"), ("balanced_accuracy", "BA"), ("f1_macro", "F1"))
-RUN_NAME = re.compile(r"^(?P<method>.+?)(?:-s(?P<seed>\d+))?$")
-DIRL, DINO, UNTRAINED = "dirl", "dino", "untrained"
 
 
 @dataclass(frozen=True)
@@ -41,12 +39,6 @@ class Row:
     mean: float | None
     sd: float | None = None
     n: int | None = None
-
-
-def split_run(name: str) -> tuple[str, str]:
-    """('dirl', '1') for 'dirl-s1'; ('dirl', '') for a single-seed 'dirl'."""
-    m = RUN_NAME.match(name)
-    return m["method"], m["seed"] or ""
 
 
 def _mean_sd(v: list[float]) -> tuple[float | None, float | None]:
@@ -257,6 +249,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--attention", help="the JSON of `dirl attention`")
     p.add_argument("--out", required=True, help="output directory for summary.tsv and summary.md")
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [Path(args.out) / n for n in ("summary.tsv", "summary.md")], [args.attention]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 
 from dirl.errors import ConfigError, DirlError
 from dirl.imaging import DAB, EOSIN, HEMATOXYLIN, unit
-from dirl.settings import Settings
+from dirl.settings import Settings, bounded
 
 log = logging.getLogger(__name__)
 
@@ -1027,9 +1027,9 @@ class SynthSettings(Settings):
             "help": f"nucleus populations: {', '.join(sorted(POPULATIONS) + sorted(PRESETS))}",
         },
     )
-    width: int = 2048  # level-0 width, px
-    height: int = 2048  # level-0 height, px
-    mpp: float = 0.5  # µm per pixel at level 0
+    width: int = bounded(2048, ge=256)  # level-0 width, px
+    height: int = bounded(2048, ge=256)  # level-0 height, px
+    mpp: float = bounded(0.5, gt=0)  # µm per pixel at level 0
     seed: int = 0
     format: str | None = field(
         default=None, metadata={"help": "svs (Aperio) or tiff (generic); none: from the file suffix"}
@@ -1060,6 +1060,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--levels", type=int, default=None, help="pyramid levels (default: halve to < 1000 px)")
     SynthSettings.add_arguments(p.add_argument_group("settings (SynthSettings)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out], []
 
 
 def main(args: argparse.Namespace) -> None:

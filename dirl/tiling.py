@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dirl.errors import ConfigError
-from dirl.settings import Settings
+from dirl.settings import Settings, bounded
 from dirl.slide import Slide
 from dirl.tissue import TissueSettings, fraction_in_boxes, ink_mask, outline, tissue_mask
 
@@ -38,24 +37,16 @@ RUN_TILES = 16  # tiles of one grid row read with a single read_region call (and
 
 @dataclass(frozen=True)
 class TileSettings(Settings):
-    mpp: float = 0.5  # µm/px of the tiles
-    tile_px: int = 224  # tile side in pixels at `mpp`
-    overlap: float = 0.0  # fraction of a tile shared with its neighbour
-    min_tissue: float = 0.5  # keep tiles with at least this tissue fraction
+    mpp: float = bounded(0.5, gt=0)  # µm/px of the tiles
+    tile_px: int = bounded(224, ge=16)  # tile side in pixels at `mpp`
+    overlap: float = bounded(0.0, ge=0, lt=1)  # fraction of a tile shared with its neighbour
+    min_tissue: float = bounded(0.5, ge=0, le=1)  # keep tiles with at least this tissue fraction
     codec: str = field(
         default="zstd",
         metadata={"choices": ("zstd", "jpeg"), "help": "images codec: zstd (lossless) or jpeg (~11x smaller)"},
     )
-    quality: int = 90  # JPEG quality when codec is jpeg
+    quality: int = bounded(90, ge=1, le=100)  # JPEG quality when codec is jpeg
     tissue: TissueSettings = field(default_factory=TissueSettings)
-
-    def validate(self) -> TileSettings:
-        super().validate()
-        if not 0 <= self.overlap < 1:
-            raise ConfigError(f"tiling.overlap must be in [0, 1), got {self.overlap}")
-        if self.mpp <= 0 or self.tile_px < 16 or not 1 <= self.quality <= 100:
-            raise ConfigError(f"tiling: mpp > 0, tile_px >= 16 and quality in 1..100 needed, got {self}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -300,6 +291,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the error in its QC image), so cohort-level stages go on without it",
     )
     TileSettings.add_arguments(p.add_argument_group("settings (TileSettings)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out, args.qc], [args.slide]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -14,19 +14,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from dirl.imaging import otsu
-from dirl.settings import Settings
+from dirl.settings import Settings, bounded
 
 
 @dataclass(frozen=True)
 class TissueSettings(Settings):
-    mpp: float = 2.0  # µm/px of the image the mask is computed on
-    sat_min: float = 0.05  # Otsu's threshold is clamped to [sat_min, sat_max]
-    sat_max: float = 0.15
-    dark_max: float = 0.15  # brightness (HSV value) below this is border/debris, not tissue
+    mpp: float = bounded(2.0, gt=0)  # µm/px of the image the mask is computed on
+    sat_min: float = bounded(0.05, ge=0, le=1)  # Otsu's threshold is clamped to [sat_min, sat_max]
+    sat_max: float = bounded(0.15, ge=0, le=1)
+    dark_max: float = bounded(0.15, ge=0, le=1)  # brightness (HSV value) below this is border/debris, not tissue
     pen: bool = True  # remove marker ink (red, green, blue, black)
-    close_um: float = 16.0  # morphological closing radius
-    min_area_um2: float = 20000.0  # smallest kept tissue piece (~140 µm square)
-    max_hole_um2: float = 40000.0  # holes up to this size are filled
+    close_um: float = bounded(16.0, ge=0)  # morphological closing radius
+    min_area_um2: float = bounded(20000.0, ge=0)  # smallest kept tissue piece (~140 µm square)
+    max_hole_um2: float = bounded(40000.0, ge=0)  # holes up to this size are filled
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,10 +13,11 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from dirl.settings import SECTIONS, settings_class
+from dirl.settings import SECTIONS, bounds, settings_class
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+RANGE = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
 
 
 def schema_props(section: str) -> dict:
@@ -39,6 +40,11 @@ def test_every_config_key_is_a_setting_with_the_same_default(section: str) -> No
         for f in dataclasses.fields(settings_class(t)):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             fields.setdefault(f.name, default)
+            if f.name in props:  # ranges and choices: the schema says what the settings check
+                ranges = {RANGE[k]: v for k, v in bounds(f).items()}
+                assert {k: props[f.name][k] for k in RANGE.values() if k in props[f.name]} == ranges, f.name
+                if f.metadata.get("choices"):
+                    assert props[f.name]["enum"] == list(f.metadata["choices"]), f.name
     if section == "pretrain":  # set per run by the workflow
         fields.pop("method"), fields.pop("seed")
     assert workflow_keys <= set(props), sorted(workflow_keys - set(props))
@@ -60,7 +66,11 @@ def test_every_stage_cli_takes_its_settings_as_json() -> None:
     for targets, _ in SECTIONS.values():
         for t in targets:
             name = t.split(":")[0]
-            module = importlib.import_module({"dirl.ssl.settings": "dirl.ssl.train"}.get(name, name))
+            module = importlib.import_module(
+                {"dirl.ssl.settings": "dirl.ssl.train", "dirl.analysis.settings": "dirl.analysis.attention"}.get(
+                    name, name
+                )
+            )
             p = argparse.ArgumentParser()
             module.add_arguments(p)
             assert "--settings" in p._option_string_actions, t

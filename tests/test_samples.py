@@ -47,7 +47,21 @@ def test_defaults_and_optional_columns(tmp_path):
         ("slide_id,path\ns1,a.svs\n", r"missing column\(s\) \['slide_id', 'path'\] \(is it tab-separated\?\)"),
         ("slide_id\tpath\tcolour\ns1\ta\tred\n", r"unknown column\(s\) \['colour'\]"),
         ("slide_id\tpath\n", "has no slides"),
-        ("slide_id\tpath\ns1\ta\ns1\tb\n", "slide_id 's1' on lines 2 and 3"),
+        ("slide_id\tpath\ns1\ta\ns1\tb\n", r"the same slide_id 's1' \(line 2\) and 's1' \(line 3\)"),
+        # tiles/S1.zarr and tiles/s1.zarr are one directory on macOS
+        ("slide_id\tpath\nS1\ta\ns1\tb\n", r"slide_ids equal up to case 'S1' \(line 2\) and 's1' \(line 3\)"),
+        # one slide under two ids would fall in two folds
+        (
+            "slide_id\tpath\ns1\tx/a.svs\ns2\tx/../x/a.svs\n",
+            r"slides 's1' \(line 2\) and 's2' \(line 3\) are the same file",
+        ),
+        # "café" in NFC and in NFD, and a label typed two ways: one patient, one class each
+        (
+            "slide_id\tpath\tpatient_id\ns1\ta\tcaf\u00e9\ns2\tb\tcafe\u0301\n",
+            "patient_id 'caf\u00e9' \\(line 2\\) and 'cafe\u0301' \\(line 3\\) differ only in case or Unicode form",
+        ),
+        ("slide_id\tpath\tlabel\ns1\ta\tTumour\ns2\tb\ttumour\n", r"label 'Tumour' \(line 2\) and 'tumour'"),
+        ("slide_id\tpath\tnuclei\ns1\ta\t/n/{s}.geojson\n", r"line 2 \(s1\): nuclei '/n/\{s\}.geojson' contains"),
         ("slide_id\tpath\nbad id\ta\n", "line 2: slide_id 'bad id' may hold only"),
         ("slide_id\tpath\tmpp\ns1\ta\tnan\n", r"line 2 \(s1\): mpp 'nan' must be a positive number"),
         ("slide_id\tpath\tmpp\ns1\ta\tfast\n", "mpp 'fast' is not a number"),

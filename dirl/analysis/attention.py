@@ -23,7 +23,7 @@ import argparse
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dirl.analysis.settings import AttentionSettings
 from dirl.errors import DirlError
-from dirl.settings import Settings
+from dirl.runs import UNTRAINED
 
 log = logging.getLogger("dirl.attention")
 METRICS = ("entropy", "gini", "top50_share", "top90_share")
 HEADLINE = "head_entropy"  # mean over heads of the per-head normalised entropy
-UNTRAINED = "untrained"
-
-
-@dataclass(frozen=True)
-class AttentionSettings(Settings):
-    n_tiles: int = field(default=256, metadata={"help": "tiles sampled over the cohort"})
-    n_overlays: int = 8
-    size: int | None = field(default=None, metadata={"help": "input size (none: the first backbone's img_size)"})
-    source: str = field(
-        default="auto",
-        metadata={
-            "choices": ("auto", "cls", "received"),
-            "help": "[CLS] row or mean received attention (auto: cls when trained through [CLS])",
-        },
-    )
-    batch_size: int = 32
-    n_classes: int | None = field(default=None, metadata={"help": "prior classes, if the priors stores do not say"})
-    device: str = "auto"
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,8 +266,9 @@ def analyse(
     cohort: str | None = None,
 ) -> dict[str, Any]:
     """Run the diagnostics on every backbone (and the untrained references); returns the summary."""
-    from dirl.analysis.compare import RUN_NAME, by_seed, compare, describe, replicates, run_order
+    from dirl.analysis.compare import by_seed, compare, describe, replicates, run_order
     from dirl.encoders import load_backbone
+    from dirl.runs import RUN_NAME, untrained_name
     from dirl.runtime import resolve_device
 
     device = resolve_device(s.device)
@@ -298,7 +281,7 @@ def analyse(
         refs: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
         for name, (_, meta) in models.items():
             seed = RUN_NAME.match(name)["seed"]
-            ref = f"{UNTRAINED}-s{seed}" if seed is not None else UNTRAINED
+            ref = untrained_name(seed)
             if ref not in refs:
                 refs[ref] = untrained_like(meta)
         models = {**refs, **models}
@@ -357,6 +340,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cohort", help="cohort name recorded in the JSON")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     AttentionSettings.add_arguments(p.add_argument_group("settings (AttentionSettings)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out], [*args.tiles, *(args.priors or [])]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -3,12 +3,12 @@ tiles (Wilcoxon signed-rank), and the seed-by-seed differences of replicated run
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 
-from dirl.analysis.attention import HEADLINE, METRICS, UNTRAINED, Measured
+from dirl.analysis.attention import HEADLINE, METRICS, Measured
+from dirl.runs import RUN_NAME, UNTRAINED
 
 
 def _summary(v: np.ndarray) -> dict[str, float]:
@@ -84,9 +84,6 @@ def compare(a: Measured, b: Measured) -> dict[str, Any]:
             for c in range(len(area))
         ]
     return out
-
-
-RUN_NAME = re.compile(r"^(?P<method>.+?)(?:-s(?P<seed>\d+))?$")
 
 
 def by_seed(names: list[str]) -> dict[int, dict[str, str]]:

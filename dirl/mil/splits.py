@@ -23,7 +23,7 @@ import numpy as np
 from dirl import store
 from dirl.errors import ConfigError
 from dirl.mil.data import Cohort
-from dirl.settings import Settings
+from dirl.settings import Settings, bounded
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -33,9 +33,14 @@ VERSION = 1
 class SplitSettings(Settings):
     """The `mil` section's keys that make the splits."""
 
-    folds: int = 5
+    folds: int = bounded(5, ge=2)
     val_fraction: float = field(
-        default=0.2, metadata={"help": "share of each training fold's patients held out for early stopping (0: none)"}
+        default=0.2,
+        metadata={
+            "help": "share of each training fold's patients held out for early stopping (0: none)",
+            "ge": 0,
+            "lt": 1,
+        },
     )
     seed: int = 0
 
@@ -153,6 +158,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", required=True, help="sample sheet TSV")
     p.add_argument("--out", required=True, help="splits JSON to write (results/<cohort>/mil/splits.json)")
     SplitSettings.add_arguments(p.add_argument_group("settings (SplitSettings)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out], [args.samples]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ from dirl.errors import ConfigError
 from dirl.mil.data import Bags, Cohort, open_bags, read_sample_sheet
 from dirl.mil.metrics import compute_metrics, json_safe, mean_sd, plot_roc, write_predictions
 from dirl.mil.splits import write_json
-from dirl.settings import Settings
+from dirl.settings import Settings, bounded
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,16 @@ class MilSettings(Settings):
     """The `mil` section's training settings (`folds`, `val_fraction` and `seed` also make the splits:
     dirl.mil.splits.SplitSettings)."""
 
-    epochs: int = 50
-    patience: int = 10  # epochs without a better validation loss before stopping
-    min_epochs: int = 5
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    bags_per_step: int = 1  # bags per optimiser step (gradient accumulation, no padding)
-    max_tiles: int = 0  # random subset of larger training bags (0: whole bags)
+    epochs: int = bounded(50, ge=1)
+    patience: int = bounded(10, ge=1)  # epochs without a better validation loss before stopping
+    min_epochs: int = bounded(5, ge=0)
+    lr: float = bounded(2e-4, gt=0)
+    weight_decay: float = bounded(1e-2, ge=0)
+    bags_per_step: int = bounded(1, ge=1)  # bags per optimiser step (gradient accumulation, no padding)
+    max_tiles: int = bounded(0, ge=0)  # random subset of larger training bags (0: whole bags)
     standardize: bool = True  # per-dimension z-score of the features (training tiles' statistics)
-    hidden: int = 256
-    dropout: float = 0.25
+    hidden: int = bounded(256, ge=1)
+    dropout: float = bounded(0.25, ge=0, lt=1)
     transmil_attention: str = field(
         default="exact",
         metadata={
@@ -64,10 +64,10 @@ class MilSettings(Settings):
         },
     )
     seed: int = 0
-    heatmaps: int = 4  # attention heatmaps to draw (0: none)
+    heatmaps: int = bounded(4, ge=0)  # attention heatmaps to draw (0: none)
     device: str = "auto"
-    memory_gb: float = 16.0  # hold bags in RAM up to this size
-    device_cache_gb: float = 4.0  # hold bags on the device up to this
+    memory_gb: float = bounded(16.0, ge=0)  # hold bags in RAM up to this size
+    device_cache_gb: float = bounded(4.0, ge=0)  # hold bags on the device up to this
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,6 +404,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (0: torch's default; 1 is fastest for small bags on a busy machine)",
     )
     MilSettings.add_arguments(p.add_argument_group("settings (MilSettings)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [Path(args.out) / n for n in ("metrics.json", "predictions.csv", "attention.npz", "roc.png")], [
+        args.samples,
+        args.features,
+        args.splits,
+    ]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dirl.errors import ConfigError
+from dirl.settings import bounded
 
 # name -> "module:Class"; imported only when chosen (the cellpose backend pulls torch).
 BACKENDS: dict[str, str] = {
@@ -38,8 +39,8 @@ class CommonParams:
     """Parameters every backend has. Areas are in µm² so the defaults mean the same at any
     resolution (QuPath's cell detection uses 10 and 400 µm²)."""
 
-    min_area_um2: float = 10.0
-    max_area_um2: float = 400.0
+    min_area_um2: float = bounded(10.0, ge=0)
+    max_area_um2: float = bounded(400.0, gt=0)
     threads: int = 2
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from dirl.errors import ConfigError, DirlError
 from dirl.segment.base import Backend, CommonParams, filter_relabel
+from dirl.settings import bounded
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,13 @@ BSIZE = 256  # Cellpose-SAM's network input size (fixed)
 class CellposeParams(CommonParams):
     model: str = "cpsam"
     gpu: str = "auto"  # auto | true | false
-    batch_size: int = 32  # 256x256 network patches per forward pass
+    batch_size: int = bounded(32, ge=1)  # 256x256 network patches per forward pass
     diameter_um: float = 8.0  # nucleus diameter, µm; 0 = no rescaling
-    flow_threshold: float = 0.4
+    flow_threshold: float = bounded(0.4, ge=0)
     cellprob_threshold: float = 0.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    net_tiles: int = 64  # tiles per network call: the unit the pipeline overlaps
-    min_size_px: int = 15  # Cellpose's own small-mask filter (eval's default), before µm² filters
+    net_tiles: int = bounded(64, ge=1)  # tiles per network call: the unit the pipeline overlaps
+    min_size_px: int = bounded(15, ge=0)  # Cellpose's own small-mask filter (eval's default), before µm² filters
     masks_device: str = "auto"  # where the flow dynamics run: auto (the network's device) | cpu
     download: bool = True
 

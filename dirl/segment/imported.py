@@ -71,13 +71,18 @@ def read_nuclei_file(path: str | Path) -> Nuclei:
     """The nuclei of a GeoJSON or HoVer-Net JSON file, parsed as a stream (one nucleus in memory at a time)."""
     import ijson
 
+    from dirl import jsonsafe
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DirlError(f"nuclei file {path} does not exist")
+    if not path.is_file():
+        raise DirlError(f"nuclei file {path} is not a regular file (a directory, FIFO or device?)")
     out = Nuclei()
     try:
+        jsonsafe.check(path)
         kind = _kind(path)
-        with open(path, "rb") as f:
+        with jsonsafe.open_json(path) as f:
             if kind == "hovernet":
                 for _, v in ijson.kvitems(f, "nuc", use_float=True):
                     t = v.get("type")
@@ -95,7 +100,7 @@ def read_nuclei_file(path: str | Path) -> Nuclei:
                 )
     except ijson.JSONError as e:
         raise DirlError(f"nuclei file {path} is not JSON ({e})") from e
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise DirlError(f"nuclei file {path} is malformed: {e!r}") from e
     return out.pack()
 
@@ -105,7 +110,9 @@ def _kind(path: Path) -> str:
     feature (one Feature), list (a bare list of features)."""
     import ijson
 
-    with open(path, "rb") as f:
+    from dirl.jsonsafe import open_json
+
+    with open_json(path) as f:
         for prefix, event, value in ijson.parse(f):
             if prefix == "" and event == "start_array":
                 return "list"
@@ -123,7 +130,11 @@ NOT_NUCLEI = {"annotation", "tile", "tma_core", "root"}
 
 
 def _add_feature(out: Nuclei, f: dict[str, Any]) -> None:
+    if not isinstance(f, dict):
+        raise ValueError(f"a feature that is not a JSON object: {str(f)[:80]}")
     props = f.get("properties") or {}
+    if not isinstance(props, dict):
+        raise ValueError(f"feature properties that are not a JSON object: {str(props)[:80]}")
     if str(props.get("objectType", "detection")).lower() in NOT_NUCLEI:
         return
     cls = props.get("classification") or "unclassified"

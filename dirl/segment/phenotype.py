@@ -26,7 +26,7 @@ import numpy as np
 
 from dirl import store
 from dirl.errors import DirlError
-from dirl.settings import Settings
+from dirl.settings import Settings, bounded
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def feature_matrix(table: dict[str, np.ndarray], spec: list[list[str]] | tuple =
 class PhenotypeSettings(Settings):
     """The `phenotypes` section's keys that fit the cell classes (the others paint the prior maps)."""
 
-    k: int = 4  # number of cell classes
-    sample: int = 50000  # nuclei sampled over the cohort for the fit
+    k: int = bounded(4, ge=1)  # number of cell classes
+    sample: int = bounded(50000, ge=1)  # nuclei sampled over the cohort for the fit
     seed: int = 0
-    n_init: int = 10  # k-means restarts
+    n_init: int = bounded(10, ge=1)  # k-means restarts
     source: str = field(
         default="kmeans",
         metadata={
@@ -359,6 +359,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="model.json to write")
     p.add_argument("--gallery", help="PNG of example nuclei per class")
     PhenotypeSettings.add_arguments(p.add_argument_group("settings (PhenotypeSettings)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out, args.gallery], [*args.cells, *(args.tiles or [])]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from dirl import store
 from dirl.segment.phenotype import PhenotypeModel
-from dirl.settings import Settings
+from dirl.settings import Settings, bounded
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ PALETTE = np.array(
 class PriorSettings(Settings):
     """The `phenotypes` section's keys that paint the maps (the others fit the classes)."""
 
-    dilate_um: float = 1.0  # nuclei grow by this much into the map (their boundary pixels count)
-    glass_sat: float = 0.06  # glass: saturation below this ...
-    glass_value: float = 0.75  # ... and brightness above this, after smoothing
-    smooth_um: float = 2.0  # box smoothing before the glass test
+    dilate_um: float = bounded(1.0, ge=0)  # nuclei grow by this much into the map (their boundary pixels count)
+    glass_sat: float = bounded(0.06, ge=0, le=1)  # glass: saturation below this ...
+    glass_value: float = bounded(0.75, ge=0, le=1)  # ... and brightness above this, after smoothing
+    smooth_um: float = bounded(2.0, ge=0)  # box smoothing before the glass test
 
 
 def glass_mask(rgb: np.ndarray, mpp: float, s: PriorSettings = PriorSettings()) -> np.ndarray:
@@ -250,6 +250,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlay", help="QC PNG of a few tiles with class-coloured contours")
     p.add_argument("--threads", type=int, default=2)
     PriorSettings.add_arguments(p.add_argument_group("settings (PriorSettings)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out, args.overlay], [args.tiles, args.cells, args.model]
 
 
 def main(args: argparse.Namespace) -> None:

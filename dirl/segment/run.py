@@ -192,7 +192,8 @@ def _segment_settings() -> type[Settings]:
                     f.name,
                     hints[f.name],
                     dataclasses.field(
-                        default=f.default, metadata={"help": f"{params.__name__}: {comments(params).get(f.name, '')}"}
+                        default=f.default,
+                        metadata={**f.metadata, "help": f"{params.__name__}: {comments(params).get(f.name, '')}"},
                     ),
                 ),
             )
@@ -214,6 +215,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--nuclei", help="the slide's typed nuclei (GeoJSON or HoVer-Net JSON) for backend import")
     SegmentSettings.add_arguments(p.add_argument_group("settings (segment backends' Params)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [args.out], [args.tiles, args.nuclei]
 
 
 def main(args: argparse.Namespace) -> None:

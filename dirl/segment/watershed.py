@@ -35,20 +35,21 @@ import numpy as np
 from dirl.imaging import otsu
 from dirl.segment.base import Backend, CommonParams
 from dirl.segment.features import stain_od
+from dirl.settings import bounded
 
 
 @dataclasses.dataclass(frozen=True)
 class WatershedParams(CommonParams):
-    diameter_um: float = 8.0  # typical nucleus diameter: sets seed spacing
-    background_um: float = 8.0  # background-subtraction radius (0 = off)
-    sigma_um: float = 0.75  # Gaussian smoothing of the hematoxylin OD
+    diameter_um: float = bounded(8.0, gt=0)  # typical nucleus diameter: sets seed spacing
+    background_um: float = bounded(8.0, ge=0)  # background-subtraction radius (0 = off)
+    sigma_um: float = bounded(0.75, ge=0)  # Gaussian smoothing of the hematoxylin OD
     threshold: float | None = None  # fixed OD threshold; None = per-tile Otsu clamped to the band below
-    threshold_min: float = 0.18
-    threshold_max: float = 0.60
-    split_h_um: float = 0.25  # h of the distance-transform h-maxima: lower splits more
-    split_sigma_um: float = 0.5  # smoothing of the distance transform before seeding
-    split_intensity: float = 3.0  # px of distance added per unit of hematoxylin OD when seeding
-    min_solidity: float = 0.75  # drop ragged objects (debris, fibre fragments)
+    threshold_min: float = bounded(0.18, ge=0)
+    threshold_max: float = bounded(0.60, gt=0)
+    split_h_um: float = bounded(0.25, ge=0)  # h of the distance-transform h-maxima: lower splits more
+    split_sigma_um: float = bounded(0.5, ge=0)  # smoothing of the distance transform before seeding
+    split_intensity: float = bounded(3.0, ge=0)  # px of distance added per unit of hematoxylin OD when seeding
+    min_solidity: float = bounded(0.75, ge=0, le=1)  # drop ragged objects (debris, fibre fragments)
 
 
 def _disk(r: int) -> np.ndarray:

@@ -134,6 +134,7 @@ class CohortDataset(torch.utils.data.Dataset):
         self.specs = views.specs()
         self.slide_ids: list[str] = []
         self.counts: list[int] = []
+        self.write_ids: list[list[str | None]] = []  # of each tile store and its priors store
         rows = []
         for i, t in enumerate(self.tiles):  # metadata only; handles are opened per worker
             ts = store.open_tiles(t)
@@ -149,6 +150,10 @@ class CohortDataset(torch.utils.data.Dataset):
                     )
             self.slide_ids.append(ts.slide_id)
             self.counts.append(n)
+            self.write_ids.append(
+                [ts.attrs.get(store.WRITE_ID)]
+                + ([store.write_id(self.priors[i], "priors")] if self.priors is not None else [])
+            )
             rows.append(np.stack([np.full(len(keep), i), keep], 1))
         self.rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
         self._pid: int | None = None
@@ -158,8 +163,10 @@ class CohortDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def signature(self) -> list[list]:
-        """What a checkpoint must agree with: slide ids and tile counts, in order."""
-        return [[s, n] for s, n in zip(self.slide_ids, self.counts)]
+        """What a checkpoint must agree with: slide ids, tile counts and the write ids of the tile and
+        priors stores, in order (a store written again, after a setting of its stage changed, has a new id:
+        a checkpoint of the old one is not resumed)."""
+        return [[s, n, *w] for s, n, w in zip(self.slide_ids, self.counts, self.write_ids)]
 
     def _handles(self, slide: int) -> tuple[object, object]:
         if self._pid != os.getpid():  # first use in this (worker) process: no inherited handles

@@ -155,7 +155,10 @@ class Run:
             )
             problem = f"{self.ckpt} was written with different settings ({detail})"
         elif st["data"] != self.dataset.signature() or st.get("n_classes") != self.n_classes:
-            problem = f"{self.ckpt} was trained on other data (slides, tile counts or n_classes differ)"
+            problem = (
+                f"{self.ckpt} was trained on other data (slides, tile counts, n_classes, or tile or priors "
+                "stores written again since)"
+            )
         if problem and not self.restart_on_mismatch:
             raise DirlError(
                 f"{problem}; use the same settings and data to resume, pass "
@@ -183,11 +186,7 @@ class Run:
             )
             set_rng_state(rngs[0])
         if self.rank == 0 and self.log_path.exists():  # drop log lines past the checkpoint
-            keep = [
-                ln
-                for ln in self.log_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= self.step
-            ]
+            keep = [ln for ln in self.log_path.read_text().splitlines() if _logged_step(ln) <= self.step]
             self.log_path.write_text("".join(ln + "\n" for ln in keep))
         log.info("resumed from %s at epoch %d, step %d", self.ckpt, self.epoch, self.step)
         return True
@@ -300,6 +299,15 @@ class Run:
             tmp.write_text(json.dumps(meta, indent=1) + "\n")
 
 
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; infinite (dropped) for an empty or torn line, such as the last line
+    of a job killed while writing it."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -368,6 +376,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=0, help="CPU threads of this job, shared by its processes (0: torch's default)"
     )
     PretrainSettings.add_arguments(p.add_argument_group("settings (dirl.ssl.settings.PretrainSettings)"))
+
+
+def io(args: argparse.Namespace) -> tuple[list, list]:
+    """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
+    return [Path(args.outdir) / n for n in ("backbone.pt", "backbone.json", "loss_curves.png")], [
+        *args.tiles,
+        *(args.priors or []),
+    ]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -51,6 +51,7 @@ shell.prefix(
 )
 
 import dirl.config
+import dirl.runs
 import dirl.samples
 import dirl.settings
 from dirl.errors import DirlError
@@ -160,11 +161,11 @@ def segment_gpu():
 
 # ---- pretrain: one run per method and seed (replicates), named `<method>` with one seed, else
 # `<method>-s<seed>`; the name is the run's directory under pretrain/, its feature source and MIL source
-def run_name(method, seed):
-    return method if len(config["pretrain"]["seeds"]) == 1 else f"{method}-s{seed}"
-
-
-RUNS = {run_name(m, seed): (m, seed) for seed in config["pretrain"]["seeds"] for m in config["pretrain"]["methods"]}
+RUNS = dirl.runs.runs(config["pretrain"]["methods"], config["pretrain"]["seeds"])
+try:
+    dirl.runs.check_encoder_names(list(config["extract"]["encoders"]), list(RUNS))
+except DirlError as e:
+    raise WorkflowError(str(e)) from None
 
 
 def pretrain_settings(run):

@@ -10,6 +10,7 @@ rule pretrain:
     input:
         tiles=expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
         priors=lambda w: expand(f"{RESULTS}/priors/{{slide}}.zarr", slide=SLIDES) if RUNS[w.run][0] == "dirl" else [],
+        failed=rules.failed_slides.output,
     output:
         backbone=f"{RESULTS}/pretrain/{{run}}/backbone.pt",
         meta=f"{RESULTS}/pretrain/{{run}}/backbone.json",

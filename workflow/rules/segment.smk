@@ -32,6 +32,7 @@ rule phenotype:
     input:
         cells=lambda w: expand(f"{RESULTS}/cells/{{slide}}.zarr", slide=SLIDES),
         tiles=lambda w: expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
+        failed=rules.failed_slides.output,  # the cohort-level stages list what they skip
     output:
         model=f"{RESULTS}/phenotypes/model.json",
         gallery=report(

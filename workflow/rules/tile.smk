@@ -1,5 +1,10 @@
 """Stage 1: tissue detection and tiling into results/<cohort>/tiles/{slide}.zarr."""
 
+# What a slide that cannot be read becomes (allow_failed_slides): not a param, because it is no property of
+# a good slide's tiles (a param would re-tile every slide when the setting is toggled); the shell command's
+# template is what Snakemake's code trigger compares, and it names this variable, not its value.
+TILE_ON_ERROR = "empty" if config["allow_failed_slides"] else "fail"
+
 
 rule tile:
     input:
@@ -27,10 +32,9 @@ rule tile:
         slide=lambda w: SAMPLES[w.slide].path,
         settings=settings("tiling"),
         mpp=slide_mpp_arg,
-        on_error="empty" if config["allow_failed_slides"] else "fail",
     shell:
         "dirl tile {params.slide:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
-        "--qc {output.qc:q} --threads {threads} --on-error {params.on_error} --settings {params.settings:q} "
+        "--qc {output.qc:q} --threads {threads} --on-error {TILE_ON_ERROR} --settings {params.settings:q} "
         "> {log:q} 2>&1"
 
 
@@ -44,5 +48,7 @@ rule failed_slides:
         f"{LOGS}/failed_slides.log",
     conda:
         ENV
+    params:
+        refuse="" if config["allow_failed_slides"] else "--refuse",
     shell:
-        "dirl failed-slides {input:q} --out {output:q} > {log:q} 2>&1"
+        "dirl failed-slides {input:q} --out {output:q} {params.refuse} > {log:q} 2>&1"
