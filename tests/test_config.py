@@ -141,3 +141,106 @@ def test_rules_run_the_package_next_to_the_snakefile() -> None:
             assert not re.search(r"python|torchrun", rules.read_text()), rules.name
     for profile in (ROOT / "profiles").glob("*/config.yaml"):
         assert yaml.safe_load(profile.read_text())["conda-not-block-search-path-envvars"] is True, profile
+
+
+COMMAND_SECTIONS = {  # `dirl <command>` -> (config section, its settings class when the section is shared)
+    "tile": ("tiling", None),
+    "segment": ("segmentation", None),
+    "phenotype": ("phenotypes", "dirl.segment.phenotype:PhenotypeSettings"),
+    "priors": ("phenotypes", "dirl.segment.priors:PriorSettings"),
+    "pretrain": ("pretrain", None),
+    "attention": ("attention", None),
+    "extract": ("extract", None),
+    "splits": ("mil", "dirl.mil.splits:SplitSettings"),
+    "mil": ("mil", "dirl.mil.train:MilSettings"),
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config" / "cohorts").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_cohort_runs_its_own_settings_not_the_demos(path: Path, tmp_path: Path) -> None:
+    """`snakemake --configfile <template>` from the checkout, as the README says: Snakemake used to merge the
+    template over config/config.yaml, so the TCGA template ran the demo's recipe (lr 0.005, out_dim 4,096,
+    colour jitter 0.5, 8 synthetic slides ...) wherever it set no key. Every job's settings must be the
+    template's plus the schema's defaults, key by key."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    import dirl.config
+    from dirl.settings import command_settings
+
+    template = yaml.safe_load(path.read_text())
+    sheet = ROOT / template["samples"]
+    if not [ln for ln in sheet.read_text().splitlines()[1:] if ln.strip() and not ln.startswith("#")]:
+        sheet = tmp_path / "samples.tsv"  # a template's sheet of examples only: ten labelled slides
+        rows = [f"s{i}\t/data/s{i}.svs\tP{i}\t{'AB'[i % 2]}" for i in range(10)]
+        sheet.write_text("slide_id\tpath\tpatient_id\tlabel\n" + "\n".join(rows) + "\n")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "-n", "-p", "--nolock", "--configfile", str(path)]
+        + ["--config", f"samples={sheet}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "config/config.yaml" not in proc.stdout + proc.stderr  # never loaded, so never "extended"
+    cfg = dirl.config.load(
+        {**yaml.safe_load(path.read_text()), "samples": str(sheet)}, yaml.safe_load(SCHEMA.read_text())
+    )
+    seen = set()
+    for line in proc.stdout.splitlines():
+        words = shlex.split(line.split("Shell command:", 1)[-1]) if " --settings " in line else []
+        if not words or "dirl" not in words[0]:
+            continue
+        command = next(w for w in words[1:] if not w.isdigit())  # `dirl_distributed 4 pretrain`: skip the count
+        if command == "synth":  # the demo's synthetic slides, one mapping each
+            continue
+        section, target = COMMAND_SECTIONS[command]
+        got = json.loads(words[words.index("--settings") + 1])
+        want = command_settings(section, cfg[section], target)
+        if section == "pretrain":
+            want = {**want, "method": got["method"], "seed": got["seed"]}
+        for key, value in want.items():
+            assert got[key] == value, f"{path.name}: {command} {key} = {got[key]!r}, file + schema say {value!r}"
+        seen.add(command)
+    assert {"tile", "segment", "phenotype", "priors", "pretrain", "extract"} <= seen
+    if path.stem == "tcga_brca":  # the demo's recipe must not leak in
+        pre = cfg["pretrain"]
+        assert (pre["lr"], pre["out_dim"], pre["color_jitter"], pre["momentum_teacher"]) == (0.0005, 65536, 1.0, 0.996)
+        assert "dirl synth" not in proc.stdout and cfg["synth"] == {}
+
+
+@pytest.mark.parametrize(
+    "section, values, match",
+    [
+        ("pretrain", {"batch_size": 0}, r"pretrain\.batch_size\b.*\b0\b"),
+        ("pretrain", {"out_dim": 0}, r"pretrain\.out_dim\b.*\b0\b"),
+        ("pretrain", {"match": "bogus"}, r"pretrain\.match\b.*bogus"),
+        ("pretrain", {"precision": "fp8"}, r"pretrain\.precision\b.*fp8"),
+        ("pretrain", {"tiles_per_slide": -1}, r"pretrain\.tiles_per_slide\b.*-1"),
+        ("pretrain", {"local_crops_number": 2, "local_crop_size": 40}, r"local_crop_size = 40 is not a multiple"),
+        ("phenotypes", {"k": 0}, r"phenotypes\.k\b.*\b0\b"),
+        ("attention", {"n_tiles": 0}, r"attention\.n_tiles\b.*\b0\b"),
+        ("mil", {"epochs": 0}, r"mil\.epochs\b.*\b0\b"),
+        ("segmentation", {"batch_size": 0}, r"segmentation\.batch_size\b.*\b0\b"),
+        ("extract", {"encoders": {"dino": {"encoder": "timm:vit_tiny_patch16_224"}}}, "'dino' is the name of a"),
+        ("extract", {"encoders": {"../x": {"encoder": "timm:vit_tiny_patch16_224"}}}, "may hold only letters"),
+        ("extract", {"encoders": {"a/b": {"encoder": "timm:vit_tiny_patch16_224"}}}, "may hold only letters"),
+        ("extract", {"encoders": {"dirl-s1": {"encoder": "timm:vit_tiny_patch16_224"}}}, "is the name of a"),
+    ],
+)
+def test_values_a_stage_would_refuse_are_refused_at_start_up(section: str, values: dict, match: str) -> None:
+    """Each passed start-up and failed at its stage, hours later; now one line before any job."""
+    import dirl.config
+    import dirl.runs
+    from dirl.errors import ConfigError
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg[section] = {**cfg.get(section, {}), **values}
+    with pytest.raises(ConfigError, match=match) as e:
+        loaded = dirl.config.load(cfg, yaml.safe_load(SCHEMA.read_text()))
+        runs = dirl.runs.runs(loaded["pretrain"]["methods"], loaded["pretrain"]["seeds"])
+        dirl.runs.check_encoder_names(list(loaded["extract"]["encoders"]), list(runs))
+    assert "\n" not in str(e.value)

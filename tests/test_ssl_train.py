@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers_toy import TINY_PRETRAIN, TINY_SETTINGS, write_toy_cohort
@@ -227,3 +228,26 @@ def test_two_processes_agree_with_one(tmp_path, cohort, trained):
     a = torch.load(one / "backbone.pt", weights_only=True)
     b = torch.load(two / "backbone.pt", weights_only=True)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_rewritten_priors_are_not_resumed(tmp_path):
+    """After a priors setting changed Snakemake reruns pretraining; it used to resume the finished checkpoint
+    (same settings, same tile counts) and hand back the old backbone byte for byte. A checkpoint of stores
+    written again is refused, and the workflow's --restart-on-mismatch trains afresh on the new priors."""
+    from dirl import store
+
+    tiles, priors = write_toy_cohort(tmp_path / "cohort", n_slides=2, n_tiles=8, tile_px=64)
+    args = ["--tiles", *map(str, tiles), "--priors", *map(str, priors), *TINY, "--epochs", "1", "--batch-size", "8"]
+    out = tmp_path / "run"
+    assert cli(["pretrain", str(out), *args]) == 0
+    first = torch.load(out / "backbone.pt", weights_only=True)
+    for p in priors:  # what `dirl priors` writes after phenotypes.dilate_um changed: other maps
+        maps = store.open_map(p, "priors")[:]
+        attrs = store.map_attrs(p, "priors")
+        with store.map_store_writer(p, "priors", n=len(maps), tile_px=64, dtype="uint8", attrs=attrs) as (_, arr):
+            arr[:] = np.roll(maps, 9, axis=2)
+    assert cli(["pretrain", str(out), *args]) == 1  # refused: trained on other data
+    assert cli(["pretrain", str(out), *args, "--restart-on-mismatch"]) == 0
+    second = torch.load(out / "backbone.pt", weights_only=True)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2]

@@ -165,3 +165,21 @@ def test_unsupported_compression(tmp_path: Path) -> None:
     )
     with pytest.raises(SlideError, match="compression OpenSlide cannot decode.*convert"):
         Slide.open(path)
+
+
+def test_jpeg_store_reopens_in_another_process(slides: dict[str, Path], tmp_path: Path) -> None:
+    """`tiling.codec: jpeg` (the TCGA template's): the store is written by `dirl tile` and read by the next
+    stage's process. Every later stage used to fail with "Unknown codec: 'dirl.jpeg'"; a plain zarr reader
+    of the environment opens it too (dirl registers the codec as a zarr entry point)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "j.zarr"
+    assert cli(["tile", str(slides["unicode"]), str(out), "--tile-px", "128", "--codec", "jpeg"]) == 0
+    for code in (
+        f"from dirl import store; print(store.open_tiles({str(out)!r}).read(0, 64).mean())",
+        f"import zarr; print(zarr.open_group({str(out)!r}, mode='r')['images'][:64].mean())",
+    ):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert 50 < float(proc.stdout) < 250
