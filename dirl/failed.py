@@ -16,12 +16,6 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tiles", nargs="+", help="tile stores tiles/{slide}.zarr")
     p.add_argument("--out", required=True, help="text file: `slide_id<TAB>error` per failed slide")
-    p.add_argument(
-        "--refuse",
-        action="store_true",
-        help="fail if any slide failed (allow_failed_slides off: a store left marked failed by an earlier "
-        "run with it on must not be skipped silently)",
-    )
 
 
 def io(args: argparse.Namespace) -> tuple[list, list]:
@@ -31,19 +25,12 @@ def io(args: argparse.Namespace) -> tuple[list, list]:
 
 def main(args: argparse.Namespace) -> None:
     from dirl import store
-    from dirl.errors import DirlError
 
     failed = []
     for path in args.tiles:
         ts = store.open_tiles(path)
         if ts.failed:
             failed.append(f"{ts.slide_id}\t{' '.join(str(ts.failed).split())}\n")
-    if failed and args.refuse:
-        raise DirlError(
-            f"{len(failed)} slide(s) could not be tiled ({', '.join(f.split(chr(9))[0] for f in failed)}; why: "
-            f"{failed[0].split(chr(9))[1].strip()}) and allow_failed_slides is false: fix or remove them from the "
-            "sample sheet and delete their tile stores, or set allow_failed_slides: true to go on without them"
-        )
     with store.atomic_path(args.out) as tmp:
         tmp.write_text("".join(failed))
     log.info(

@@ -104,6 +104,25 @@ def dry_run(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run_as_user(work, "-n", *args)
 
 
+@pytest.mark.slow
+def test_failed_slides_are_listed_by_every_cohort_stage_and_the_setting_retiles_nothing(tmp_path, cmu_slide):
+    """`--until priors` used to leave failed_slides.txt unwritten (a skipped slide was listed nowhere), and
+    toggling allow_failed_slides re-tiled every good slide (it was a param of the tile jobs). Now the
+    list comes with the first cohort stage, and the setting, which says what a failure becomes when it
+    happens, reruns nothing."""
+    broken = tmp_path / "broken.svs"
+    broken.write_text("not a slide\n" * 80)
+    work = cohort(tmp_path, f"slide_id\tpath\ncmu\t{cmu_slide}\nbroken\t{broken}\n", allow_failed_slides=True)
+    proc = run_as_user(work, "--until", "priors")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = work / "results" / "c"
+    assert (res / "failed_slides.txt").read_text().startswith("broken\t")
+    assert (res / "priors" / "cmu.zarr").is_dir()
+    plan = dry_run(work, "--until", "priors", "--config", "allow_failed_slides=false")
+    out = plan.stdout + plan.stderr
+    assert plan.returncode == 0 and "total        0" in out and "rule " not in out, out[-3000:]
+
+
 def test_command_line_overrides_are_typed_by_the_schema(tmp_path):
     """`--config` hands values over as strings; they work like the same values in the file."""
     work = cohort(tmp_path, "slide_id\tpath\ns1\t/x/s1.svs\n")

@@ -2,7 +2,8 @@
 
 # What a slide that cannot be read becomes (allow_failed_slides): not a param, because it is no property of
 # a good slide's tiles (a param would re-tile every slide when the setting is toggled); the shell command's
-# template is what Snakemake's code trigger compares, and it names this variable, not its value.
+# template is what Snakemake's code trigger compares, and it names this variable, not its value. A store
+# already marked failed stays so (listed in failed_slides.txt) until it is deleted or `--forcerun tile`.
 TILE_ON_ERROR = "empty" if config["allow_failed_slides"] else "fail"
 
 
@@ -48,7 +49,5 @@ rule failed_slides:
         f"{LOGS}/failed_slides.log",
     conda:
         ENV
-    params:
-        refuse="" if config["allow_failed_slides"] else "--refuse",
     shell:
-        "dirl failed-slides {input:q} --out {output:q} {params.refuse} > {log:q} 2>&1"
+        "dirl failed-slides {input:q} --out {output:q} > {log:q} 2>&1"
