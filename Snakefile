@@ -27,6 +27,7 @@ include: "workflow/rules/attention.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/mil.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/probe.smk"
 
 
 rule all:
@@ -39,5 +40,6 @@ rule all:
         rules.attention.output,
         expand(f"{RESULTS}/features/{{source}}/{{slide}}.h5", source=feature_sources(), slide=SLIDES),
         f"{RESULTS}/failed_slides.txt",
-        f"{RESULTS}/summary.tsv" if RUN_MIL else [],
+        f"{RESULTS}/summary.tsv" if RUN_MIL or PROBE_DATASETS else [],
+        expand(f"{RESULTS}/probe/{{dataset}}/summary.json", dataset=PROBE_DATASETS),
         (expand(f"{RESULTS}/export/{{slide}}.geojson", slide=SLIDES) if config["qupath_export"] else []),

@@ -10,6 +10,14 @@ Two sources, one result (`Encoder`):
   timm folder with ``config.json``). Normalisation and input size come from the model's pretrained
   config, so a user can compare with an ImageNet or a public pathology encoder they have on disk.
 
+Two more, the probe's references (feature sources beside the runs, `dirl.runs`):
+
+* ``untrained:PATH`` — the backbone of a pretrain run (PATH as above) as the trainer built it before its
+  first step: same architecture, same seeded initialisation, no training (the attention diagnostics'
+  reference);
+* ``colour`` — no network: colour statistics of each tile (per RGB and optical-density channel: mean, sd
+  and the 10th, 50th and 90th percentiles; 30 numbers), the baseline an encoder has to beat.
+
 Embeddings: ``cls`` = the pre-logits [CLS] token, ``mean`` = mean of the patch tokens (prefix tokens —
 [CLS] and registers — excluded), ``pooled`` = the model's own head pooling (``forward_head(pre_logits=
 True)``; the only choice for CNNs).
@@ -93,18 +101,10 @@ def load_backbone(path: str | Path, *, embed_kind: str | None = None) -> Encoder
     import timm
     import torch
 
-    path = Path(path)
-    pt = path / "backbone.pt" if path.is_dir() else path
+    pt, meta = _backbone_meta(path)
+    if not pt.exists():
+        raise ConfigError(f"{pt} does not exist: run `dirl pretrain` first (it writes backbone.pt and backbone.json)")
     meta_path = pt.with_suffix(".json")
-    for p in (pt, meta_path):
-        if not p.exists():
-            raise ConfigError(
-                f"{p} does not exist: run `dirl pretrain` first (it writes backbone.pt and backbone.json)"
-            )
-    meta = json.loads(meta_path.read_text())
-    missing = [k for k in ("arch", "img_size", "embed", "mean", "std") if k not in meta]
-    if missing:
-        raise ConfigError(f"{meta_path} lacks {missing}; rerun `dirl pretrain`")
     img = int(meta["img_size"])
     model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=img, dynamic_img_size=True)
     state = torch.load(pt, map_location="cpu", weights_only=True)
@@ -118,6 +118,74 @@ def load_backbone(path: str | Path, *, embed_kind: str | None = None) -> Encoder
     enc = _finish(model, img_size=img, mean=meta["mean"], std=meta["std"], embed_kind=kind, encoder_id=eid)
     enc.meta = meta
     return enc
+
+
+def _backbone_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    path = Path(path)
+    pt = path / "backbone.pt" if path.is_dir() else path.with_suffix(".pt")
+    meta_path = pt.with_suffix(".json")
+    if not meta_path.exists():
+        raise ConfigError(f"{meta_path} does not exist: run `dirl pretrain` first (it writes backbone.json)")
+    meta = json.loads(meta_path.read_text())
+    missing = [k for k in ("arch", "img_size", "embed", "mean", "std") if k not in meta]
+    if missing:
+        raise ConfigError(f"{meta_path} lacks {missing}; rerun `dirl pretrain`")
+    return pt, meta
+
+
+def untrained_backbone(meta: dict[str, Any]):
+    """The backbone as the trainer built it before its first step: same architecture and the same
+    seeded initialisation (Trainer seeds torch with `seed`, then builds the student's backbone)."""
+    import torch
+
+    from dirl.ssl.model import create_backbone
+
+    settings = meta.get("settings", {})
+    torch.manual_seed(int(settings.get("seed", 0)))
+    return create_backbone(meta["arch"], int(meta["img_size"]), float(settings.get("drop_path", 0.0)))
+
+
+def load_untrained(path: str | Path, *, embed_kind: str | None = None) -> Encoder:
+    """`untrained:PATH`: the untrained reference of the pretrain run at PATH (its backbone.json)."""
+    from dirl.runs import UNTRAINED
+
+    _, meta = _backbone_meta(path)
+    model = untrained_backbone(meta)
+    kind = embed_kind or meta["embed"]
+    seed = int(meta.get("settings", {}).get("seed", 0))
+    eid = f"{UNTRAINED}:{meta['arch']} embed={kind} img={meta['img_size']} seed={seed}"
+    enc = _finish(
+        model, img_size=int(meta["img_size"]), mean=meta["mean"], std=meta["std"], embed_kind=kind, encoder_id=eid
+    )
+    enc.meta = {**meta, "method": UNTRAINED}
+    return enc
+
+
+COLOUR_PERCENTILES = (0.1, 0.5, 0.9)
+# the 30 colour statistics, in the order `colour` writes them (statistic-major)
+COLOUR_FEATURES = tuple(
+    f"{c}_{stat}" for stat in ("mean", "sd", "p10", "p50", "p90") for c in ("R", "G", "B", "OD_R", "OD_G", "OD_B")
+)
+
+
+def colour_encoder(img_size: int = 224) -> Encoder:
+    import torch
+
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # the model sees RGB in 0..1
+
+    class Colour(torch.nn.Module):
+        def forward_features(self, x):
+            rgb = x.clamp(0, 1).flatten(2)  # (B, 3, N)
+            od = -torch.log10((rgb * 255.0 + 1.0) / 256.0)
+            ch = torch.cat([rgb, od], 1)  # (B, 6, N)
+            q = torch.quantile(ch, torch.tensor(COLOUR_PERCENTILES, dtype=ch.dtype), dim=2)  # (3, B, 6)
+            return torch.cat([ch.mean(2), ch.std(2), *q], 1)  # (B, 30): stat-major
+
+        def forward_head(self, feats, pre_logits=True):
+            return feats
+
+    eid = f"colour: RGB + OD x (mean, sd, p10, p50, p90) img={img_size}"
+    return _finish(Colour(), img_size=img_size, mean=mean, std=std, embed_kind="pooled", encoder_id=eid)
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -229,7 +297,12 @@ def load_encoder(
     img_size: int | None = None,
     model_kwargs: dict | None = None,
 ) -> Encoder:
-    """`spec`: a pretrain directory / backbone.pt, `timm:NAME` (with `weights`), or `local-dir:/path`."""
+    """`spec`: a pretrain directory / backbone.pt, `timm:NAME` (with `weights`), `local-dir:/path`,
+    `untrained:<pretrain directory or backbone.pt>` or `colour`."""
+    if spec == "colour":
+        return colour_encoder(img_size or 224)
+    if spec.startswith("untrained:"):
+        return load_untrained(spec.split(":", 1)[1], embed_kind=embed_kind)
     if spec.startswith("timm:"):
         return load_timm(
             spec[5:], weights, embed_kind=embed_kind or "pooled", img_size=img_size, model_kwargs=model_kwargs

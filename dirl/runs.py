@@ -46,7 +46,7 @@ def check_encoder_names(names: list[str], run_names: list[str]) -> None:
                 "(it names features/<name>/ and the other outputs of that source)"
             )
         method, _ = split_run(name)
-        if name in run_names or method in (*METHODS, UNTRAINED, COLOUR):
+        if name in run_names or method in (*METHODS, UNTRAINED, COLOUR, "summary"):
             raise ConfigError(
                 f"config extract.encoders: {name!r} is the name of a pretraining run, a method or a reference "
                 f"({', '.join(run_names)}, {UNTRAINED}, {COLOUR}): give the encoder another name"

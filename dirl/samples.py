@@ -2,8 +2,10 @@
 
 A tab-separated file with a header row. Columns: `slide_id` and `path` (required), `patient_id` (slides
 of one patient never straddle folds; default: the slide id), `label` (slide class for MIL; empty =
-unlabelled, pretraining only), `mpp` (µm/px for slides whose metadata lacks it) and `nuclei` (the
-slide's typed nuclei, GeoJSON or HoVer-Net JSON, for `segmentation.backend: import`). A line whose first
+unlabelled, pretraining only), `mpp` (µm/px for slides whose metadata lacks it), `nuclei` (the
+slide's typed nuclei, GeoJSON or HoVer-Net JSON, for `segmentation.backend: import`), `regions` (classified
+QuPath annotations drawn on the slide, for the probe) and `cell_labels` (typed example nuclei or points
+that train the nucleus classifier, `phenotypes.source: trained`). A line whose first
 character is `#` is a comment; `#` anywhere else is data
 (a path `CMU#1.svs`, a patient `case#1`). Every error names the file, the line and the column.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from dirl.errors import ConfigError
 
-COLUMNS = ("slide_id", "path", "patient_id", "label", "mpp", "nuclei")
+COLUMNS = ("slide_id", "path", "patient_id", "label", "mpp", "nuclei", "regions", "cell_labels")
 REQUIRED = ("slide_id", "path")
 # letters, digits, '.', '_' and '-': safe as a file name on every file system and in Snakemake wildcards
 SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -34,6 +36,8 @@ class Sample:
     mpp: float | None = None
     line: int = 0  # line in the sheet (1 = header), for messages
     nuclei: str | None = None  # typed nuclei to import (segmentation.backend: import)
+    regions: str | None = None  # classified QuPath annotations drawn on the slide (probe.regions)
+    cell_labels: str | None = None  # typed example nuclei or points that train the nucleus classifier
 
 
 def read_samples(path: str | os.PathLike) -> list[Sample]:
@@ -55,7 +59,7 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
         hint = " (is it tab-separated?)" if len(columns) == 1 else ""
         raise ConfigError(
             f"sample sheet {path}: missing column(s) {missing}{hint}; expected "
-            f"{', '.join(COLUMNS)} (the last four optional)"
+            f"{', '.join(COLUMNS)} (all but the first two optional)"
         )
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
@@ -87,7 +91,7 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
             f"{where}: slide_id {sid!r} may hold only letters, digits, '.', '_' and '-' "
             "(it names every output file of the slide)"
         )
-    for col in ("path", "nuclei"):
+    for col in ("path", "nuclei", "regions", "cell_labels"):
         if re.search(r"[{}]", rec.get(col, "")):
             raise ConfigError(
                 f"{where} ({sid}): {col} {rec[col]!r} contains '{{' or '}}', which Snakemake "
@@ -101,7 +105,17 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
             raise ConfigError(f"{where} ({sid}): mpp {rec['mpp']!r} is not a number") from None
         if not math.isfinite(mpp) or mpp <= 0:
             raise ConfigError(f"{where} ({sid}): mpp {rec['mpp']!r} must be a positive number (µm/px)")
-    return Sample(sid, rec["path"], rec.get("patient_id", sid), rec.get("label"), mpp, i, rec.get("nuclei"))
+    return Sample(
+        sid,
+        rec["path"],
+        rec.get("patient_id", sid),
+        rec.get("label"),
+        mpp,
+        i,
+        rec.get("nuclei"),
+        rec.get("regions"),
+        rec.get("cell_labels"),
+    )
 
 
 def _check_cohort(path: Path, samples: list[Sample]) -> None:

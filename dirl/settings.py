@@ -281,6 +281,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "attention": (("dirl.analysis.settings:AttentionSettings",), frozenset({"slides"})),
     "extract": (("dirl.extract:ExtractSettings",), frozenset({"encoders", "gpus", "threads"})),
     "mil": (("dirl.mil.splits:SplitSettings", "dirl.mil.train:MilSettings"), frozenset({"models", "threads"})),
+    "probe": (("dirl.probe.tiles:ProbeSettings",), frozenset({"datasets", "regions"})),
 }
 
 

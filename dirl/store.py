@@ -174,9 +174,11 @@ def tile_store_writer(
     attrs: TileAttrs | Mapping[str, Any],
     codec: str = "zstd",
     quality: int = 90,
+    columns: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[TileWriter]:
     """Create `tiles/{slide}.zarr` atomically; the caller fills `writer.write(start, block)`. `attrs`: a
-    TileAttrs, or a mapping holding at least its fields (the tile stage adds how it read the slide)."""
+    TileAttrs, or a mapping holding at least its fields (the tile stage adds how it read the slide).
+    `columns`: more per-tile 1-D arrays (a probe store's labels)."""
     attrs = attrs.to_dict() if isinstance(attrs, TileAttrs) else dict(attrs)
     missing = [k for k in TILE_ATTRS if k not in attrs]
     if missing:
@@ -190,6 +192,8 @@ def tile_store_writer(
         root.create_array(
             "tissue", data=np.asarray(tissue, dtype=np.float32).reshape(n), chunks=(max(1, min(n, 65536)),)
         )
+        for name, values in (columns or {}).items():
+            root.create_array(name, data=np.asarray(values).reshape(n), chunks=(max(1, min(n, 65536)),))
         writer = TileWriter(root, Path(tmp), n, tile_px, codec, quality)
         yield writer
         root.attrs.update({**attrs, "n_tiles": n, "images_codec": codec, **_written()})
@@ -263,6 +267,47 @@ def open_tiles(path: str | os.PathLike) -> TileStore:
             f"tile store {path} is incomplete (missing {missing or 'arrays'}); delete it and rerun the tile stage"
         )
     return TileStore(Path(path), g["images"], np.asarray(g["coords"][:]), np.asarray(g["tissue"][:]), dict(g.attrs))
+
+
+# --------------------------------------------------------------------------------------------------
+# probe/{dataset}/tiles.zarr: a tile store of labelled tiles (dirl.probe) with one label, group and split
+# per tile; attrs `class_names`, `group_names`, `images` (source image or slide per tile's `image` index)
+PROBE_SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ProbeStore:
+    tiles: TileStore
+    label: np.ndarray  # int, index into class_names
+    group: np.ndarray  # int, index into group_names
+    split: np.ndarray  # int, index into PROBE_SPLITS
+    class_names: list[str]
+    group_names: list[str]
+
+
+def probe_columns(label, group, split, image) -> dict[str, np.ndarray]:
+    """The per-tile columns of a probe store, typed, for `tile_store_writer(columns=...)`."""
+    return {
+        "label": np.asarray(label, np.int16),
+        "group": np.asarray(group, np.int32),
+        "split": np.asarray(split, np.int8),
+        "image": np.asarray(image, np.int32),
+    }
+
+
+def open_probe(path: str | os.PathLike) -> ProbeStore:
+    tiles = open_tiles(path)
+    g = _open_group(path, "probe")
+    if any(k not in g for k in ("label", "group", "split")) or "class_names" not in g.attrs:
+        raise StoreError(f"{path} is a tile store but not a probe store (no labels): rerun `dirl probe-tiles`")
+    return ProbeStore(
+        tiles,
+        np.asarray(g["label"][:], np.int64),
+        np.asarray(g["group"][:], np.int64),
+        np.asarray(g["split"][:], np.int64),
+        list(g.attrs["class_names"]),
+        list(g.attrs["group_names"]),
+    )
 
 
 def read_rows(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:

@@ -131,6 +131,66 @@ def attention_rows(doc: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def probe_rows(docs: dict[str, dict[str, Any]]) -> list[Row]:
+    """Per probe dataset and protocol (model `<dataset>/<protocol>`): each source's test balanced accuracy
+    and its interval (metrics `balanced_accuracy`, `..._ci_low`, `..._ci_high`), and the paired differences
+    (section probe_delta, source = the comparison)."""
+    rows = []
+    for dataset, doc in docs.items():
+        for source, per in doc["sources"].items():
+            method, seed = split_run(source)
+            for proto, m in per.items():
+                ci = m.get("balanced_accuracy_ci") or [None, None]
+                for metric, v in (("balanced_accuracy", m["balanced_accuracy"]), ("ci_low", ci[0]), ("ci_high", ci[1])):
+                    rows.append(Row("probe", f"{dataset}/{proto}", metric, source, seed or "-", v))
+        for proto, diffs in doc["differences"].items():
+            for label, d in diffs.items():
+                ci = d.get("ci") or [None, None]
+                for metric, v in (("difference", d["difference"]), ("ci_low", ci[0]), ("ci_high", ci[1])):
+                    rows.append(Row("probe_delta", f"{dataset}/{proto}", metric, label, "-", v))
+    return rows
+
+
+def probe_markdown(rows: list[Row]) -> list[str]:
+    out = []
+    models = sorted({r.model for r in rows if r.section == "probe"})
+    for dataset in sorted({m.split("/")[0] for m in models}):
+        protos = [m for m in models if m.split("/")[0] == dataset]
+
+        def cell(section: str, model: str, source: str, key: str) -> str:
+            v = {r.metric: r.mean for r in rows if r.section == section and r.model == model and r.source == source}
+            if v.get(key) is None:
+                return "—"
+            ci = f" [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None else ""
+            return f"{v[key]:+.3f}{ci}" if section == "probe_delta" else f"{v[key]:.3f}{ci}"
+
+        sources = list(dict.fromkeys(r.source for r in rows if r.section == "probe" and r.model in protos))
+        heads = [m.split("/")[1] for m in protos]
+        out += [
+            f"## What the encoders are worth: probe `{dataset}` (test balanced accuracy [95 % interval])",
+            "",
+            "| source | " + " | ".join(heads) + " |",
+            "|" + "---|" * (1 + len(heads)),
+        ]
+        out += [
+            f"| {s} | " + " | ".join(cell("probe", m, s, "balanced_accuracy") for m in protos) + " |" for s in sources
+        ]
+        pairs = list(dict.fromkeys(r.source for r in rows if r.section == "probe_delta" and r.model in protos))
+        if pairs:
+            out += ["", "| paired difference | " + " | ".join(heads) + " |", "|" + "---|" * (1 + len(heads))]
+            out += [
+                f"| {p} | " + " | ".join(cell("probe_delta", m, p, "difference") for m in protos) + " |" for p in pairs
+            ]
+        out += [
+            "",
+            "k-NN: k = 20 on train-mean-centred, L2-normalised features; logreg: L2 logistic regression, C chosen "
+            "on the validation split; intervals and paired differences from the same resamples of the test "
+            "split's groups.",
+            "",
+        ]
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 def _f(v: float | None, sd: float | None = None, signed: bool = False, digits: int = 3) -> str:
     if v is None:
@@ -223,6 +283,7 @@ def markdown(rows: list[Row], classes: str, folds: str) -> str:
             "sd over seeds of the fold means. AUC: one-vs-rest macro (binary: plain); BA: balanced "
             "accuracy; F1: macro F1.",
         ]
+    out += probe_markdown(rows)
     return "# DiRL vs DINO\n\n" + "\n".join(out) + "\n"
 
 
@@ -248,21 +309,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--metrics", dest="named", action="append", default=[], help="SOURCE/MODEL=PATH of a metrics.json (repeatable)"
     )
     p.add_argument("--attention", help="the JSON of `dirl attention`")
+    p.add_argument("--probe", action="append", default=[], metavar="DATASET=PATH", help="a probe's summary.json")
     p.add_argument("--out", required=True, help="output directory for summary.tsv and summary.md")
 
 
 def io(args: argparse.Namespace) -> tuple[list, list]:
     """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
-    return [Path(args.out) / n for n in ("summary.tsv", "summary.md")], [args.attention]
+    probes = [item.partition("=")[2] for item in args.probe]
+    return [Path(args.out) / n for n in ("summary.tsv", "summary.md")], [args.attention, *probes]
 
 
 def main(args: argparse.Namespace) -> None:
     runs = load_metrics(args.named)
-    if not runs and not args.attention:
-        raise ConfigError("nothing to summarise: give --metrics and/or --attention")
+    if not runs and not args.attention and not args.probe:
+        raise ConfigError("nothing to summarise: give --metrics, --attention and/or --probe")
     rows = mil_rows(runs)
     if args.attention:
         rows += attention_rows(json.loads(Path(args.attention).read_text()))
+    probes = {}
+    for item in args.probe:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--probe {item!r}: write DATASET=PATH")
+        probes[name] = json.loads(Path(path).read_text())
+    rows += probe_rows(probes)
     classes = "; ".join(sorted({", ".join(m.get("classes", [])) for m in runs.values()}))
     folds = "/".join(map(str, sorted({len(m.get("folds", [])) for m in runs.values()})))
     tsv, md = write(Path(args.out), rows, classes, folds)

@@ -119,7 +119,6 @@ def runs(coords: np.ndarray, g: Grid, shard: int, slide: Slide) -> list[tuple[in
 
 def _read_run(slide: Slide, coords: np.ndarray, g: Grid, tile_px: int, encode: bool) -> list[np.ndarray | bytes]:
     """The tiles at `coords` (one row, left to right) from a single region read."""
-    from PIL import Image
 
     from dirl.store import TileWriter
 
@@ -128,13 +127,20 @@ def _read_run(slide: Slide, coords: np.ndarray, g: Grid, tile_px: int, encode: b
     region = slide.read(int(coords[0, 0]), int(coords[0, 1]), g.level, offsets[-1] + g.read_px, g.read_px)
     out: list[np.ndarray | bytes] = []
     for o in offsets:
-        tile = region[:, o : o + g.read_px]
-        if g.read_px != tile_px:
-            # BOX (area average) when shrinking, like a scanner's own pyramid; bilinear when enlarging
-            method = Image.Resampling.BOX if g.read_px > tile_px else Image.Resampling.BILINEAR
-            tile = np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize((tile_px, tile_px), method))
+        tile = resize_tile(region[:, o : o + g.read_px], tile_px)
         out.append(TileWriter.encode(tile) if encode else np.ascontiguousarray(tile))
     return out
+
+
+def resize_tile(tile: np.ndarray, tile_px: int) -> np.ndarray:
+    """A square RGB crop resized to `tile_px` as every tile is (slides here, probe images in dirl.probe):
+    BOX (area average) when shrinking, like a scanner's own pyramid; bilinear when enlarging."""
+    from PIL import Image
+
+    if tile.shape[0] == tile_px and tile.shape[1] == tile_px:
+        return tile
+    method = Image.Resampling.BOX if tile.shape[0] > tile_px else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize((tile_px, tile_px), method))
 
 
 def tile_slide(

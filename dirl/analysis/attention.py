@@ -245,14 +245,10 @@ def measure(
 
 
 def untrained_like(meta: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The backbone as the trainer built it before its first step: same architecture and the same
-    seeded initialisation (Trainer seeds torch with `seed`, then builds the student's backbone)."""
-    from dirl.ssl.model import create_backbone
+    """The untrained reference of a run (dirl.encoders.untrained_backbone), labelled as such."""
+    from dirl.encoders import untrained_backbone
 
-    settings = meta.get("settings", {})
-    torch.manual_seed(int(settings.get("seed", 0)))
-    model = create_backbone(meta["arch"], int(meta["img_size"]), float(settings.get("drop_path", 0.0)))
-    return model, {**meta, "method": UNTRAINED}
+    return untrained_backbone(meta), {**meta, "method": UNTRAINED}
 
 
 def analyse(

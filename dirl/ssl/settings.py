@@ -90,6 +90,11 @@ class PretrainSettings(Settings):
 
     def validate(self) -> PretrainSettings:
         super().validate()
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"pretrain.warmup_epochs = {self.warmup_epochs:g} is not below pretrain.epochs = {self.epochs}: the "
+                "learning rate would never reach its peak nor its cosine decay; lower warmup_epochs with epochs"
+            )
         for k in ("global_crop_scale", "local_crop_scale"):
             v = getattr(self, k)
             if v is not None and not 0 < v[0] <= v[1] <= 1:

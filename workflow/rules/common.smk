@@ -51,6 +51,7 @@ shell.prefix(
 )
 
 import dirl.config
+import dirl.probe.data
 import dirl.runs
 import dirl.samples
 import dirl.settings
@@ -186,19 +187,33 @@ def feature_sources():
     return list(RUNS) + list(config["extract"]["encoders"])
 
 
+# the probe's references beside the runs and encoders: the untrained backbone of each seed (built as the
+# seed's first run was, from its backbone.json) and the colour statistics (dirl.encoders)
+UNTRAINED_OF = {
+    dirl.runs.untrained_name(seed if len(config["pretrain"]["seeds"]) > 1 else None): run
+    for run, (method, seed) in reversed(list(RUNS.items()))
+}
+
+
 def encoder_inputs(wildcards):
-    if wildcards.source in RUNS:
-        return [
-            f"{RESULTS}/pretrain/{wildcards.source}/backbone.pt",
-            f"{RESULTS}/pretrain/{wildcards.source}/backbone.json",
-        ]
-    weights = config["extract"]["encoders"][wildcards.source].get("weights")
+    source = wildcards.source
+    if source in RUNS:
+        return [f"{RESULTS}/pretrain/{source}/backbone.pt", f"{RESULTS}/pretrain/{source}/backbone.json"]
+    if source in UNTRAINED_OF:
+        return [f"{RESULTS}/pretrain/{UNTRAINED_OF[source]}/backbone.json"]
+    if source == dirl.runs.COLOUR:
+        return []
+    weights = config["extract"]["encoders"][source].get("weights")
     return [weights] if weights else []
 
 
 def encoder_args(wildcards):
     if wildcards.source in RUNS:
         return f"--encoder {shlex.quote(f'{RESULTS}/pretrain/{wildcards.source}/backbone.pt')}"
+    if wildcards.source in UNTRAINED_OF:
+        return f"--encoder {shlex.quote(f'untrained:{RESULTS}/pretrain/{UNTRAINED_OF[wildcards.source]}/backbone.pt')}"
+    if wildcards.source == dirl.runs.COLOUR:
+        return f"--encoder colour --img-size {config['tiling']['tile_px']}"
     enc = config["extract"]["encoders"][wildcards.source]
     args = [f"--encoder {shlex.quote(enc['encoder'])}"]
     args += [
@@ -212,3 +227,24 @@ def encoder_args(wildcards):
 # ---- mil
 def labelled_slides():
     return LABELLED
+
+
+# ---- probe: labelled datasets (manifests, ImageFolders) and the slides' classified regions, checked here
+PROBE = config["probe"]
+REGION_SLIDES = [s.slide_id for s in SAMPLE_LIST if s.regions] if PROBE["regions"] else []
+if PROBE["regions"] and not REGION_SLIDES:
+    raise WorkflowError(f"probe.regions: true, but the sample sheet {config['samples']} names no `regions` file")
+try:
+    for _name, _d in PROBE["datasets"].items():
+        dirl.probe.data.read_dataset(_d["manifest"])
+    for _sid in REGION_SLIDES:
+        dirl.probe.data.check_regions_file(SAMPLES[_sid].regions, SAMPLES[_sid].path)
+except DirlError as e:
+    raise WorkflowError(str(e)) from None
+PROBE_DATASETS = list(PROBE["datasets"]) + (["regions"] if REGION_SLIDES else [])
+
+
+def probe_sources():
+    """Every feature source the probe compares: the runs, the untrained backbone of each seed, the
+    `extract.encoders` and the colour statistics."""
+    return list(RUNS) + list(UNTRAINED_OF) + list(config["extract"]["encoders"]) + [dirl.runs.COLOUR]

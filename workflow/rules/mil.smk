@@ -62,10 +62,17 @@ rule mil:
 
 rule summary:
     input:
-        metrics=expand(
-            f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json", source=feature_sources(), model=config["mil"]["models"]
+        metrics=(
+            expand(
+                f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
+                source=feature_sources(),
+                model=config["mil"]["models"],
+            )
+            if RUN_MIL
+            else []
         ),
         attention=rules.attention.output.json,
+        probes=expand(f"{RESULTS}/probe/{{dataset}}/summary.json", dataset=PROBE_DATASETS),
     output:
         tsv=f"{RESULTS}/summary.tsv",
         md=report(f"{RESULTS}/summary.md", caption="../report/summary.rst", category="0. Summary"),
@@ -75,6 +82,8 @@ rule summary:
         ENV
     params:
         named=lambda w, input: named_paths("--metrics", input.metrics, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"),
+        probes=lambda w, input: named_paths("--probe", input.probes, lambda p: p.parent.name),
         out=lambda w, output: str(Path(output.tsv).parent),
     shell:
-        "dirl summary {params.named} --attention {input.attention:q} --out {params.out:q} > {log:q} 2>&1"
+        "dirl summary {params.named} {params.probes} --attention {input.attention:q} --out {params.out:q} "
+        "> {log:q} 2>&1"
