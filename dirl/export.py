@@ -1,37 +1,42 @@
 """`dirl export`: one slide's tiles and nuclei as GeoJSON for QuPath (drag the file onto the open slide).
 
-Coordinates are level-0 pixels, QuPath's and the tile store's. The FeatureCollection holds
-- the tissue outline the tiling found (`objectType: annotation`, class `Tissue`);
+Coordinates are level-0 pixels, QuPath's and the tile store's. Checked with QuPath's own reader
+(`PathIO.readObjects`, 0.4-0.7): every polygon is a valid Polygon (QuPath 0.4/0.5 reject a whole file for
+a one-part MultiPolygon, 0.6+ for one self-intersecting ring), every class has a colour and no ":" unless
+it names a parent class, and no measurement is NaN (0.4 reads none). The FeatureCollection holds
+- the tissue outline the tiling found, one annotation per piece (class `Tissue`);
 - every tile (`objectType: tile`, class `tile`), with its tissue fraction and row in the tile store and,
   with `--mil-attention NAME=mil/{source}/{model}/attention.npz`, the MIL model's out-of-fold attention on
   it (raw, and as a percentile within the slide, as the heatmaps show it: QuPath's measurement maps
   colour the tiles by either); with `--attention analysis/attention.json`, for the tiles the attention
   diagnostics sampled, each pretraining run's last-layer attention entropy (1 = uniform: DiRL vs DINO
   tile by tile);
-- with `--cells`, every nucleus (`objectType: detection`) as the polygon traced around its pixels in the
-  label map, with its measurements (area, shape, stain); with `--phenotypes`, classified by its cell
-  class, named and coloured as in the priors overlay (`class 2: large pale elongated`); without, by its
-  imported type (segmentation backend `import`), if it has one.
-Features are written one at a time (a slide can carry a million nuclei) into a temporary file renamed
-when complete.
+- with `--cells`, every nucleus (`objectType: detection`) as the polygon along its pixels' edges in the
+  label map (dirl.polygons: its area is its pixel count, QuPath's area and `Area µm^2` agree), with its
+  measurements (area, shape, stain); with `--phenotypes`, classified by its cell class, named and
+  coloured as in the priors overlay (`class 2 (large pale elongated)`); without, by its imported type
+  (segmentation backend `import`), if it has one. `--nuclei-out` puts them in a file of their own (a
+  cohort-scale slide has 10^5-10^6 nuclei), gzipped when it ends in `.gz` (QuPath reads `.geojson.gz`).
+Objects land under QuPath's root: *Objects > Annotations > Resolve hierarchy* puts the tiles and nuclei
+inside the tissue pieces. Features are written one at a time into a temporary file renamed when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
+import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-from scipy import ndimage
 
 from dirl import store
 from dirl.errors import ConfigError, StoreError
+from dirl.polygons import ring_area, tile_outlines, valid_rings
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +56,31 @@ TISSUE = {"name": "Tissue", "color": [0, 160, 0]}
 
 
 def _feature(ring: list[list[float]], object_type: str, cls: dict[str, Any], measurements: dict) -> str:
+    finite = {k: v for k, v in measurements.items() if math.isfinite(v)}  # QuPath 0.4 reads no NaN
     return json.dumps(
         {
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": object_type, "classification": cls, "measurements": measurements},
+            "properties": {"objectType": object_type, "classification": cls, "measurements": finite},
         },
         separators=(",", ":"),
     )
 
 
-def outline(mask: np.ndarray) -> np.ndarray:
-    """(K, 2) x, y pixel-centre vertices around a mask's largest connected part (its bounding box when the
-    part is too small to make a polygon of three points)."""
-    m = np.pad(mask.astype(np.uint8), 1)
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if contours:
-        c = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float64) - 1.0
-        if len(c) >= 3:
-            return c
-    ys, xs = np.nonzero(mask)
-    x0, x1, y0, y1 = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+def nucleus_rings(labels: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
+    """The pixel-edge outline (K, 2) of each label in `ids` of one tile's label map, in tile pixel-corner
+    coordinates (x, y), each a valid ring (checked with shapely, repaired if need be)."""
+    present = set(np.unique(labels).tolist())
+    missing = [int(i) for i in ids if int(i) not in present]
+    if missing:
+        raise StoreError(f"nucleus table names label {missing[0]}, absent from its tile's label map")
+    return valid_rings(tile_outlines(labels, ids))
 
 
-def nucleus_rings(labels: np.ndarray, ids: np.ndarray) -> Iterator[np.ndarray]:
-    """The outline (K, 2) of each label in `ids` of one tile's label map, in tile pixels (x, y)."""
-    boxes = ndimage.find_objects(labels)
-    for i in ids:
-        box = boxes[int(i) - 1] if 0 < i <= len(boxes) else None
-        if box is None:
-            raise StoreError(f"nucleus table names label {int(i)}, absent from its tile's label map")
-        yield outline(labels[box] == i) + (box[1].start, box[0].start)
+def qupath_class(name: str, colour: list[int]) -> dict[str, Any]:
+    """A QuPath classification. QuPath reads "A: B" as class B derived from A: dirl's own names never hold
+    ":" (an imported QuPath class such as "Tumor: Positive" keeps its parent on purpose)."""
+    return {"name": name, "color": [int(v) for v in colour]}
 
 
 def _classes(cells: Path, model_path: str | None, tab: dict[str, np.ndarray]) -> tuple[np.ndarray, list[dict]]:
@@ -96,7 +94,12 @@ def _classes(cells: Path, model_path: str | None, tab: dict[str, np.ndarray]) ->
     from dirl.segment.phenotype import PhenotypeModel
 
     model = PhenotypeModel.load(model_path)
-    names = store.prior_class_names([c["description"] for c in model.raw["classes"]])[store.FIRST_CELL_PRIOR :]
+    descriptions = [c["description"] for c in model.raw["classes"]]
+    names = (
+        descriptions
+        if model.raw.get("method") != "kmeans"
+        else [f"class {c} ({d})" for c, d in enumerate(descriptions)]
+    )
     classes = _coloured(names)
     cls = model.predict(tab, store.map_attrs(cells, "labels").get("type_names"))
     return np.where(cls < 0, len(classes), cls), [*classes, NUCLEUS]  # -1: a type the model drops
@@ -106,7 +109,51 @@ def _coloured(names: list[str]) -> list[dict[str, Any]]:
     """QuPath classifications in the priors overlay's colours, class c in colour c."""
     from dirl.segment.priors import PALETTE
 
-    return [{"name": n, "color": [int(v) for v in PALETTE[c % len(PALETTE)]]} for c, n in enumerate(names)]
+    return [qupath_class(n, PALETTE[c % len(PALETTE)]) for c, n in enumerate(names)]
+
+
+class FeatureFile:
+    """A GeoJSON FeatureCollection written feature by feature under a temporary name (dirl.atomic), gzipped
+    when the path ends in `.gz`, renamed into place when the block completes."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.n = Path(path), 0
+
+    def __enter__(self) -> FeatureFile:
+        self._atomic = store.atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        raw = open(tmp, "wb")
+        self._raw = raw
+        self.f = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3) if self.path.suffix == ".gz" else raw
+        self.f.write(b'{"type":"FeatureCollection","features":[\n')
+        return self
+
+    def put(self, line: str) -> None:
+        self.f.write((line if not self.n else ",\n" + line).encode())
+        self.n += 1
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.f.write(b"\n]}\n")
+            if self.f is not self._raw:
+                self.f.close()
+            self._raw.close()
+        finally:
+            self._atomic.__exit__(*exc)
+
+
+def tissue_features(tiles: store.TileStore) -> list[str]:
+    """One annotation per tissue piece the tiling outlined: a Polygon each (QuPath 0.4 and 0.5 reject a
+    whole file for a MultiPolygon of one part), valid (checked with shapely)."""
+    rings = [np.asarray(r, np.float64)[:-1] for r in tiles.attrs.get("tissue_outline") or [] if len(r) >= 4]
+    out = []
+    for k, ring in enumerate(valid_rings(rings) if rings else [], start=1):
+        coords = [*ring.round(1).tolist(), ring[0].round(1).tolist()]
+        props = {"objectType": "annotation", "classification": TISSUE, "name": f"{tiles.slide_id} tissue {k}"}
+        geometry = {"type": "Polygon", "coordinates": [coords]}
+        out.append(json.dumps({"type": "Feature", "geometry": geometry, "properties": props}, separators=(",", ":")))
+    return out
 
 
 def export_slide(
@@ -116,8 +163,9 @@ def export_slide(
     phenotypes: str | None = None,
     mil_attention: dict[str, str | Path] | None = None,
     attention: str | Path | None = None,
+    nuclei_out: str | Path | None = None,
 ) -> dict:
-    """Write the GeoJSON of one slide; returns counts."""
+    """Write the GeoJSON of one slide (and, with `nuclei_out`, its nuclei apart); returns counts."""
     t0 = time.perf_counter()
     tiles = store.open_tiles(tiles_path)
     n = len(tiles)
@@ -126,20 +174,9 @@ def export_slide(
     counts = {"tiles": n, "nuclei": 0}
     scores = _tile_scores(tiles.slide_id, n, mil_attention or {})
     entropy = _attention_entropy(attention, tiles.slide_id) if attention else {}
-    with store.atomic_path(out) as tmp, open(tmp, "w") as f:
-        f.write('{"type":"FeatureCollection","features":[\n')
-        first = True
-
-        def put(line: str) -> None:
-            nonlocal first
-            f.write(line if first else ",\n" + line)
-            first = False
-
-        rings = tiles.attrs.get("tissue_outline") or []
-        if rings:
-            geometry = {"type": "MultiPolygon", "coordinates": [[r] for r in rings]}
-            props = {"objectType": "annotation", "classification": TISSUE, "name": f"{tiles.slide_id} tissue"}
-            put(json.dumps({"type": "Feature", "geometry": geometry, "properties": props}, separators=(",", ":")))
+    with FeatureFile(out) as f:
+        for line in tissue_features(tiles):
+            f.put(line)
         for row, ((x, y), tissue) in enumerate(zip(tiles.coords.tolist(), tiles.tissue.tolist())):
             ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
             m = {"Tissue fraction": round(float(tissue), 4), "Row": row}
@@ -148,16 +185,19 @@ def export_slide(
                 m[f"MIL {name} attention percentile"] = round(float(pct[row]), 2)
             for run, value in entropy.get(row, {}).items():
                 m[f"Attention entropy {run}"] = round(value, 4)
-            put(_feature(ring, "tile", TILE, m))
-        if cells is not None:
-            counts["nuclei"] = _put_nuclei(Path(cells), tiles, phenotypes, scale, put)
-        f.write("\n]}\n")
+            f.put(_feature(ring, "tile", TILE, m))
+        if cells is not None and nuclei_out is None:
+            counts["nuclei"] = _put_nuclei(Path(cells), tiles, phenotypes, scale, f.put)
+    if cells is not None and nuclei_out is not None:
+        with FeatureFile(nuclei_out) as g:
+            counts["nuclei"] = _put_nuclei(Path(cells), tiles, phenotypes, scale, g.put)
     log.info(
-        "slide %r: %d tiles, %d nuclei -> %s in %.1f s",
+        "slide %r: %d tiles, %d nuclei -> %s%s in %.1f s",
         tiles.slide_id,
         n,
         counts["nuclei"],
         out,
+        f" and {nuclei_out}" if nuclei_out else "",
         time.perf_counter() - t0,
     )
     return counts
@@ -187,6 +227,7 @@ def _attention_entropy(path: str | Path, slide: str) -> dict[int, dict[str, floa
 
 def _put_nuclei(cells: Path, tiles: store.TileStore, phenotypes: str | None, scale: float, put) -> int:
     n = len(tiles)
+    level0_um2 = (scale * float(tiles.attrs.get("slide_mpp") or tiles.mpp)) ** 2  # µm² of a tile pixel
     labels = store.open_map(cells, "labels", n)
     tab = store.read_nuclei(cells)
     order = np.lexsort((tab["label"], tab["tile"]))
@@ -202,8 +243,9 @@ def _put_nuclei(cells: Path, tiles: store.TileStore, phenotypes: str | None, sca
                 continue
             x0, y0 = (float(v) for v in tiles.coords[t])
             for j, ring in zip(range(lo, hi), nucleus_rings(block[t - a], tab["label"][lo:hi])):
-                pts = ((ring + 0.5) * scale + (x0, y0)).round(1).tolist()
+                pts = (ring * scale + (x0, y0)).round(2).tolist()
                 m = {k: round(float(tab[c][j]), 4) for k, c in MEASUREMENTS.items() if c in tab}
+                m["Area µm^2"] = round(ring_area(ring) * level0_um2, 4)  # QuPath's area of the polygon, in µm²
                 put(_feature([*pts, pts[0]], "detection", classes[int(cls[j])], m))
                 done += 1
     return done
@@ -223,11 +265,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a MIL model's attention.npz (mil/{source}/{model}/), its tiles' attention as measurements NAME",
     )
     p.add_argument("--attention", help="analysis/attention.json: the sampled tiles' attention entropy per run")
+    p.add_argument(
+        "--nuclei-out",
+        help="write the nuclei to this GeoJSON of their own (gzip with .geojson.gz), the tiles' file stays small",
+    )
 
 
 def io(args: argparse.Namespace) -> tuple[list, list]:
     """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
-    return [args.out], [args.tiles, args.cells, args.phenotypes, args.attention]
+    return [args.out, args.nuclei_out], [args.tiles, args.cells, args.phenotypes, args.attention]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -237,4 +283,4 @@ def main(args: argparse.Namespace) -> None:
         if not sep or not name or not path:
             raise ConfigError(f"--mil-attention {item!r}: write NAME=PATH")
         named[name] = path
-    export_slide(args.tiles, args.out, args.cells, args.phenotypes, named, args.attention)
+    export_slide(args.tiles, args.out, args.cells, args.phenotypes, named, args.attention, args.nuclei_out)

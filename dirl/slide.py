@@ -142,6 +142,14 @@ class Slide:
     def vendor(self) -> str:
         return str(self._osr.properties.get("openslide.vendor", "unknown"))
 
+    @property
+    def objective_power(self) -> float | None:
+        """The scan's objective magnification (`openslide.objective-power`), if the slide says."""
+        try:
+            return float(self._osr.properties["openslide.objective-power"])
+        except (KeyError, ValueError):
+            return None
+
     def best_level(self, downsample: float) -> int:
         """The coarsest level that is still at least as fine as `downsample` (1 % tolerance, since
         pyramid downsamples are rarely exact: 2.0003 must count as 2)."""

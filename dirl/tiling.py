@@ -193,6 +193,7 @@ def tile_slide(
         "overlap": s.overlap,
         "min_tissue": s.min_tissue,
         "vendor": slide.vendor,
+        "objective_power": slide.objective_power,  # HoVer-Net's reference for its `mag` (nuclei import)
         "tissue_params": s.tissue.to_dict(),
         "tissue_outline": outline(g.mask, g.mask_mpp / slide.mpp),  # level-0 polygons (QuPath export)
     }

@@ -2,23 +2,20 @@
 
 Many labs already have nuclei typed by a supervised model for their slides; the paper's priors are
 HoVer-Net's PanNuke types. One file per slide (the sample sheet's `nuclei` column, `dirl segment
---nuclei`), polygons in level-0 pixels:
-- GeoJSON as QuPath writes it (a FeatureCollection, or a bare list of features; one Polygon per nucleus,
-  its class in `properties.classification.name`; a cell's `nucleusGeometry`; annotations and tiles
-  skipped) and as CellViT writes it (one MultiPolygon per type);
-- HoVer-Net's JSON (`{"nuc": {id: {"contour": [[x, y], ...], "type": t}}}`), types named as PanNuke's.
-Each tile gets the nuclei whose bounding box meets it (found through a grid of tile-sized buckets),
-filled where a pixel centre lies inside the polygon, ids 1..n in file order; the nucleus table records
-each nucleus' type (`type`, an index into the store's `type_names`). The nuclei are the lab's: no
-size filter is applied, and a nucleus cut by a tile edge is the part inside the tile.
+--nuclei`), read by dirl.segment.nuclei_files (QuPath and CellViT GeoJSON, CellViT's cells.json, HoVer-Net
+JSON) into level-0 polygons. Each tile gets the nuclei whose bounding box meets it (found through a grid
+of tile-sized buckets), ids 1..n in file order; the nucleus table records each nucleus' type (`type`, an
+index into the store's `type_names`). The nuclei are the lab's: no size filter is applied, and a nucleus
+cut by a tile edge is the part inside the tile. A file that puts no nucleus into the slide's tiles is an
+error, not an empty result.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,160 +24,71 @@ from skimage.draw import polygon as fill_polygon
 
 from dirl.errors import DirlError
 from dirl.segment.base import Backend, CommonParams
+from dirl.segment.nuclei_files import iter_summary, read_file
 
 log = logging.getLogger(__name__)
 
-# HoVer-Net's PanNuke type ids (its type_info.json); 0 = no label
-HOVERNET_TYPES = {0: "unlabelled", 1: "neoplastic", 2: "inflammatory", 3: "connective", 4: "dead", 5: "epithelial"}
 
-
-class Nuclei:
-    """Polygons in level-0 (x, y), packed: vertices of nucleus i are `xy[offsets[i]:offsets[i + 1]]`
-    (float32; a million nuclei of ~30 vertices take ~250 MB, not the gigabytes of parsed JSON), their
-    bounding boxes (x0, y0, x1, y1) and type names."""
-
-    def __init__(self) -> None:
-        self._parts: list[np.ndarray] = []
-        self.names: list[str] = []
-
-    def add(self, ring: Any, name: str) -> None:
-        xy = np.asarray(ring, dtype=np.float32).reshape(-1, 2)
-        if len(xy) < 3:
-            raise ValueError(f"a nucleus of {len(xy)} vertices: polygons need 3 or more")
-        self._parts.append(xy)
-        self.names.append(name)
-
-    def pack(self) -> Nuclei:
-        sizes = [len(p) for p in self._parts]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.xy = np.concatenate(self._parts) if self._parts else np.zeros((0, 2), np.float32)
-        self.boxes = (
-            np.array([[*p.min(0), *p.max(0)] for p in self._parts], np.float64) if self._parts else np.zeros((0, 4))
-        )
-        self._parts = []
-        return self
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def polygon(self, i: int) -> np.ndarray:
-        return self.xy[self.offsets[i] : self.offsets[i + 1]]
-
-
-def read_nuclei_file(path: str | Path) -> Nuclei:
-    """The nuclei of a GeoJSON or HoVer-Net JSON file, parsed as a stream (one nucleus in memory at a time)."""
-    import ijson
-
-    from dirl import jsonsafe
-
-    path = Path(path)
-    if not path.exists():
-        raise DirlError(f"nuclei file {path} does not exist")
-    if not path.is_file():
-        raise DirlError(f"nuclei file {path} is not a regular file (a directory, FIFO or device?)")
-    out = Nuclei()
-    try:
-        jsonsafe.check(path)
-        kind = _kind(path)
-        with jsonsafe.open_json(path) as f:
-            if kind == "hovernet":
-                for _, v in ijson.kvitems(f, "nuc", use_float=True):
-                    t = v.get("type")
-                    out.add(
-                        v["contour"], HOVERNET_TYPES.get(int(t), f"type {int(t)}") if t is not None else "unclassified"
-                    )
-            elif kind in ("features", "list"):
-                for feat in ijson.items(f, "features.item" if kind == "features" else "item", use_float=True):
-                    _add_feature(out, feat)
-            elif kind == "feature":
-                _add_feature(out, json.load(f))
-            else:
-                raise DirlError(
-                    f"nuclei file {path}: neither GeoJSON (QuPath, CellViT) nor HoVer-Net JSON (a 'nuc' dict)"
-                )
-    except ijson.JSONError as e:
-        raise DirlError(f"nuclei file {path} is not JSON ({e})") from e
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise DirlError(f"nuclei file {path} is malformed: {e!r}") from e
-    return out.pack()
-
-
-def _kind(path: Path) -> str:
-    """What the top level holds, from its first keys: hovernet ('nuc'), features (a FeatureCollection),
-    feature (one Feature), list (a bare list of features)."""
-    import ijson
-
-    from dirl.jsonsafe import open_json
-
-    with open_json(path) as f:
-        for prefix, event, value in ijson.parse(f):
-            if prefix == "" and event == "start_array":
-                return "list"
-            if prefix == "" and event == "map_key":
-                kind = {"nuc": "hovernet", "features": "features", "geometry": "feature"}.get(value)
-                if kind:
-                    return kind
-            if prefix == "" and event == "end_map":
-                break
-    return "unknown"
-
-
-# QuPath objects that are not nuclei (tissue annotations, tiles, TMA cores)
-NOT_NUCLEI = {"annotation", "tile", "tma_core", "root"}
-
-
-def _add_feature(out: Nuclei, f: dict[str, Any]) -> None:
-    if not isinstance(f, dict):
-        raise ValueError(f"a feature that is not a JSON object: {str(f)[:80]}")
-    props = f.get("properties") or {}
-    if not isinstance(props, dict):
-        raise ValueError(f"feature properties that are not a JSON object: {str(props)[:80]}")
-    if str(props.get("objectType", "detection")).lower() in NOT_NUCLEI:
-        return
-    cls = props.get("classification") or "unclassified"
-    name = str(cls.get("name", "unclassified") if isinstance(cls, dict) else cls)
-    g = props.get("nucleusGeometry") or f["geometry"]  # a QuPath cell: its nucleus
-    if g["type"] == "Polygon":
-        out.add(g["coordinates"][0], name)
-    elif g["type"] == "MultiPolygon":
-        for poly in g["coordinates"]:
-            out.add(poly[0], name)
-    else:
-        raise ValueError(f"a {g['type']} geometry: nuclei must be Polygons or MultiPolygons")
+@dataclass(frozen=True)
+class ImportParams(CommonParams):
+    type_info: str | None = None  # HoVer-Net files: its type_info.json naming the type ids, or `pannuke`
 
 
 class ImportBackend(Backend):
     name = "import"
-    Params = CommonParams
+    Params = ImportParams
 
     def __init__(self, params: Any):
         super().__init__(params)
         self.path: Path | None = None
         self.type_names: list[str] = []  # a failed slide (never bound) records none
         self.tile_types: list[np.ndarray] = []
+        self.placed = 0
+        self.notes: list[str] = []
 
     @property
     def model(self) -> str:
         return f"imported from {self.path}" if self.path else "import"
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "import_notes": self.notes}
+
     def bind(self, nuclei: str | Path | None, tiles: Any, rows: np.ndarray) -> None:
         """Read `nuclei` for the slide of `tiles` (a store.TileStore) and the rows to be segmented, in order."""
+        self.bound = True
         if tiles.failed:  # nothing to segment: its store stays empty
+            self.failed = True
             return
+        self.failed = False
         if nuclei is None:
             raise DirlError(
                 f"segmentation.backend import: no nuclei file for slide {tiles.slide_id!r} "
                 "(the sample sheet's `nuclei` column, or dirl segment --nuclei)"
             )
         self.path = Path(nuclei)
-        self.nuclei = read_nuclei_file(self.path)
+        a = tiles.attrs
+        contents = read_file(
+            self.path,
+            slide_mpp=a.get("slide_mpp"),
+            magnification=a.get("objective_power"),
+            type_info=self.params.type_info,
+            max_nucleus_um2=self.params.max_area_um2,
+        )
+        self.notes = list(iter_summary(contents))
+        for line in self.notes:
+            log.info("%s: %s", self.path, line)
+        if not len(contents.nuclei) and len(contents.points):
+            raise DirlError(
+                f"nuclei file {self.path} holds {len(contents.points)} typed points (QuPath's Points tool), not "
+                "nuclei: give it in the sample sheet's `cell_labels` column (examples for the nucleus classifier)"
+            )
+        self.nuclei = contents.nuclei
         names = self.nuclei.names
         self.type_names = sorted(set(names))
         index = {n: i for i, n in enumerate(self.type_names)}
         self.types = np.array([index[n] for n in names], dtype=np.int16)
         self.boxes = self.nuclei.boxes
         n_nuclei = len(self.nuclei)
-        a = tiles.attrs
         w, h = a.get("level0_width"), a.get("level0_height")
         if n_nuclei and w and h:
             out = (
@@ -207,6 +115,8 @@ class ImportBackend(Backend):
                     for cy in range(y0, y1 + 1):
                         self.buckets[cx, cy].append(i)
         self.tile_types = []
+        self.placed = 0
+        self.slide_id = tiles.slide_id
         log.info("%s: %d nuclei of types %s", self.path, n_nuclei, self.type_names)
 
     def types_of(self, position: int) -> np.ndarray:
@@ -222,12 +132,24 @@ class ImportBackend(Backend):
         return sorted(i for i in found if b[i, 0] < x0 + s and b[i, 2] >= x0 and b[i, 1] < y0 + s and b[i, 3] >= y0)
 
     def rasterise(self, x0: float, y0: float, tile_px: int) -> tuple[np.ndarray, np.ndarray]:
-        """Labels (T, T) uint32 ids 1..n of the nuclei meeting the tile at level-0 (x0, y0), and their types."""
+        """Labels (T, T) uint32 ids 1..n of the nuclei meeting the tile at level-0 (x0, y0), and their types.
+        A continuous polygon takes the pixels whose centre it holds; a contour of boundary-pixel centres
+        (HoVer-Net, CellViT) takes its boundary pixels too, as cv2.fillPoly draws it (findContours' inverse)."""
+        import cv2
+
         lab = np.zeros((tile_px, tile_px), np.uint32)
         ids: list[int] = []
+        shift = 4  # cv2.fillPoly's fixed point: vertices to 1/16 px
         for i in self._candidates(x0, y0):
             p = self.nuclei.polygon(i)
-            rr, cc = fill_polygon((p[:, 1] - y0) / self.scale - 0.5, (p[:, 0] - x0) / self.scale - 0.5, lab.shape)
+            x, y = (p[:, 0] - x0) / self.scale - 0.5, (p[:, 1] - y0) / self.scale - 0.5  # pixel-index space
+            if self.nuclei.centres[i]:
+                mask = np.zeros((tile_px, tile_px), np.uint8)
+                pts = np.round(np.stack([x, y], 1) * (1 << shift)).astype(np.int32)
+                cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8, shift=shift)
+                rr, cc = np.nonzero(mask)
+            else:
+                rr, cc = fill_polygon(y, x, lab.shape)
             if len(rr):
                 ids.append(i)
                 lab[rr, cc] = len(ids)
@@ -239,6 +161,7 @@ class ImportBackend(Backend):
             remap[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
             lab = remap[lab]
             ids = [ids[k - 1] for k in present.tolist()]
+        self.placed += len(ids)
         return lab, self.types[ids] if ids else np.zeros(0, np.int16)
 
     def stream(self, blocks: Iterable[np.ndarray], mpp: float) -> Iterator[np.ndarray]:
@@ -253,6 +176,11 @@ class ImportBackend(Backend):
                 self.tile_types.append(types)
             at += len(block)
             yield out
+        if at and not self.placed and not getattr(self, "failed", False):
+            raise DirlError(
+                f"nuclei file {self.path}: {len(self.nuclei)} nuclei, none inside the {at} tiles of slide "
+                f"{self.slide_id!r}: is it this slide's file, in level-0 pixels (and the tiles where the nuclei are)?"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ def _segment_settings() -> type[Settings]:
     """The `segmentation` section: `backend` and one flat namespace of every built-in backend's
     parameters (their Params dataclasses hold the defaults; a backend takes the fields it has)."""
     from dirl.segment.cellpose_backend import CellposeParams
+    from dirl.segment.imported import ImportParams
     from dirl.segment.watershed import WatershedParams
 
     fields: dict[str, tuple] = {
@@ -179,7 +180,7 @@ def _segment_settings() -> type[Settings]:
             ),
         )
     }
-    for params in (WatershedParams, CellposeParams):
+    for params in (WatershedParams, CellposeParams, ImportParams):
         hints = typing.get_type_hints(params)
         for f in dataclasses.fields(params):
             if f.name == "threads":  # the job's CPUs: `--threads`, not a setting

@@ -1,5 +1,5 @@
-"""QuPath export (qupath_export: true): per slide, the tiles (with every MIL model's attention when MIL runs)
-and the nuclei with their cell class, as GeoJSON."""
+"""QuPath export (qupath_export: true): per slide, the tissue pieces and tiles (with every MIL model's attention
+when MIL runs) as GeoJSON, and the nuclei with their cell class in a gzipped GeoJSON of their own."""
 
 
 rule export:
@@ -19,6 +19,7 @@ rule export:
         ),
     output:
         geojson=f"{RESULTS}/export/{{slide}}.geojson",
+        nuclei=f"{RESULTS}/export/{{slide}}.nuclei.geojson.gz",
     log:
         f"{LOGS}/export/{{slide}}.log",
     benchmark:
@@ -35,5 +36,4 @@ rule export:
         ),
     shell:
         "dirl export {input.tiles:q} --cells {input.cells:q} --phenotypes {input.model:q} {params.attention} "
-        "--attention {input.diagnostics:q} "
-        "--out {output.geojson:q} > {log:q} 2>&1"
+        "--attention {input.diagnostics:q} --out {output.geojson:q} --nuclei-out {output.nuclei:q} > {log:q} 2>&1"
