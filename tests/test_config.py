@@ -179,7 +179,15 @@ def test_a_cohort_runs_its_own_settings_not_the_demos(path: Path, tmp_path: Path
         rows = [f"s{i}\t/data/s{i}.svs\tP{i}\t{'AB'[i % 2]}" for i in range(10)]
         sheet.write_text("slide_id\tpath\tpatient_id\tlabel\n" + "\n".join(rows) + "\n")
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), "-n", "-p", "--forceall", "--nolock", "--configfile", str(path)]
+        [
+            str(Path(sys.executable).parent / "snakemake"),
+            "-n",
+            "-p",
+            "--forceall",
+            "--nolock",
+            "--configfile",
+            str(path),
+        ]
         + ["--config", f"samples={sheet}"],
         cwd=ROOT,
         capture_output=True,
