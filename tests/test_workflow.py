@@ -7,6 +7,7 @@ clear start-up errors for a bad sample sheet.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -40,6 +41,14 @@ CONFIG = {
     **tiny_stages(batch_size=32, tiles_per_slide=32),
     "mil": {"models": ["meanpool", "abmil"], "folds": 2, "epochs": 3},
     "qupath_export": True,
+    # labelled tissue for the probe: crops of the two populations, and the same crops with shuffled labels
+    "probe": {
+        "datasets": {
+            "pops": {"manifest": "probe/pops.tsv", "mpp": 1.0},
+            "shuffled": {"manifest": "probe/shuffled.tsv", "mpp": 1.0},
+        },
+        "bootstrap": 200,
+    },
 }
 SAMPLES = (
     "slide_id\tpath\tpatient_id\tlabel\n"
@@ -92,6 +101,31 @@ def write_cohort(workdir: Path, config: dict, samples: str = SAMPLES) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     (workdir / "samples.tsv").write_text(samples)
+    if config.get("probe", {}).get("datasets"):
+        write_probe_images(workdir / "probe")
+
+
+def write_probe_images(d: Path) -> None:
+    """Eight 128 px images (1 µm/px) per population, each its own group, two manifests: the populations,
+    and the same images with labels shuffled across groups (each label still on four groups)."""
+    from PIL import Image
+
+    from dirl import synth
+
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for pop in ("lymphocyte", "tumour"):
+        for k in range(8):
+            rgb, _, _ = synth.render(
+                0, 0, 128, 128, mpp=1.0, populations=(synth.POPULATIONS[pop],), seed=100 + k, tissue="full"
+            )
+            Image.fromarray(rgb).save(d / f"{pop}{k}.png")
+            rows.append((f"{pop}{k}.png", pop))
+    (d / "pops.tsv").write_text("path\tlabel\tgroup\n" + "".join(f"{p}\t{lab}\t{p}\n" for p, lab in rows))
+    shuffled = ["lymphocyte", "tumour"] * 8  # alternating over the images: independent of the population
+    (d / "shuffled.tsv").write_text(
+        "path\tlabel\tgroup\n" + "".join(f"{p}\t{lab}\t{p}\n" for (p, _), lab in zip(rows, shuffled))
+    )
 
 
 @dataclass
@@ -134,7 +168,7 @@ def test_every_stage_output_meets_the_contracts(cohort: Path) -> None:
         assert {1}.issubset(values) and values.max() >= 2  # tissue and at least one cell class
         assert (res / "features" / "dirl" / f"{sid}.h5").exists()
         feats = json.loads((res / "export" / f"{sid}.geojson").read_text())["features"]
-        nuclei = [f for f in feats if f["properties"]["objectType"] == "detection"]
+        nuclei = json.loads(gzip.decompress((res / "export" / f"{sid}.nuclei.geojson.gz").read_bytes()))["features"]
         assert len(nuclei) == store.nucleus_count(res / "cells" / f"{sid}.zarr") > 0
         assert all(f["properties"]["classification"]["name"].startswith("class ") for f in nuclei)
         tiles = [f["properties"]["measurements"] for f in feats if f["properties"]["objectType"] == "tile"]
@@ -159,6 +193,7 @@ def test_every_stage_output_meets_the_contracts(cohort: Path) -> None:
     assert "dirl-dino" in summary and "head_entropy" in summary
     att = json.loads((res / "analysis" / "attention.json").read_text())
     assert set(att["runs"]) == {"untrained", "dirl", "dino"}
+    assert "What the encoders are worth: probe `pops`" in (res / "summary.md").read_text()
     assert (res / "failed_slides.txt").read_text() == ""
     if CONTRACT.exists():
         proc = subprocess.run([sys.executable, str(CONTRACT), str(res)], capture_output=True, text=True)
@@ -205,7 +240,7 @@ def test_changed_tiling_reruns_everything_downstream(cohort: Path) -> None:
 def test_bad_sample_sheet_is_refused_at_start(tmp_path: Path) -> None:
     write_cohort(tmp_path, CONFIG, SAMPLES + "a1\tresources/synth/a1.svs\tpa1\tA\n")
     proc = snakemake(tmp_path, "-n", check=False)
-    assert proc.returncode != 0 and "slide_id 'a1' on lines 2 and 6" in proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "slide_id 'a1' (line 2) and 'a1' (line 6)" in proc.stdout + proc.stderr
     write_cohort(tmp_path, CONFIG, SAMPLES.replace("a2\t", "a 2\t"))
     proc = snakemake(tmp_path, "-n", check=False)
     assert proc.returncode != 0 and "line 3" in proc.stdout + proc.stderr
@@ -225,10 +260,12 @@ def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
         config["synth"] = CONFIG["synth"]
         config["mil"]["folds"] = 2  # four test slides, two patients per class
         config.setdefault("attention", {})["slides"] = []  # the template's slides are not these
+        config.pop("probe", None)  # its labelled data is the template's
         write_cohort(tmp_path, config)
         jobs = planned_jobs(snakemake(tmp_path, "-n"))
         runs = len(config["pretrain"]["methods"]) * len(config["pretrain"].get("seeds", [0]))
-        assert jobs["tile"] == 4 and jobs["pretrain"] == runs and jobs["mil"] >= 2
+        assert jobs["tile"] == 4 and jobs["pretrain"] == runs
+        assert jobs.get("mil", 0) >= 2 or config["mil"].get("models") == []
     shutil.copytree(ROOT / "profiles" / "slurm", tmp_path / "slurm")
     write_cohort(tmp_path, CONFIG)
     proc = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "slurm"), check=False)
@@ -283,3 +320,23 @@ def test_too_few_patients_for_the_folds_is_refused_at_start(tmp_path: Path) -> N
     write_cohort(tmp_path, {**CONFIG, "mil": {"folds": 3}})
     proc = snakemake(tmp_path, "-n", check=False)
     assert proc.returncode != 0 and "fewer patients than mil.folds = 3" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_the_probe_compares_every_source_and_a_label_beats_shuffled_labels(cohort: Path) -> None:
+    """`snakemake` ran the probe on both labelled sets: every source (both runs, the untrained backbone, colour
+    statistics) has its JSON; what carries the label (the populations differ in colour and texture) scores
+    far above the same images with shuffled labels, which stay near chance."""
+    res = cohort / "results" / "e2e" / "probe"
+    for dataset in ("pops", "shuffled"):
+        summary = json.loads((res / dataset / "summary.json").read_text())
+        assert set(summary["sources"]) == {"dirl", "dino", "untrained", "colour"}
+        for source in summary["sources"]:
+            one = json.loads((res / dataset / f"{source}.json").read_text())
+            assert one["class_counts"]["test"] and one["protocols"]["knn"]["confusion"]
+        assert set(summary["differences"]["knn"]) >= {"dirl − dino", "dirl − untrained", "dino − colour"}
+        assert (res / dataset / "summary.png").stat().st_size > 1000
+    real = json.loads((res / "pops" / "summary.json").read_text())["sources"]["colour"]
+    fake = json.loads((res / "shuffled" / "summary.json").read_text())["sources"]["colour"]
+    for proto in ("knn", "logreg"):
+        assert real[proto]["balanced_accuracy"] >= 0.9 > fake[proto]["balanced_accuracy"] + 0.25

@@ -44,12 +44,12 @@ class WatershedParams(CommonParams):
     background_um: float = bounded(8.0, ge=0)  # background-subtraction radius (0 = off)
     sigma_um: float = bounded(0.75, ge=0)  # Gaussian smoothing of the hematoxylin OD
     threshold: float | None = None  # fixed OD threshold; None = per-tile Otsu clamped to the band below
-    threshold_min: float = bounded(0.18, ge=0)
+    threshold_min: float = bounded(0.10, ge=0)  # low enough for large pale nuclei (bench/nuclei_crc.py)
     threshold_max: float = bounded(0.60, gt=0)
-    split_h_um: float = bounded(0.25, ge=0)  # h of the distance-transform h-maxima: lower splits more
-    split_sigma_um: float = bounded(0.5, ge=0)  # smoothing of the distance transform before seeding
+    split_h_um: float = bounded(0.15, ge=0)  # h of the distance-transform h-maxima: lower splits more
+    split_sigma_um: float = bounded(0.25, ge=0)  # smoothing of the distance transform before seeding
     split_intensity: float = bounded(3.0, ge=0)  # px of distance added per unit of hematoxylin OD when seeding
-    min_solidity: float = bounded(0.75, ge=0, le=1)  # drop ragged objects (debris, fibre fragments)
+    min_solidity: float = bounded(0.6, ge=0, le=1)  # drop ragged objects (debris, fibre fragments)
 
 
 def _disk(r: int) -> np.ndarray:

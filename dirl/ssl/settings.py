@@ -20,6 +20,7 @@ class PretrainSettings(Settings):
 
     method: str = _c("dirl", "dino", help="dino: the baseline, the dense term off and not computed")
     arch: str = "vit_small_patch16_224"  # any timm ViT name
+    init: str | None = None  # warm start: a run, a timm folder or weights file, or a DINO checkpoint (dirl.ssl.init)
     img_size: int = bounded(224, ge=16)  # global crop size (a multiple of the patch size)
     embed: str = _c("cls", "mean", help="image embedding for the DINO head: [CLS] or mean of patch tokens")
     drop_path: float = bounded(0.1, ge=0, lt=1)  # student stochastic depth

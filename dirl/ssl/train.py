@@ -112,7 +112,14 @@ class Run:
 
     # checkpoint -------------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        return {"settings": self.s.to_dict(), "n_classes": self.n_classes, "data": self.dataset.signature()}
+        from dirl.ssl.init import describe
+
+        return {
+            "settings": self.s.to_dict(),
+            "n_classes": self.n_classes,
+            "data": self.dataset.signature(),
+            "init": describe(self.trainer.init),
+        }
 
     def save(self) -> None:
         from dirl.store import atomic_path
@@ -154,6 +161,8 @@ class Run:
                 f"{k}: checkpoint {st['settings'].get(k)!r} vs now {self.s.to_dict().get(k)!r}" for k in diff
             )
             problem = f"{self.ckpt} was written with different settings ({detail})"
+        elif st.get("init") != self.meta()["init"]:
+            problem = f"{self.ckpt} was warm-started from other weights ({st.get('init')}, now {self.meta()['init']})"
         elif st["data"] != self.dataset.signature() or st.get("n_classes") != self.n_classes:
             problem = (
                 f"{self.ckpt} was trained on other data (slides, tile counts, n_classes, or tile or priors "
@@ -290,6 +299,7 @@ class Run:
             "tile_mpp": mpps.pop() if len(mpps) == 1 else sorted(mpps),
             "tile_px": tile_px.pop() if len(tile_px) == 1 else sorted(tile_px),
             "n_classes": self.n_classes,
+            "init": self.meta()["init"],
             "settings": self.s.to_dict(),
             "dirl_version": __version__,
             "load": "timm.create_model(arch, num_classes=0, img_size=img_size, dynamic_img_size=True)"

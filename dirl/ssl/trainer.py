@@ -78,6 +78,12 @@ class Trainer:
 
         self.student, self.teacher = net(s.drop_path), net(0.0)
         self.teacher.load_state_dict(self.student.state_dict())
+        self.init = None
+        if s.init:  # warm start: both from the given weights (heads too, where they fit)
+            from dirl.ssl import init
+
+            self.init = init.load(s.init, s.arch, self.student)
+            init.apply(self.init, self.student, self.teacher)
         if self.world > 1 and s.head_bn and device.type == "cuda":  # batch statistics over all ranks
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)

@@ -53,6 +53,7 @@ shell.prefix(
 import dirl.config
 import dirl.probe.data
 import dirl.runs
+import dirl.ssl.init
 import dirl.samples
 import dirl.settings
 from dirl.errors import DirlError
@@ -163,6 +164,10 @@ def segment_gpu():
 # ---- pretrain: one run per method and seed (replicates), named `<method>` with one seed, else
 # `<method>-s<seed>`; the name is the run's directory under pretrain/, its feature source and MIL source
 RUNS = dirl.runs.runs(config["pretrain"]["methods"], config["pretrain"]["seeds"])
+try:  # the warm-start weights exist and are a kind dirl reads (their keys are checked when the job starts)
+    PRETRAIN_INIT = str(dirl.ssl.init.resolve(config["pretrain"]["init"])[0]) if config["pretrain"]["init"] else []
+except DirlError as e:
+    raise WorkflowError(str(e)) from None
 try:
     dirl.runs.check_encoder_names(list(config["extract"]["encoders"]), list(RUNS))
 except DirlError as e:

@@ -11,6 +11,7 @@ rule pretrain:
         tiles=expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
         priors=lambda w: expand(f"{RESULTS}/priors/{{slide}}.zarr", slide=SLIDES) if RUNS[w.run][0] == "dirl" else [],
         failed=rules.failed_slides.output,
+        init=PRETRAIN_INIT,  # a changed warm-start file reruns pretraining
     output:
         backbone=f"{RESULTS}/pretrain/{{run}}/backbone.pt",
         meta=f"{RESULTS}/pretrain/{{run}}/backbone.json",
