@@ -26,6 +26,7 @@ import numpy as np
 
 from dirl import store
 from dirl.errors import DirlError
+from dirl.segment.sampling import SUMMARY, VERSION, sample_nuclei
 from dirl.settings import Settings, bounded
 
 log = logging.getLogger(__name__)
@@ -39,19 +40,6 @@ FEATURES: tuple[tuple[str, str, str], ...] = (
     ("e_od", "e_od", "identity"),
     ("h_od_std", "h_od_std", "identity"),
 )
-SUMMARY = (
-    "area_um2",
-    "major_um",
-    "minor_um",
-    "eccentricity",
-    "solidity",
-    "circularity",
-    "h_od",
-    "e_od",
-    "h_od_std",
-    "h_od_ring",
-)
-VERSION = 1
 
 
 def feature_matrix(table: dict[str, np.ndarray], spec: list[list[str]] | tuple = FEATURES) -> np.ndarray:
@@ -126,7 +114,7 @@ class PhenotypeModel:
         """Class 0..k-1 of every row: nearest centroid in standardised space, or with imported types
         (`type_names`: the cells store's) the class of the row's type, -1 for a dropped type."""
         if self.raw.get("method") == "imported":
-            from dirl.segment.imported import imported_classes
+            from dirl.segment.typed_classes import imported_classes
 
             return imported_classes(self.raw["type_classes"], type_names, table["type"])
         z = self.standardise(table)
@@ -146,39 +134,6 @@ def _describe(means: dict[str, float], all_means: dict[str, float], all_sd: dict
     tone = "dark" if z("h_od") > 0.5 else "pale" if z("h_od") < -0.5 else "mid-dark"
     shape = "elongated" if z("eccentricity") > 0.5 else "round" if z("eccentricity") < -0.5 else "oval"
     return f"{size} {tone} {shape}"
-
-
-def sample_nuclei(
-    cells: list[Path], n: int, seed: int, columns: list[str]
-) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
-    """A uniform random sample of at most n nuclei over all stores; nuclei cut by a tile edge are left
-    out while at least min(n, a quarter of all nuclei) others exist. Returns the columns, the store index
-    of each row, and the total number of nuclei. Memory: one slide's columns at a time."""
-    rng = np.random.default_rng(seed)
-    n_all, n_inner = [], []
-    for p in cells:  # pass 1: counts only
-        b = store.read_nuclei(p, ["border"])["border"]
-        n_all.append(len(b))
-        n_inner.append(int((b == 0).sum()))
-    total = int(sum(n_all))
-    inner_only = sum(n_inner) >= min(n, max(total // 4, 1))
-    counts = np.array(n_inner if inner_only else n_all, dtype=np.int64)
-    pool = int(counts.sum())
-    pick = np.sort(rng.choice(pool, size=min(n, pool), replace=False)) if pool else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    parts: list[dict[str, np.ndarray]] = []
-    src = []
-    for i, p in enumerate(cells):  # pass 2: the sampled rows of each slide
-        sel = pick[(pick >= offsets[i]) & (pick < offsets[i + 1])] - offsets[i]
-        if len(sel) == 0:
-            continue
-        t = store.read_nuclei(p, sorted(set(columns) | {"border"}))
-        rows = np.flatnonzero(t["border"] == 0)[sel] if inner_only else sel
-        parts.append({c: t[c][rows] for c in columns})
-        src.append(np.full(len(rows), i))
-    if not parts:
-        return {c: np.zeros(0) for c in columns}, np.zeros(0, int), total
-    return ({c: np.concatenate([q[c] for q in parts]) for c in columns}, np.concatenate(src), total)
 
 
 def fit(
@@ -372,7 +327,7 @@ def main(args: argparse.Namespace) -> None:
     s = PhenotypeSettings.from_args(args)
     cells = [Path(c) for c in args.cells]
     if s.source == "imported":
-        from dirl.segment.imported import fit_imported
+        from dirl.segment.typed_classes import fit_imported
 
         model, tab, src, cls = fit_imported(cells, s.type_classes, s.unknown_types, s.sample, s.seed)
     else:
