@@ -13,7 +13,7 @@ it names a parent class, and no measurement is NaN (0.4 reads none). The Feature
   tile by tile);
 - with `--cells`, every nucleus (`objectType: detection`) as the polygon along its pixels' edges in the
   label map (dirl.polygons: its area is its pixel count, QuPath's area and `Area µm^2` agree), with its
-  measurements (area, shape, stain); with `--phenotypes`, classified by its cell class, named and
+  measurements (area, shape, stain); with `--priors`, classified by the cell class kept there, named and
   coloured as in the priors overlay (`class 2 (large pale elongated)`); without, by its imported type
   (segmentation backend `import`), if it has one. `--nuclei-out` puts them in a file of their own (a
   cohort-scale slide has 10^5-10^6 nuclei), gzipped when it ends in `.gz` (QuPath reads `.geojson.gz`).
@@ -83,25 +83,22 @@ def qupath_class(name: str, colour: list[int]) -> dict[str, Any]:
     return {"name": name, "color": [int(v) for v in colour]}
 
 
-def _classes(cells: Path, model_path: str | None, tab: dict[str, np.ndarray]) -> tuple[np.ndarray, list[dict]]:
-    """Per table row an index into the returned QuPath classifications: the phenotype model's classes,
-    else the imported types (backend import), else one class `nucleus`."""
-    if model_path is None:
+def _classes(cells: Path, priors: str | None, tab: dict[str, np.ndarray], order: np.ndarray) -> tuple[np.ndarray, list]:
+    """Per (sorted) table row an index into the returned QuPath classifications: the cell classes the priors
+    store keeps for every nucleus, else the imported types (backend import), else one class `nucleus`."""
+    if priors is None:
         types = store.map_attrs(cells, "labels").get("type_names")
         if not types or "type" not in tab or (tab["type"] < 0).any():
             return np.zeros(len(tab["tile"]), np.int64), [NUCLEUS]
         return tab["type"].astype(np.int64), _coloured(types)
-    from dirl.segment.phenotype import PhenotypeModel
-
-    model = PhenotypeModel.load(model_path)
-    descriptions = [c["description"] for c in model.raw["classes"]]
-    names = (
-        descriptions
-        if model.raw.get("method") != "kmeans"
-        else [f"class {c} ({d})" for c, d in enumerate(descriptions)]
-    )
-    classes = _coloured(names)
-    cls = model.predict(tab, store.map_attrs(cells, "labels").get("type_names"))
+    cls, names = store.read_nucleus_classes(priors)
+    if len(cls) != len(order):
+        raise StoreError(
+            f"{priors}: {len(cls)} nucleus classes for {len(order)} nuclei in {cells}: rerun `dirl priors`"
+        )
+    kmeans = store.map_attrs(priors, "priors").get("phenotype_method") == "kmeans"
+    classes = _coloured([f"class {c} ({d})" for c, d in enumerate(names)] if kmeans else names)
+    cls = cls[order]
     return np.where(cls < 0, len(classes), cls), [*classes, NUCLEUS]  # -1: a type the model drops
 
 
@@ -160,7 +157,7 @@ def export_slide(
     tiles_path: str | Path,
     out: str | Path,
     cells: str | Path | None = None,
-    phenotypes: str | None = None,
+    priors: str | None = None,
     mil_attention: dict[str, str | Path] | None = None,
     attention: str | Path | None = None,
     nuclei_out: str | Path | None = None,
@@ -187,10 +184,10 @@ def export_slide(
                 m[f"Attention entropy {run}"] = round(value, 4)
             f.put(_feature(ring, "tile", TILE, m))
         if cells is not None and nuclei_out is None:
-            counts["nuclei"] = _put_nuclei(Path(cells), tiles, phenotypes, scale, f.put)
+            counts["nuclei"] = _put_nuclei(Path(cells), tiles, priors, scale, f.put)
     if cells is not None and nuclei_out is not None:
         with FeatureFile(nuclei_out) as g:
-            counts["nuclei"] = _put_nuclei(Path(cells), tiles, phenotypes, scale, g.put)
+            counts["nuclei"] = _put_nuclei(Path(cells), tiles, priors, scale, g.put)
     log.info(
         "slide %r: %d tiles, %d nuclei -> %s%s in %.1f s",
         tiles.slide_id,
@@ -225,14 +222,14 @@ def _attention_entropy(path: str | Path, slide: str) -> dict[int, dict[str, floa
     return {r: {run: float(v["per_image"]["head_entropy"][i]) for run, v in d["runs"].items()} for i, r in rows}
 
 
-def _put_nuclei(cells: Path, tiles: store.TileStore, phenotypes: str | None, scale: float, put) -> int:
+def _put_nuclei(cells: Path, tiles: store.TileStore, priors: str | None, scale: float, put) -> int:
     n = len(tiles)
     level0_um2 = (scale * float(tiles.attrs.get("slide_mpp") or tiles.mpp)) ** 2  # µm² of a tile pixel
     labels = store.open_map(cells, "labels", n)
     tab = store.read_nuclei(cells)
     order = np.lexsort((tab["label"], tab["tile"]))
     tab = {k: v[order] for k, v in tab.items()}
-    cls, classes = _classes(cells, phenotypes, tab)
+    cls, classes = _classes(cells, priors, tab, order)
     bounds = np.searchsorted(tab["tile"], np.arange(n + 1))
     done = 0
     for a in range(0, n, store.SHARD_TILES):  # one shard of label maps in memory at a time
@@ -256,7 +253,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tiles", help="tile store, results/<cohort>/tiles/{slide}.zarr")
     p.add_argument("--out", required=True, help="GeoJSON to write, results/<cohort>/export/{slide}.geojson")
     p.add_argument("--cells", help="cells store (results/<cohort>/cells/{slide}.zarr): export the nuclei")
-    p.add_argument("--phenotypes", help="phenotype model (phenotypes/model.json): classify the nuclei")
+    p.add_argument("--priors", help="priors store (priors/{slide}.zarr): the nuclei's cell classes, kept there")
     p.add_argument(
         "--mil-attention",
         action="append",
@@ -273,7 +270,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def io(args: argparse.Namespace) -> tuple[list, list]:
     """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
-    return [args.out, args.nuclei_out], [args.tiles, args.cells, args.phenotypes, args.attention]
+    return [args.out, args.nuclei_out], [args.tiles, args.cells, args.priors, args.attention]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -283,4 +280,4 @@ def main(args: argparse.Namespace) -> None:
         if not sep or not name or not path:
             raise ConfigError(f"--mil-attention {item!r}: write NAME=PATH")
         named[name] = path
-    export_slide(args.tiles, args.out, args.cells, args.phenotypes, named, args.attention, args.nuclei_out)
+    export_slide(args.tiles, args.out, args.cells, args.priors, named, args.attention, args.nuclei_out)

@@ -384,6 +384,27 @@ def map_store_writer(
         root.attrs.update({**attrs, "n_tiles": n, **_written()})
 
 
+# priors/{slide}.zarr group `cells`: the cell class of every nucleus, row-aligned with the cells store's table
+# (-1: none, a dropped type painted as tissue), class names in its attrs. The classes exist once the cohort's
+# phenotype model does, after segmentation: the priors, which paint them, keep them for every reader.
+CLASSES = "cells"
+
+
+def write_nucleus_classes(root: zarr.Group, classes: np.ndarray, names: list[str]) -> None:
+    g = root.create_group(CLASSES)
+    values = np.asarray(classes, np.int16)
+    g.create_array("class", data=values, chunks=(max(1, min(len(values), 65536)),))
+    g.attrs.update({"class_names": list(names), "n": int(len(values))})
+
+
+def read_nucleus_classes(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """(class per row of the cells table, class names) from a priors store."""
+    g = _open_group(path, "priors")
+    if CLASSES not in g:
+        raise StoreError(f"priors store {path} has no nucleus classes (written by an older dirl?): rerun `dirl priors`")
+    return np.asarray(g[CLASSES]["class"][:], np.int64), list(g[CLASSES].attrs["class_names"])
+
+
 def map_attrs(path: str | os.PathLike, name: str) -> dict[str, Any]:
     """The attributes of a map store (cells, priors)."""
     return dict(_open_group(path, name).attrs)

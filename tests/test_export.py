@@ -26,8 +26,9 @@ def run(tmp_path_factory) -> dict[str, Path]:
     assert cli(["tile", str(slide), str(tiles), "--mpp", "0.5", "--tile-px", "128"]) == 0
     assert cli(["segment", str(tiles), str(cells), "--threads", "2"]) == 0
     assert cli(["phenotype", str(cells), "--out", str(model), "--k", "2"]) == 0
+    assert cli(["priors", str(tiles), str(cells), str(model), str(d / "p.zarr")]) == 0  # keeps each nucleus' class
     out, nuc = d / "export" / "s.geojson", d / "export" / "s.nuclei.geojson.gz"
-    argv = ["export", str(tiles), "--cells", str(cells), "--phenotypes", str(model), "--out", str(out)]
+    argv = ["export", str(tiles), "--cells", str(cells), "--priors", str(d / "p.zarr"), "--out", str(out)]
     assert cli([*argv, "--nuclei-out", str(nuc)]) == 0
     return {"tiles": tiles, "cells": cells, "model": model, "out": out, "nuclei": nuc}
 

@@ -206,7 +206,9 @@ def plot(results: dict[str, dict], png: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tiles", help="the probe tile store, probe/<dataset>/tiles.zarr (dirl probe-tiles)")
-    p.add_argument("--features", nargs="+", required=True, metavar="NAME=H5", help="feature source = its features")
+    p.add_argument(
+        "--features", nargs="+", action="extend", required=True, metavar="NAME=H5", help="feature source = its features"
+    )
     p.add_argument("--out", required=True, help="output directory, probe/<dataset>")
     ProbeSettings.add_arguments(p.add_argument_group("settings (ProbeSettings)"))
 

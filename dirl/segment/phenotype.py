@@ -65,11 +65,15 @@ class PhenotypeSettings(Settings):
     source: str = field(
         default="kmeans",
         metadata={
-            "choices": ("kmeans", "imported"),
-            "help": "kmeans: classes fitted on morphology; imported: the nuclei's types (segmentation backend import)",
+            "choices": ("kmeans", "imported", "trained"),
+            "help": "kmeans: classes fitted on morphology; imported: the nuclei's types (segmentation backend "
+            "import); trained: a classifier learnt from the sample sheet's cell_labels (typed points or nuclei)",
         },
     )
-    type_classes: tuple[str, ...] = ()  # source imported: "type=class" ("type=-": tissue); empty: a class per type
+    type_classes: tuple[
+        str, ...
+    ] = ()  # sources imported, trained: "type=class" ("type=-": tissue); empty: a class each
+    min_examples: int = bounded(20, ge=1)  # source trained: fewest examples a class may have
     unknown_types: str = field(
         default="error",
         metadata={
@@ -110,9 +114,31 @@ class PhenotypeModel:
     def standardise(self, table: dict[str, np.ndarray]) -> np.ndarray:
         return (feature_matrix(table, self.spec) - self.mean) / self.std
 
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether classifying a nucleus takes its tile's pixels (the trained classifier's context)."""
+        return self.raw.get("method") == "trained"
+
+    def predict_tile(
+        self, image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """Class of each row of one tile's `table` (the trained classifier: it looks around each nucleus)."""
+        from dirl.segment import nucleus_features, trained
+
+        if not len(table["label"]):
+            return np.zeros(0, np.int64)
+        order = np.argsort(table["label"], kind="stable")
+        part = {k: v[order] for k, v in table.items()}
+        x = nucleus_features.matrix(image, trained.relabelled(labels, part["label"]), mpp, part)
+        out = np.empty(len(order), np.int64)
+        out[order] = trained.predict(self.raw["classifier"], x)
+        return out
+
     def predict(self, table: dict[str, np.ndarray], type_names: list[str] | None = None) -> np.ndarray:
         """Class 0..k-1 of every row: nearest centroid in standardised space, or with imported types
         (`type_names`: the cells store's) the class of the row's type, -1 for a dropped type."""
+        if self.needs_pixels:
+            raise DirlError("the trained nucleus classifier needs the tiles' pixels: use predict_tile")
         if self.raw.get("method") == "imported":
             from dirl.segment.typed_classes import imported_classes
 
@@ -293,6 +319,44 @@ def write_gallery(
     plt.close(fig)
 
 
+def write_validation(path: str | os.PathLike, model: dict[str, Any]) -> None:
+    """The trained classifier's validation by slide: its confusion matrix (rows: the examples' class,
+    normalised), balanced accuracy and per-class recall; for the other sources, what their classes are."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dirl.store import atomic_path
+
+    v = model.get("validation") or {}
+    names = [c["description"] for c in model["classes"]]
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 3, 0.9 * len(names) + 1.8))
+    if v.get("folds"):
+        cm = np.asarray(v["confusion"], float)
+        ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), vmin=0, vmax=1, cmap="Blues")
+        for (i, j), n in np.ndenumerate(cm):
+            ax.text(j, i, int(n), ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("example's class")
+        recall = ", ".join(f"{c} {r:.2f}" for c, r in v["per_class_recall"].items() if r is not None)
+        ax.set_title(
+            f"validated by slide ({v['folds']} folds, {v['n']} examples): balanced accuracy "
+            f"{v['balanced_accuracy']:.3f}\nrecall: {recall}",
+            fontsize=8,
+        )
+    else:
+        ax.axis("off")
+        what = {"kmeans": "k-means clusters", "imported": "the imported types"}.get(model.get("method"), "")
+        ax.text(0.5, 0.5, v.get("note") or f"cell classes are {what}: nothing to validate", ha="center", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def _match_tiles(cells: list[Path], tiles: list[str] | None) -> list[Path | None]:
     """The tile store of each cells store: by slide_id, else by position, else the `tiles` attr."""
     ids = []
@@ -313,12 +377,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiles", nargs="*", help="their tile stores (for the gallery), matched by slide_id")
     p.add_argument("--out", required=True, help="model.json to write")
     p.add_argument("--gallery", help="PNG of example nuclei per class")
+    p.add_argument("--validation", help="PNG of the trained classifier's validation by slide")
+    p.add_argument(
+        "--cell-labels",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SLIDE=FILE",
+        help="source trained: a slide's typed examples (QuPath points, or typed nuclei as the import backend reads)",
+    )
     PhenotypeSettings.add_arguments(p.add_argument_group("settings (PhenotypeSettings)"))
 
 
 def io(args: argparse.Namespace) -> tuple[list, list]:
     """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
-    return [args.out, args.gallery], [*args.cells, *(args.tiles or [])]
+    return [args.out, args.gallery, args.validation], [
+        *args.cells,
+        *(args.tiles or []),
+        *(i.partition("=")[2] for i in args.cell_labels),
+    ]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -330,6 +407,13 @@ def main(args: argparse.Namespace) -> None:
         from dirl.segment.typed_classes import fit_imported
 
         model, tab, src, cls = fit_imported(cells, s.type_classes, s.unknown_types, s.sample, s.seed)
+    elif s.source == "trained":
+        from dirl.segment.trained import fit_trained
+
+        labels = dict(item.split("=", 1) for item in args.cell_labels)
+        model, tab, src, cls = fit_trained(
+            cells, _match_tiles(cells, args.tiles), labels, s.type_classes, s.unknown_types, s.min_examples, s.seed
+        )
     else:
         model, tab, src, cls = fit(cells, k=s.k, sample=s.sample, seed=s.seed, n_init=s.n_init)
     with atomic_path(args.out) as tmp:
@@ -344,5 +428,7 @@ def main(args: argparse.Namespace) -> None:
             c["mean"]["area_um2"],
             c["mean"]["h_od"],
         )
+    if args.validation:
+        write_validation(args.validation, model)
     if args.gallery:
         write_gallery(args.gallery, model, tab, src, cls, cells, _match_tiles(cells, args.tiles), seed=s.seed)

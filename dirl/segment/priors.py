@@ -92,18 +92,12 @@ def paint(
     return out
 
 
-def _luts(tab: dict[str, np.ndarray], values: np.ndarray, n_tiles: int) -> list[np.ndarray]:
-    """Per tile, an array mapping label -> prior value (rows are sorted by tile, then label)."""
-    tiles = tab["tile"]
-    bounds = np.searchsorted(tiles, np.arange(n_tiles + 1))
-    out = []
-    for t in range(n_tiles):
-        a, b = bounds[t], bounds[t + 1]
-        lab = tab["label"][a:b].astype(np.int64)
-        lut = np.ones(int(lab.max()) + 1 if b > a else 1, dtype=np.uint8)  # unknown label -> tissue
-        lut[lab] = values[a:b]
-        out.append(lut)
-    return out
+def _lut(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """An array mapping one tile's label -> prior value (a label without a class: tissue)."""
+    lab = np.asarray(labels, np.int64)
+    lut = np.ones(int(lab.max()) + 1 if len(lab) else 1, dtype=np.uint8)
+    lut[lab] = np.where(values >= store.FIRST_CELL_PRIOR, values, 1)
+    return lut
 
 
 def make_priors(
@@ -128,12 +122,13 @@ def make_priors(
     subset = {"rows": rows.tolist(), "tiles_per_slide": cells_attrs["tiles_per_slide"]} if "rows" in cells_attrs else {}
     model = PhenotypeModel.load(model_path)
     tab = store.read_nuclei(cells_path)
-    if len(tab["tile"]) and np.any(np.diff(tab["tile"]) < 0):
-        order = np.lexsort((tab["label"], tab["tile"]))
-        tab = {k: v[order] for k, v in tab.items()}
-    cls = model.predict(tab, store.map_attrs(cells_path, "labels").get("type_names"))
-    values = store.prior_value(cls).astype(np.uint8)
-    luts = _luts(tab, values, n)
+    order = np.lexsort((tab["label"], tab["tile"])) if len(tab["tile"]) else np.zeros(0, np.int64)
+    tab = {k: v[order] for k, v in tab.items()}  # by tile, then label: each tile's rows in one run
+    bounds = np.searchsorted(tab["tile"], np.arange(n + 1))
+    if model.needs_pixels:  # the trained classifier looks at each nucleus' surroundings: per tile, below
+        cls = np.full(len(tab["tile"]), -1, np.int64)
+    else:
+        cls = model.predict(tab, store.map_attrs(cells_path, "labels").get("type_names"))
     n_classes = store.prior_value(model.k)
     names = store.prior_class_names([c["description"] for c in model.raw["classes"]])
     attrs = {
@@ -144,6 +139,7 @@ def make_priors(
         "n_classes": n_classes,
         "class_names": names,
         "model": str(Path(model_path)),
+        "phenotype_method": model.raw.get("method"),
         "cells": str(Path(cells_path)),
         "settings": asdict(s),
         **subset,
@@ -153,22 +149,25 @@ def make_priors(
         store.map_store_writer(out, "priors", n=n, tile_px=tp, dtype="uint8", attrs=attrs) as (root, arr),
         ThreadPoolExecutor(max(1, threads)) as pool,
     ):
+
+        def one(img: np.ndarray, lab: np.ndarray, t: int) -> np.ndarray:
+            a, b = bounds[t], bounds[t + 1]
+            if model.needs_pixels and b > a:
+                cls[a:b] = model.predict_tile(img, lab, mpp, {k: v[a:b] for k, v in tab.items()})
+            return paint(img, lab, _lut(tab["label"][a:b], store.prior_value(cls[a:b])), mpp, s)
+
         for idx in store.rows_by_shard(rows):  # whole shards: write_rows writes each once
             imgs, labs = tiles.take(idx), store.read_rows(labels, idx)
-            block = np.stack(
-                list(
-                    pool.map(
-                        lambda i, imgs=imgs, labs=labs, idx=idx: paint(imgs[i], labs[i], luts[idx[i]], mpp, s),
-                        range(len(idx)),
-                    )
-                )
-            )
+            block = np.stack(list(pool.map(one, imgs, labs, idx.tolist())))
             if subset:
                 store.write_rows(arr, idx, block)
             else:
                 arr[idx[0] : idx[-1] + 1] = block
             counts += np.bincount(block.ravel(), minlength=n_classes)[:n_classes]
         root.attrs["pixel_fractions"] = (counts / max(counts.sum(), 1)).round(5).tolist()
+        unsorted = np.empty(len(cls), np.int64)
+        unsorted[order] = cls  # the cells table's own row order
+        store.write_nucleus_classes(root, unsorted, [c["description"] for c in model.raw["classes"]])
     if overlay:
         note = f" ({len(rows)} of {n} tiles: pretrain.tiles_per_slide)" if subset else ""
         write_overlay(overlay, tiles, labels, out, tab, cls, model, note=note)

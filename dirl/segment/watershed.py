@@ -52,6 +52,9 @@ class WatershedParams(CommonParams):
     min_solidity: float = bounded(0.6, ge=0, le=1)  # drop ragged objects (debris, fibre fragments)
 
 
+BLACK, GREY = 70, 25  # dark (brightest channel below BLACK) and colourless (channels within GREY): black
+
+
 def _disk(r: int) -> np.ndarray:
     return np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
 
@@ -117,12 +120,17 @@ def segment_tile(rgb: np.ndarray, mpp: float, p: WatershedParams) -> np.ndarray:
         h = h - cv2.morphologyEx(h, cv2.MORPH_OPEN, square, borderType=cv2.BORDER_REPLICATE)
     sigma = p.sigma_um / mpp
     hs = ndimage.gaussian_filter(h, sigma, mode="reflect", truncate=3.0) if sigma > 0.3 else h
+    # near-black pixels (pigment, carbon, debris, marker ink) are no nuclei, and left in they drag Otsu's
+    # threshold up past every real nucleus of the tile
+    hi = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    lo = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    black = (hi < BLACK) & (hi.astype(np.int16) - lo < GREY)  # dark and colourless: not haematoxylin
     if p.threshold is not None:
         t = p.threshold
     else:
-        tissue = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < 220  # not white glass
+        tissue = (lo < 220) & ~black  # not glass
         t = float(np.clip(_otsu(hs[tissue], p.threshold_max), p.threshold_min, p.threshold_max))
-    fg = hs > t
+    fg = (hs > t) & ~black
     if not fg.any():
         return np.zeros(fg.shape, dtype=np.int32)
     fg = _fill_holes(fg)

@@ -53,6 +53,7 @@ shell.prefix(
 import dirl.config
 import dirl.probe.data
 import dirl.runs
+import dirl.segment.examples
 import dirl.ssl.init
 import dirl.samples
 import dirl.settings
@@ -84,6 +85,14 @@ if _no_nuclei:
         f"segmentation.backend import reads each slide's typed nuclei from the sample sheet's `nuclei` column; "
         f"{config['samples']} names none for {_no_nuclei}"
     )
+# phenotypes.source trained: the slides' typed examples (sample sheet column cell_labels), checked here
+TRAINED = config["phenotypes"]["source"] == "trained"
+CELL_LABELS = {s.slide_id: s.cell_labels for s in SAMPLE_LIST if s.cell_labels} if TRAINED else {}
+if TRAINED:
+    try:
+        dirl.segment.examples.check_cell_labels(CELL_LABELS, config["samples"], config["phenotypes"])
+    except DirlError as e:
+        raise WorkflowError(str(e)) from None
 _unknown = sorted(set(ATTENTION_SLIDES) - set(SLIDES))
 if _unknown:
     raise WorkflowError(f"config attention.slides: {_unknown} are not slide ids of {config['samples']}")

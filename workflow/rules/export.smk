@@ -6,7 +6,7 @@ rule export:
     input:
         tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
         cells=f"{RESULTS}/cells/{{slide}}.zarr",
-        model=f"{RESULTS}/phenotypes/model.json",
+        priors=f"{RESULTS}/priors/{{slide}}.zarr",
         diagnostics=rules.attention.output.json,
         attention=lambda w: (
             expand(
@@ -35,5 +35,5 @@ rule export:
             "--mil-attention", input.attention, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"
         ),
     shell:
-        "dirl export {input.tiles:q} --cells {input.cells:q} --phenotypes {input.model:q} {params.attention} "
+        "dirl export {input.tiles:q} --cells {input.cells:q} --priors {input.priors:q} {params.attention} "
         "--attention {input.diagnostics:q} --out {output.geojson:q} --nuclei-out {output.nuclei:q} > {log:q} 2>&1"

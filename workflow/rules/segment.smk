@@ -33,10 +33,16 @@ rule phenotype:
         cells=lambda w: expand(f"{RESULTS}/cells/{{slide}}.zarr", slide=SLIDES),
         tiles=lambda w: expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
         failed=rules.failed_slides.output,  # the cohort-level stages list what they skip
+        cell_labels=CELL_LABELS.values(),
     output:
         model=f"{RESULTS}/phenotypes/model.json",
         gallery=report(
             f"{RESULTS}/phenotypes/gallery.png",
+            caption="../report/phenotypes.rst",
+            category="2. Nuclei and cell classes",
+        ),
+        validation=report(
+            f"{RESULTS}/phenotypes/validation.png",
             caption="../report/phenotypes.rst",
             category="2. Nuclei and cell classes",
         ),
@@ -52,9 +58,11 @@ rule phenotype:
         runtime=60,
     params:
         settings=settings("phenotypes", "dirl.segment.phenotype:PhenotypeSettings"),
+        cell_labels=" ".join(f"--cell-labels {shlex.quote(f'{sid}={path}')}" for sid, path in CELL_LABELS.items()),
     shell:
         "dirl phenotype {input.cells:q} --tiles {input.tiles:q} --out {output.model:q} "
-        "--gallery {output.gallery:q} --settings {params.settings:q} > {log:q} 2>&1"
+        "--gallery {output.gallery:q} --validation {output.validation:q} {params.cell_labels} "
+        "--settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule priors:
