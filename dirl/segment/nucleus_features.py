@@ -64,11 +64,17 @@ def context(image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, 
         image[..., 2].astype(np.float32),
     )
     cols = []
+    # rings: every pixel outside the nuclei belongs to its nearest nucleus, up to r µm away (one distance
+    # transform for both radii; a dilation per radius costs ten times more at 8 µm)
+    outside = (lab == 0).astype(np.uint8)
+    dist, nearest = cv2.distanceTransformWithLabels(outside, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
+    inside = lab > 0
+    owner_of = np.zeros(int(nearest.max()) + 1, np.int64)
+    owner_of[nearest[inside]] = lab[inside]
+    owner = owner_of[nearest]
     for r_um in RINGS_UM:
-        k = max(1, round(r_um / mpp))
-        grown = cv2.dilate(lab.astype(np.float32), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
-        ring = (lab == 0) & (grown > 0)
-        rid = grown[ring].astype(np.int64)
+        ring = (dist > 0) & (dist <= r_um / mpp)
+        rid = owner[ring]
         cnt = np.maximum(np.bincount(rid, minlength=n + 1)[1:], 1)
         cols += [np.bincount(rid, weights=c[ring], minlength=n + 1)[1:] / cnt for c in channels]
     fg = lab > 0
@@ -88,16 +94,19 @@ def context(image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, 
     cols.append(np.bincount(ids, weights=np.hypot(gx, gy)[fg], minlength=n + 1)[1:] / safe)
     xy = np.stack([table["cx"], table["cy"]], 1).astype(np.float64) * mpp  # µm
     tree = cKDTree(xy)
-    for r_um in NEIGHBOURS_UM:
-        cols.append(np.array([len(v) - 1 for v in tree.query_ball_point(xy, r_um)], np.float64))
+    area = np.asarray(table["area_um2"], np.float64)
+    m = len(xy)
+    for r_um in NEIGHBOURS_UM:  # pairs closer than r, both ways: counts (and, at the last radius, areas)
+        pairs = tree.query_pairs(r_um, output_type="ndarray")
+        ends = np.concatenate([pairs[:, 0], pairs[:, 1]]) if len(pairs) else np.zeros(0, np.int64)
+        others = np.concatenate([pairs[:, 1], pairs[:, 0]]) if len(pairs) else np.zeros(0, np.int64)
+        count = np.bincount(ends, minlength=m).astype(np.float64)
+        cols.append(count)
     d, _ = tree.query(xy, k=4)
     d = np.where(np.isfinite(d), d, 50.0)  # fewer than three neighbours in the tile: far
     cols += [d[:, 1], d[:, 3]]
-    area = np.asarray(table["area_um2"], np.float64)
-    near = tree.query_ball_point(xy, NEIGHBOURS_UM[-1])
-    cols.append(
-        np.array([area[[j for j in v if j != i]].mean() if len(v) > 1 else area[i] for i, v in enumerate(near)])
-    )
+    near_area = np.bincount(ends, weights=area[others], minlength=m)
+    cols.append(np.where(count > 0, near_area / np.maximum(count, 1), area))
     return np.stack(cols, 1).astype(np.float32)
 
 
