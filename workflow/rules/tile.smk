@@ -1,9 +1,10 @@
 """Stage 1: tissue detection and tiling into results/<cohort>/tiles/{slide}.zarr."""
 
-# What a slide that cannot be read becomes (allow_failed_slides): not a param, because it is no property of
-# a good slide's tiles (a param would re-tile every slide when the setting is toggled); the shell command's
-# template is what Snakemake's code trigger compares, and it names this variable, not its value. A store
-# already marked failed stays so (listed in failed_slides.txt) until it is deleted or `--forcerun tile`.
+# What a slide that cannot be read becomes (allow_failed_slides): a job resource, not a param, because it is
+# no property of a good slide's tiles (a changed param would re-tile every slide when the setting is
+# toggled; resources are no rerun trigger, and each job, local or on the cluster, evaluates it from the
+# same config). A store already marked failed stays so (listed in failed_slides.txt) until it is deleted
+# or `--forcerun tile`.
 TILE_ON_ERROR = "empty" if config["allow_failed_slides"] else "fail"
 
 
@@ -29,13 +30,14 @@ rule tile:
         **job(config["tiling"]["threads"]),
         mem_mb=4000,
         runtime=60,
+        on_error=TILE_ON_ERROR,
     params:
         slide=lambda w: SAMPLES[w.slide].path,
         settings=settings("tiling"),
         mpp=slide_mpp_arg,
     shell:
         "dirl tile {params.slide:q} {output.tiles:q} --slide-id {wildcards.slide:q} {params.mpp} "
-        "--qc {output.qc:q} --threads {threads} --on-error {TILE_ON_ERROR} --settings {params.settings:q} "
+        "--qc {output.qc:q} --threads {threads} --on-error {resources.on_error} --settings {params.settings:q} "
         "> {log:q} 2>&1"
 
 
