@@ -287,3 +287,53 @@ def test_changed_cohort_refuses_stale_splits(cohort, abmil, tmp_path):
     assert main(["splits", "--samples", str(sheet), "--out", str(splits), "--folds", "4"]) == 0
     assert main(run) == 0
     assert len(json.loads(splits.read_text())["slides"]) == len(lines) - 3
+
+
+def test_final_model_records_what_applying_it_needs(cohort, abmil, tmp_path):
+    """`--final`: one more model on every labelled slide for the folds' median best epoch count, and
+    model.json with the classes, encoder, tile geometry and folds; a deployment plan refuses what does not
+    fit, each in one line."""
+    import torch
+
+    from dirl.errors import ConfigError
+    from dirl.mil import deploy
+
+    root = cohort["root"]
+    spec = {"encoder": str(root / "pretrain" / "dirl" / "backbone.pt")}
+    out = _mil(cohort, "dirl", "meanpool", "--final", "--encoder-spec", json.dumps(spec))
+    meta = json.loads((out / "model.json").read_text())
+    folds = json.loads((out / "metrics.json").read_text())["folds"]
+    assert meta["classes"] == list(CLASSES) and meta["encoder_spec"] == spec
+    assert meta["tiles"] == {"mpp": 1.0, "tile_px": T} and meta["settings"]["final"] is True
+    assert meta["final"]["epochs"] == int(np.median([f["best_epoch"] + 1 for f in folds]))
+    ck = torch.load(out / "final" / "model.pt", weights_only=False)
+    assert ck["n_slides"] == 2 * N_PER_CLASS and ck["epochs"] == meta["final"]["epochs"]
+    x = store.read_features(root / "features" / "dirl" / "lym00.h5")[0]
+    p, _ = deploy.apply(deploy.load_models(out, "final"), x)
+    assert p.shape == (2,) and abs(p.sum() - 1) < 1e-5
+    assert json.loads((abmil / "model.json").read_text())["final"] is None  # trained without --final
+
+    tiling = {"mpp": 1.0, "tile_px": T}
+    plan = deploy.plan({"from": str(root), "models": ["meanpool"], "sources": ["dirl"]}, tiling, ["tumour"])
+    assert plan.pairs == {("dirl", "meanpool"): out} and plan.specs == {"dirl": spec}
+    refusals = [
+        ({"from": str(root), "models": ["abmil"], "sources": ["dirl"]}, tiling, [], "has no final model"),
+        ({"from": str(root), "models": ["abmil"], "use": "folds"}, tiling, [], "records no encoder spec"),
+        ({"from": str(root), "models": ["meanpool"], "use": "folds"}, {"mpp": 0.5, "tile_px": T}, [], "at 1 µm/px"),
+        ({"from": str(root), "models": ["meanpool"], "use": "folds"}, tiling, ["stroma"], "not among the trained"),
+        ({"from": str(tmp_path)}, tiling, [], "not a trained cohort's results directory"),
+    ]
+    for section, tiles, labels, message in refusals:
+        with pytest.raises(ConfigError, match=message):
+            deploy.plan(section, tiles, labels)
+
+
+def test_patient_bootstrap_resamples_patients():
+    from dirl.mil.deploy import patient_bootstrap
+
+    y = np.array([0, 0, 1, 1, 0, 1])
+    prob = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.45, 0.55], [0.6, 0.4]])
+    ci = patient_bootstrap(y, prob, ["a", "a", "b", "c", "d", "e"], n_boot=300)
+    lo, hi = ci["auc"]
+    assert 0 <= lo < 0.78 < hi <= 1  # the point estimate (7/9) lies inside
+    assert patient_bootstrap(np.zeros(3, int), prob[:3], ["a", "b", "c"], n_boot=10)["auc"] is None

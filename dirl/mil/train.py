@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,7 @@ class MilSettings(Settings):
     device: str = "auto"
     memory_gb: float = bounded(16.0, ge=0)  # hold bags in RAM up to this size
     device_cache_gb: float = bounded(4.0, ge=0)  # hold bags on the device up to this
+    final: bool = False  # also train on every labelled slide, for the epochs the folds chose (mil/.../final/)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,9 +255,11 @@ def run_cv(
     tiles_dir: Path | None = None,
     n_heatmaps: int = 4,
     cache_gb: float = 4.0,
+    encoder_spec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import torch
 
+    from dirl.mil import final
     from dirl.mil.models import MODELS
 
     if model_name not in MODELS:
@@ -364,6 +368,21 @@ def run_cv(
             )
     elif n_heatmaps:
         log.info("meanpool attention is uniform: no heatmaps")
+    final_epochs = final.chosen_epochs(fold_metrics) if cfg.final else None
+    if final_epochs:
+        final.train_final(model_name, bags, usable, y, classes, cfg, device, final_epochs, out, get)
+    final.write_model_json(
+        out,
+        model_name=model_name,
+        source=source,
+        classes=classes,
+        cfg=cfg,
+        encoder=bags.encoder,
+        spec=encoder_spec,
+        geometry=final.tile_geometry(bags, usable),
+        folds=fold_metrics,
+        final_epochs=final_epochs,
+    )
     write_json(out / "metrics.json", json_safe(metrics))
     log.info(
         "%s/%s: AUC %.3f ± %.3f, balanced accuracy %.3f ± %.3f, F1 %.3f ± %.3f over %d folds",
@@ -398,6 +417,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", help="feature source name for tables (default: the feature directory name)")
     p.add_argument("--tiles", help="tile store directory (tiles/) for heatmap thumbnails")
     p.add_argument(
+        "--encoder-spec",
+        help="JSON: how `dirl extract` built the features' encoder (recorded in model.json for deployment)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -408,7 +431,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def io(args: argparse.Namespace) -> tuple[list, list]:
     """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
-    return [Path(args.out) / n for n in ("metrics.json", "predictions.csv", "attention.npz", "roc.png")], [
+    names = ["metrics.json", "predictions.csv", "attention.npz", "roc.png", "model.json"]
+    return [Path(args.out) / n for n in names], [
         args.samples,
         args.features,
         args.splits,
@@ -446,4 +470,5 @@ def _main(args: argparse.Namespace) -> None:
         tiles_dir=Path(args.tiles) if args.tiles else None,
         n_heatmaps=s.heatmaps,
         cache_gb=s.device_cache_gb,
+        encoder_spec=json.loads(args.encoder_spec) if args.encoder_spec else None,
     )
