@@ -26,6 +26,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/mil.smk"
+include: "workflow/rules/deploy.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/probe.smk"
 
@@ -34,12 +35,13 @@ rule all:
     default_target: True
     input:
         expand(f"{RESULTS}/qc/{{slide}}.png", slide=SLIDES),
-        expand(f"{RESULTS}/priors/{{slide}}.png", slide=SLIDES),
-        f"{RESULTS}/phenotypes/gallery.png",
+        [] if DEPLOY else expand(f"{RESULTS}/priors/{{slide}}.png", slide=SLIDES),
+        [] if DEPLOY else f"{RESULTS}/phenotypes/gallery.png",
         expand(f"{RESULTS}/pretrain/{{run}}/loss_curves.png", run=RUNS),
-        rules.attention.output,
+        [] if DEPLOY else rules.attention.output,
         expand(f"{RESULTS}/features/{{source}}/{{slide}}.h5", source=feature_sources(), slide=SLIDES),
         f"{RESULTS}/failed_slides.txt",
-        f"{RESULTS}/summary.tsv" if RUN_MIL or PROBE_DATASETS else [],
+        f"{RESULTS}/summary.tsv" if RUN_MIL or PROBE_DATASETS or DEPLOY else [],
         expand(f"{RESULTS}/probe/{{dataset}}/summary.json", dataset=PROBE_DATASETS),
+        [f"{RESULTS}/deploy/{s}/{m}/metrics.json" for s, m in DEPLOY_PLAN.pairs] if DEPLOY else [],
         (expand(f"{RESULTS}/export/{{slide}}.geojson", slide=SLIDES) if config["qupath_export"] else []),

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mil": ("dirl.mil.train", "cross-validated slide-level MIL classifiers"),
     "summary": ("dirl.summary", "DiRL vs DINO: attention and MIL results, seed by seed"),
     "export": ("dirl.export", "a slide's tiles and nuclei as GeoJSON for QuPath"),
+    "deploy": ("dirl.mil.deploy", "apply a trained cohort's MIL models to new slides (external validation)"),
+    "predict": ("dirl.predict", "a trained MIL model's prediction for a slide or a list of slides"),
     "probe-tiles": ("dirl.probe.tiles", "a labelled probe dataset (manifest, ImageFolder or regions) as tiles"),
     "probe": ("dirl.probe.run", "frozen-feature probes (k-NN, logistic regression) of every feature source"),
 }

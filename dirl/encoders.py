@@ -289,6 +289,34 @@ def _native_size(model) -> int | None:
     return int(size) if size else None
 
 
+SPEC_KEYS = ("encoder", "weights", "embed", "img_size", "model_kwargs")  # an encoder, as the workflow names it
+
+
+def spec_args(spec: dict[str, Any]) -> list[str]:
+    """`dirl extract` arguments of an encoder spec ({encoder, weights, embed, img_size, model_kwargs})."""
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"encoder spec {spec}: unknown key(s) {unknown}; known: {', '.join(SPEC_KEYS)}")
+    args = ["--encoder", str(spec["encoder"])]
+    for key in ("weights", "embed", "img_size"):
+        if spec.get(key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(spec[key])]
+    if spec.get("model_kwargs"):
+        args += ["--model-kwargs", json.dumps(spec["model_kwargs"])]
+    return args
+
+
+def load_spec(spec: dict[str, Any]) -> Encoder:
+    """The encoder of a spec (what a final MIL model records it was trained on)."""
+    return load_encoder(
+        str(spec["encoder"]),
+        weights=spec.get("weights"),
+        embed_kind=spec.get("embed"),
+        img_size=spec.get("img_size"),
+        model_kwargs=spec.get("model_kwargs") or None,
+    )
+
+
 def load_encoder(
     spec: str,
     *,

@@ -7,7 +7,8 @@ and then summarised over seeds. A source without the suffix is one seed. Sources
 runs (`extract.encoders`) appear beside them.
 
 summary.tsv, one row per figure: `section model metric source seed mean sd n` (section: mil,
-mil_delta, attention, attention_delta; seed `all` = over seeds). summary.md: the same as tables.
+mil_delta, attention, attention_delta, probe, probe_delta, external; seed `all` = over seeds).
+summary.md: the same as tables.
 """
 
 from __future__ import annotations
@@ -49,17 +50,17 @@ def _mean_sd(v: list[float]) -> tuple[float | None, float | None]:
 
 
 # --------------------------------------------------------------------------------------------------
-def load_metrics(specs: list[str]) -> dict[tuple[str, str], dict]:
+def load_metrics(specs: list[str], flag: str = "--metrics") -> dict[tuple[str, str], dict]:
     runs: dict[tuple[str, str], dict] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or "/" not in name:
-            raise ConfigError(
-                f"--metrics {spec!r}: write SOURCE/MODEL=PATH, e.g. dirl/abmil=mil/dirl/abmil/metrics.json"
-            )
+            raise ConfigError(f"{flag} {spec!r}: write SOURCE/MODEL=PATH, e.g. dirl/abmil=mil/dirl/abmil/metrics.json")
         source, model = name.split("/", 1)
         if not Path(path).exists():
-            raise ConfigError(f"metrics file {path} does not exist: run `dirl mil` first")
+            raise ConfigError(
+                f"metrics file {path} does not exist: run `dirl {flag[2:].replace('metrics', 'mil')}` first"
+            )
         if (source, model) in runs:
             raise ConfigError(f"two metrics files for {source}/{model}")
         runs[(source, model)] = json.loads(Path(path).read_text())
@@ -191,6 +192,43 @@ def probe_markdown(rows: list[Row]) -> list[str]:
     return out
 
 
+def external_rows(docs: dict[tuple[str, str], dict[str, Any]]) -> list[Row]:
+    """A deployment's metrics on the new cohort (`dirl deploy`'s metrics.json), with the 95 % interval from
+    resampling its patients (metrics `<key>_ci_low`, `<key>_ci_high`); n is the labelled slide count."""
+    rows = []
+    for (source, model), d in sorted(docs.items()):
+        n = d.get("n_labelled")
+        for key, _ in METRICS:
+            value = (d.get("metrics") or {}).get(key)
+            rows.append(Row("external", model, key, source, "-", value, None, n))
+            ci = (d.get("intervals") or {}).get(key)
+            if ci:
+                rows += [Row("external", model, f"{key}_ci_low", source, "-", ci[0], None, n)]
+                rows += [Row("external", model, f"{key}_ci_high", source, "-", ci[1], None, n)]
+    return rows
+
+
+def external_markdown(rows: list[Row]) -> list[str]:
+    ext = [r for r in rows if r.section == "external"]
+    if not ext:
+        return []
+    out = [
+        "## External validation (trained cohort's models on this cohort [95 % interval over patients])",
+        "",
+        "| model | source | " + " | ".join(h for _, h in METRICS) + " | slides |",
+        "|" + "---|" * (3 + len(METRICS)),
+    ]
+    for model, source in dict.fromkeys((r.model, r.source) for r in ext):
+        v = {r.metric: r for r in ext if r.model == model and r.source == source}
+        cells = []
+        for key, _ in METRICS:
+            m, lo, hi = (v.get(k) for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+            ci = f" [{lo.mean:.3f}, {hi.mean:.3f}]" if lo and hi else ""
+            cells.append(f"{_f(m.mean if m else None)}{ci}")
+        out.append(f"| {model} | {source} | " + " | ".join(cells) + f" | {v[METRICS[0][0]].n or 0} |")
+    return [*out, ""]
+
+
 # --------------------------------------------------------------------------------------------------
 def _f(v: float | None, sd: float | None = None, signed: bool = False, digits: int = 3) -> str:
     if v is None:
@@ -283,6 +321,7 @@ def markdown(rows: list[Row], classes: str, folds: str) -> str:
             "sd over seeds of the fold means. AUC: one-vs-rest macro (binary: plain); BA: balanced "
             "accuracy; F1: macro F1.",
         ]
+    out += external_markdown(rows)
     out += probe_markdown(rows)
     return "# DiRL vs DINO\n\n" + "\n".join(out) + "\n"
 
@@ -310,19 +349,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--attention", help="the JSON of `dirl attention`")
     p.add_argument("--probe", action="append", default=[], metavar="DATASET=PATH", help="a probe's summary.json")
+    p.add_argument(
+        "--deploy", action="append", default=[], metavar="SOURCE/MODEL=PATH", help="a `dirl deploy` metrics.json"
+    )
     p.add_argument("--out", required=True, help="output directory for summary.tsv and summary.md")
 
 
 def io(args: argparse.Namespace) -> tuple[list, list]:
     """(outputs, inputs): claimed and checked by `dirl` before the command runs (dirl.atomic.claim)."""
-    probes = [item.partition("=")[2] for item in args.probe]
+    probes = [item.partition("=")[2] for item in args.probe + args.deploy]
     return [Path(args.out) / n for n in ("summary.tsv", "summary.md")], [args.attention, *probes]
 
 
 def main(args: argparse.Namespace) -> None:
     runs = load_metrics(args.named)
-    if not runs and not args.attention and not args.probe:
-        raise ConfigError("nothing to summarise: give --metrics, --attention and/or --probe")
+    deployed = load_metrics(args.deploy, flag="--deploy")
+    if not runs and not deployed and not args.attention and not args.probe:
+        raise ConfigError("nothing to summarise: give --metrics, --deploy, --attention and/or --probe")
     rows = mil_rows(runs)
     if args.attention:
         rows += attention_rows(json.loads(Path(args.attention).read_text()))
@@ -333,6 +376,7 @@ def main(args: argparse.Namespace) -> None:
             raise ConfigError(f"--probe {item!r}: write DATASET=PATH")
         probes[name] = json.loads(Path(path).read_text())
     rows += probe_rows(probes)
+    rows += external_rows(deployed)
     classes = "; ".join(sorted({", ".join(m.get("classes", [])) for m in runs.values()}))
     folds = "/".join(map(str, sorted({len(m.get("folds", [])) for m in runs.values()})))
     tsv, md = write(Path(args.out), rows, classes, folds)

@@ -7,6 +7,7 @@ clear start-up errors for a bad sample sheet.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -39,7 +40,7 @@ CONFIG = {
         "b2": {"populations": ["tumour"], "width": 1024, "height": 1024, "seed": 4, "tissue": "full"},
     },
     **tiny_stages(batch_size=32, tiles_per_slide=32),
-    "mil": {"models": ["meanpool", "abmil"], "folds": 2, "epochs": 3},
+    "mil": {"models": ["meanpool", "abmil"], "folds": 2, "epochs": 3, "final": True},
     "qupath_export": True,
     # labelled tissue for the probe: crops of the two populations, and the same crops with shuffled labels
     "probe": {
@@ -340,3 +341,141 @@ def test_the_probe_compares_every_source_and_a_label_beats_shuffled_labels(cohor
     fake = json.loads((res / "shuffled" / "summary.json").read_text())["sources"]["colour"]
     for proto in ("knn", "logreg"):
         assert real[proto]["balanced_accuracy"] >= 0.9 > fake[proto]["balanced_accuracy"] + 0.25
+
+
+# --------------------------------------------------------------------------------------------------
+# external validation: the e2e cohort's models on a second cohort
+def external_cohort(tmp_path: Path, trained: Path, cmu: Path, **deploy: object) -> Path:
+    """Two synthetic slides of other seeds (labelled) and the real CMU slide (no label), `deploy.from` the
+    trained cohort; tiling as the trained cohort's."""
+    synth = {
+        "a9": {**CONFIG["synth"]["a1"], "seed": 91},
+        "b9": {**CONFIG["synth"]["b1"], "seed": 92},
+    }
+    config = {
+        "cohort": "ext",
+        "samples": "samples.tsv",
+        "synth": synth,
+        **{k: CONFIG[k] for k in ("tiling", "extract")},
+        "deploy": {"from": str(trained / "results" / "e2e"), **deploy},
+        "qupath_export": True,
+    }
+    sheet = (
+        "slide_id\tpath\tpatient_id\tlabel\n"
+        "a9\tresources/synth/a9.svs\tpa9\tA\nb9\tresources/synth/b9.svs\tpb9\tB\ncmu\t{cmu}\tcmu\t\n"
+    )
+    write_cohort(tmp_path, config, sheet.format(cmu=cmu))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_deployment_applies_the_trained_models_to_another_cohort(cohort: Path, tmp_path: Path, cmu_slide) -> None:
+    """The trained cohort's final models on new slides: tiled at its µm/px, encoded by its encoders (no
+    segmentation, pretraining or cross-validation), every slide predicted, the real unlabelled one too;
+    probabilities equal the final model applied by hand, AUC equals sklearn's on the written ones,
+    `use: folds` is the mean of the fold models, `dirl predict` agrees, the QuPath export shows the
+    deployed attention and the summary the external figures."""
+    from sklearn.metrics import roc_auc_score
+
+    from dirl.mil.deploy import apply, load_models
+
+    trained = cohort / "results" / "e2e"
+    work = external_cohort(tmp_path / "ext", cohort, cmu_slide, sources=["dirl"], models=["abmil"])
+    proc = snakemake(work)
+    jobs = planned_jobs(proc)
+    assert {"deploy", "extract", "tile"} <= set(jobs) and not {"segment", "pretrain", "mil", "attention"} & set(jobs)
+    res = work / "results" / "ext"
+    d = res / "deploy" / "dirl" / "abmil"
+    preds = list(csv.DictReader((d / "predictions.csv").open()))
+    assert [r["slide_id"] for r in preds] == ["a9", "b9", "cmu"] and preds[2]["label"] == ""
+    model = load_models(trained / "mil" / "dirl" / "abmil", "final")
+    for r in preds:
+        x, _, attrs = store.read_features(res / "features" / "dirl" / f"{r['slide_id']}.h5")
+        trained_attrs = store.read_features(trained / "features" / "dirl" / "a1.h5")[2]
+        assert attrs["encoder"] == trained_attrs["encoder"]  # the trained cohort's DiRL backbone
+        p, a = apply(model, x)
+        assert float(r["prob_A"]) == pytest.approx(float(p[0]), abs=1e-5)
+        assert a is not None and len(a) == len(x)
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["n_slides"] == 3 and m["n_labelled"] == 2 and m["use"] == "final"
+    y = [int(r["label"] == "B") for r in preds[:2]]
+    assert m["metrics"]["auc"] == pytest.approx(roc_auc_score(y, [float(r["prob_B"]) for r in preds[:2]]))
+    assert set(m["intervals"]) == {"auc", "balanced_accuracy", "f1_macro"}
+    assert "External validation" in (res / "summary.md").read_text()
+    tiles = [
+        f
+        for f in json.loads((res / "export" / "cmu.geojson").read_text())["features"]
+        if f["properties"]["objectType"] == "tile"
+    ]
+    assert tiles and all(np.isfinite(t["properties"]["measurements"]["MIL dirl/abmil attention"]) for t in tiles)
+    assert not (res / "export" / "cmu.nuclei.geojson.gz").exists()
+    # use: folds, the mean of the fold models' probabilities
+    folds = tmp_path / "folds"
+    cli = [sys.executable, "-m", "dirl.cli", "deploy", "--model", str(trained / "mil" / "dirl" / "abmil")]
+    subprocess.run(
+        [
+            *cli,
+            "--use",
+            "folds",
+            "--features",
+            str(res / "features" / "dirl"),
+            "--samples",
+            str(work / "samples.tsv"),
+            "--out",
+            str(folds),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    per_fold = [load_models(trained / "mil" / "dirl" / "abmil", "folds")[i : i + 1] for i in range(2)]
+    for r in csv.DictReader((folds / "predictions.csv").open()):
+        x = store.read_features(res / "features" / "dirl" / f"{r['slide_id']}.h5")[0]
+        mean = np.mean([apply(f, x)[0] for f in per_fold], axis=0)
+        assert float(r["prob_B"]) == pytest.approx(float(mean[1]), abs=1e-5)
+    # `dirl predict` on the real slide: the same tiles, features and probabilities
+    out = tmp_path / "predict"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dirl.cli",
+            "predict",
+            str(cmu_slide),
+            "--model",
+            str(trained / "mil" / "dirl" / "abmil"),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    one = next(csv.DictReader((out / "predictions.csv").open()))
+    assert float(one["prob_A"]) == pytest.approx(float(preds[2]["prob_A"]), abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"tiling": {"mpp": 0.5, "tile_px": 64}},
+            "was trained on 64 px tiles at 1 µm/px, this cohort's tiling is 64 px at 0.5",
+        ),
+        ({"label": "C"}, "labels ['C'] of the sample sheet are not among the trained classes ['A', 'B']"),
+        ({"deploy": {"sources": ["nope"]}}, "has MIL models of ['dino', 'dirl'] only"),
+        ({"deploy": {"models": ["transmil"]}}, "has no trained transmil"),
+        ({"deploy": {"from": "results/none"}}, "no mil/ directory"),
+    ],
+)
+def test_deployment_mismatches_are_refused_at_start_up(
+    cohort: Path, tmp_path: Path, cmu_slide, change, message
+) -> None:
+    work = external_cohort(tmp_path, cohort, cmu_slide)
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    if "label" in change:
+        (work / "samples.tsv").write_text((work / "samples.tsv").read_text().replace("\tB\n", "\tC\n"))
+    for key in ("tiling", "deploy"):
+        config[key] = {**config[key], **change.get(key, {})}
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(work, "-n", check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]

@@ -51,6 +51,8 @@ shell.prefix(
 )
 
 import dirl.config
+import dirl.mil.deploy
+import dirl.encoders
 import dirl.probe.data
 import dirl.runs
 import dirl.segment.examples
@@ -99,13 +101,34 @@ if _unknown:
 # MIL is part of the plan when the sheet has labels and mil.models names a model; otherwise every stage up
 # to features runs (self-supervised pretraining on unlabelled slides is DiRL's main use).
 LABELLED = [s.slide_id for s in dirl.samples.labelled(SAMPLE_LIST)]
-RUN_MIL = bool(LABELLED) and bool(config["mil"]["models"])
+# deploy: a trained cohort's models applied to this cohort's slides (external validation); no segmentation,
+# pretraining or cross-validation here, the trained cohort's encoders and models
+DEPLOY = config["deploy"]["from"]
+if DEPLOY:
+    try:
+        DEPLOY_PLAN = dirl.mil.deploy.plan(
+            config["deploy"], config["tiling"], [s.label for s in SAMPLE_LIST if s.label]
+        )
+    except DirlError as e:
+        raise WorkflowError(str(e)) from None
+    DEPLOY_SPECS = DEPLOY_PLAN.specs
+
+
+def deploy_inputs(wildcards):
+    """The trained model files a deployment reads: a retrained model reruns it."""
+    d = DEPLOY_PLAN.pairs[(wildcards.source, wildcards.model)]
+    meta = DEPLOY_PLAN.meta[(wildcards.source, wildcards.model)]
+    models = [meta["final"]["model"]] if config["deploy"]["use"] == "final" else [f["model"] for f in meta["folds"]]
+    return [str(d / "model.json"), *(str(d / m) for m in models)]
+
+
+RUN_MIL = bool(LABELLED) and bool(config["mil"]["models"]) and not DEPLOY
 if RUN_MIL:
     try:
         dirl.samples.check_mil_labels(config["samples"], SAMPLE_LIST, config["mil"]["folds"])
     except DirlError as e:
         raise WorkflowError(str(e)) from None
-elif workflow.is_main_process:  # cluster jobs re-read the Snakefile: say it once
+elif workflow.is_main_process and not DEPLOY:  # cluster jobs re-read the Snakefile: say it once
     logger.warning(
         f"note: {'no slide has a label' if not LABELLED else 'mil.models is empty'}: "
         "MIL and the summary are left out; every stage up to features runs"
@@ -172,7 +195,7 @@ def segment_gpu():
 
 # ---- pretrain: one run per method and seed (replicates), named `<method>` with one seed, else
 # `<method>-s<seed>`; the name is the run's directory under pretrain/, its feature source and MIL source
-RUNS = dirl.runs.runs(config["pretrain"]["methods"], config["pretrain"]["seeds"])
+RUNS = {} if DEPLOY else dirl.runs.runs(config["pretrain"]["methods"], config["pretrain"]["seeds"])
 try:  # the warm-start weights exist and are a kind dirl reads (their keys are checked when the job starts)
     PRETRAIN_INIT = str(dirl.ssl.init.resolve(config["pretrain"]["init"])[0]) if config["pretrain"]["init"] else []
 except DirlError as e:
@@ -198,6 +221,8 @@ def pretrain_launcher(wildcards, resources):
 
 # ---- extract
 def feature_sources():
+    if DEPLOY:
+        return list(DEPLOY_SPECS)
     return list(RUNS) + list(config["extract"]["encoders"])
 
 
@@ -209,33 +234,46 @@ UNTRAINED_OF = {
 }
 
 
-def encoder_inputs(wildcards):
-    source = wildcards.source
-    if source in RUNS:
-        return [f"{RESULTS}/pretrain/{source}/backbone.pt", f"{RESULTS}/pretrain/{source}/backbone.json"]
-    if source in UNTRAINED_OF:
-        return [f"{RESULTS}/pretrain/{UNTRAINED_OF[source]}/backbone.json"]
+def encoder_spec(source):
+    """How `dirl extract` builds a feature source's encoder (dirl.encoders.SPEC_KEYS): a run's backbone, the
+    untrained backbone of a seed, colour statistics, an `extract.encoders` entry, or, deploying, the encoder
+    the trained cohort's model was trained on."""
     if source == dirl.runs.COLOUR:
-        return []
-    weights = config["extract"]["encoders"][source].get("weights")
-    return [weights] if weights else []
+        return {"encoder": "colour", "img_size": config["tiling"]["tile_px"]}
+    if DEPLOY:
+        return DEPLOY_SPECS[source]
+    if source in RUNS:
+        return {"encoder": f"{RESULTS}/pretrain/{source}/backbone.pt"}
+    if source in UNTRAINED_OF:
+        return {"encoder": f"untrained:{RESULTS}/pretrain/{UNTRAINED_OF[source]}/backbone.pt"}
+    return dict(config["extract"]["encoders"][source])
+
+
+def encoder_inputs(wildcards):
+    """The files a source's encoder is built from: a changed one reruns the source's extraction."""
+    spec = encoder_spec(wildcards.source)
+    path = spec["encoder"].removeprefix("untrained:")
+    if path.endswith("backbone.pt"):
+        meta = str(Path(path).with_suffix(".json"))
+        return [meta] if spec["encoder"].startswith("untrained:") else [path, meta]
+    return [spec["weights"]] if spec.get("weights") else []
 
 
 def encoder_args(wildcards):
-    if wildcards.source in RUNS:
-        return f"--encoder {shlex.quote(f'{RESULTS}/pretrain/{wildcards.source}/backbone.pt')}"
-    if wildcards.source in UNTRAINED_OF:
-        return f"--encoder {shlex.quote(f'untrained:{RESULTS}/pretrain/{UNTRAINED_OF[wildcards.source]}/backbone.pt')}"
-    if wildcards.source == dirl.runs.COLOUR:
-        return f"--encoder colour --img-size {config['tiling']['tile_px']}"
-    enc = config["extract"]["encoders"][wildcards.source]
-    args = [f"--encoder {shlex.quote(enc['encoder'])}"]
-    args += [
-        f"--{k.replace('_', '-')} {shlex.quote(str(enc[k]))}" for k in ("weights", "embed", "img_size") if k in enc
-    ]
-    if enc.get("model_kwargs"):
-        args.append(f"--model-kwargs {shlex.quote(json.dumps(enc['model_kwargs']))}")
-    return " ".join(args)
+    return " ".join(shlex.quote(a) for a in dirl.encoders.spec_args(encoder_spec(wildcards.source)))
+
+
+def encoder_spec_arg(wildcards):
+    """The source's encoder as the MIL job records it in a final model (absolute paths): what deployment
+    and `dirl predict` rebuild it from."""
+    spec = dict(encoder_spec(wildcards.source))
+    for key in ("encoder", "weights"):
+        value = spec.get(key)
+        if value and key == "encoder" and value.startswith("untrained:"):
+            spec[key] = f"untrained:{Path(value.split(':', 1)[1]).resolve()}"
+        elif value and (key == "weights" or value.endswith(".pt")):
+            spec[key] = str(Path(value).resolve())
+    return shlex.quote(json.dumps(spec, sort_keys=True))
 
 
 # ---- mil
@@ -261,4 +299,19 @@ PROBE_DATASETS = list(PROBE["datasets"]) + (["regions"] if REGION_SLIDES else []
 def probe_sources():
     """Every feature source the probe compares: the runs, the untrained backbone of each seed, the
     `extract.encoders` and the colour statistics."""
+    if DEPLOY:  # the trained cohort's encoders, on this cohort's tissue
+        return [*DEPLOY_SPECS, dirl.runs.COLOUR]
     return list(RUNS) + list(UNTRAINED_OF) + list(config["extract"]["encoders"]) + [dirl.runs.COLOUR]
+
+
+# ---- export
+def mil_attention_files():
+    """The attention of every MIL model with attention (not meanpool): cross-validated, or deployed."""
+    models = [m for m in config["mil"]["models"] if m != "meanpool"]
+    if DEPLOY:
+        return [f"{RESULTS}/deploy/{s}/{m}/attention.npz" for s, m in DEPLOY_PLAN.pairs if m != "meanpool"]
+    return (
+        expand(f"{RESULTS}/mil/{{source}}/{{model}}/attention.npz", source=feature_sources(), model=models)
+        if RUN_MIL
+        else []
+    )

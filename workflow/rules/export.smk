@@ -5,21 +5,13 @@ when MIL runs) as GeoJSON, and the nuclei with their cell class in a gzipped Geo
 rule export:
     input:
         tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
-        cells=f"{RESULTS}/cells/{{slide}}.zarr",
-        priors=f"{RESULTS}/priors/{{slide}}.zarr",
-        diagnostics=rules.attention.output.json,
-        attention=lambda w: (
-            expand(
-                f"{RESULTS}/mil/{{source}}/{{model}}/attention.npz",
-                source=feature_sources(),
-                model=[m for m in config["mil"]["models"] if m != "meanpool"],
-            )
-            if RUN_MIL
-            else []
-        ),
+        cells=[] if DEPLOY else f"{RESULTS}/cells/{{slide}}.zarr",
+        priors=[] if DEPLOY else f"{RESULTS}/priors/{{slide}}.zarr",
+        diagnostics=[] if DEPLOY else rules.attention.output.json,
+        attention=lambda w: mil_attention_files(),
     output:
         geojson=f"{RESULTS}/export/{{slide}}.geojson",
-        nuclei=f"{RESULTS}/export/{{slide}}.nuclei.geojson.gz",
+        nuclei=[] if DEPLOY else f"{RESULTS}/export/{{slide}}.nuclei.geojson.gz",
     log:
         f"{LOGS}/export/{{slide}}.log",
     benchmark:
@@ -34,6 +26,11 @@ rule export:
         attention=lambda w, input: named_paths(
             "--mil-attention", input.attention, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"
         ),
+        nuclei=lambda w, input, output: (
+            ""
+            if DEPLOY
+            else f"--cells {shlex.quote(input.cells)} --priors {shlex.quote(input.priors)} "
+            f"--attention {shlex.quote(input.diagnostics)} --nuclei-out {shlex.quote(output.nuclei)}"
+        ),
     shell:
-        "dirl export {input.tiles:q} --cells {input.cells:q} --priors {input.priors:q} {params.attention} "
-        "--attention {input.diagnostics:q} --out {output.geojson:q} --nuclei-out {output.nuclei:q} > {log:q} 2>&1"
+        "dirl export {input.tiles:q} {params.nuclei} {params.attention} --out {output.geojson:q} > {log:q} 2>&1"

@@ -31,6 +31,8 @@ rule mil:
         metrics=f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
         predictions=f"{RESULTS}/mil/{{source}}/{{model}}/predictions.csv",
         attention=f"{RESULTS}/mil/{{source}}/{{model}}/attention.npz",
+        application=f"{RESULTS}/mil/{{source}}/{{model}}/model.json",  # what applying the models needs
+        final=[f"{RESULTS}/mil/{{source}}/{{model}}/final/model.pt"] if config["mil"]["final"] else [],
         roc=report(
             f"{RESULTS}/mil/{{source}}/{{model}}/roc.png",
             caption="../report/mil_roc.rst",
@@ -54,9 +56,11 @@ rule mil:
         features=lambda w: f"{RESULTS}/features/{w.source}",
         out=lambda w, output: str(Path(output.metrics).parent),
         tiles=f"{RESULTS}/tiles",
+        encoder=encoder_spec_arg,
     shell:
         "dirl mil --samples {input.samples:q} --features {params.features:q} --model {wildcards.model} "
         "--splits {input.splits:q} --tiles {params.tiles:q} --out {params.out:q} --threads {threads} "
+        "--encoder-spec {params.encoder} "
         "--settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -71,8 +75,9 @@ rule summary:
             if RUN_MIL
             else []
         ),
-        attention=rules.attention.output.json,
+        attention=[] if DEPLOY else rules.attention.output.json,
         probes=expand(f"{RESULTS}/probe/{{dataset}}/summary.json", dataset=PROBE_DATASETS),
+        deployed=[f"{RESULTS}/deploy/{s}/{m}/metrics.json" for s, m in DEPLOY_PLAN.pairs] if DEPLOY else [],
     output:
         tsv=f"{RESULTS}/summary.tsv",
         md=report(f"{RESULTS}/summary.md", caption="../report/summary.rst", category="0. Summary"),
@@ -83,7 +88,9 @@ rule summary:
     params:
         named=lambda w, input: named_paths("--metrics", input.metrics, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"),
         probes=lambda w, input: named_paths("--probe", input.probes, lambda p: p.parent.name),
+        deployed=lambda w, input: named_paths("--deploy", input.deployed, lambda p: f"{p.parts[-3]}/{p.parts[-2]}"),
+        attention=lambda w, input: f"--attention {shlex.quote(input.attention)}" if input.attention else "",
         out=lambda w, output: str(Path(output.tsv).parent),
     shell:
-        "dirl summary {params.named} {params.probes} --attention {input.attention:q} --out {params.out:q} "
+        "dirl summary {params.named} {params.probes} {params.deployed} {params.attention} --out {params.out:q} "
         "> {log:q} 2>&1"
