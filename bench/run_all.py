@@ -3,8 +3,8 @@
 
     python bench/run_all.py [--small] [--only tile,mil] [--stage-args 'mil=--bags 32'] [--timeout S]
 
-Each of bench/{tile,segment,pretrain,extract,mil,loaders,export}.py runs as its own subprocess (never two at once:
-they would time each other), with `--small` when given here. Its result is the last JSON object it
+Each of bench/{tile,segment,pretrain,extract,mil,loaders,export,deploy}.py runs as its own subprocess
+(never two at once: they would time each other), with `--small` when given here. Its result is the last JSON object it
 prints on stdout. Writes
 
 - bench/RESULTS.md: per stage, each figure beside its same-run baseline and the ratio, peak memory,
@@ -35,7 +35,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STAGES = ("tile", "segment", "pretrain", "extract", "mil", "loaders", "export")
+STAGES = ("tile", "segment", "pretrain", "extract", "mil", "loaders", "export", "deploy")
 STDERR_TAIL = 30  # lines of a failed stage's stderr in the report
 
 # The goals stated in DESIGN.md / the issue: (stage, description, value getter, test, threshold text)
@@ -473,6 +473,17 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
             mem.append(("dirl segment (import) process peak RSS, MiB", r.get("import_process_max_rss_mb")))
         if r.get("process_max_rss_mb") is not None:
             mem.append(("benchmark process peak RSS, MiB", r.get("process_max_rss_mb")))
+    elif stage == "deploy":
+        rows.append(
+            (
+                f"dirl deploy ({r.get('model')}: predictions, attention, metrics), "
+                f"s/slide of {r.get('tiles_per_slide')} tiles",
+                r.get("deploy_s_per_slide"),
+                f"dirl extract of the same slides ({r.get('arch')}), s/slide",
+                r.get("extract_s_per_slide"),
+                r.get("deploy_vs_extract"),
+            )
+        )
     elif stage == "mil":
         models = r.get("models") or {}
         base = _get(models, "meanpool", "bags_per_s")
