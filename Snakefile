@@ -15,11 +15,15 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 
 
+# the form of a slide id, not the list of them: Snakemake inlines a constraint into every path pattern it
+# matches, and a 10,000-slide alternation made each match scan it (planning grew with the square of the
+# cohort); a path of an id outside the sheet is refused by slide_path
 wildcard_constraints:
-    slide="|".join(re.escape(s) for s in SLIDES),
+    slide=dirl.samples.SLIDE_ID.pattern.strip("^$"),
 
 
 include: "workflow/rules/synth.smk"
+include: "workflow/rules/lists.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/pretrain.smk"

@@ -3,7 +3,7 @@
 
     python bench/run_all.py [--small] [--only tile,mil] [--stage-args 'mil=--bags 32'] [--timeout S]
 
-Each of bench/{tile,segment,pretrain,extract,mil,loaders,export,deploy}.py runs as its own subprocess
+Each of bench/{tile,segment,pretrain,extract,mil,loaders,export,deploy,plan}.py runs as its own subprocess
 (never two at once: they would time each other), with `--small` when given here. Its result is the last JSON object it
 prints on stdout. Writes
 
@@ -35,7 +35,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STAGES = ("tile", "segment", "pretrain", "extract", "mil", "loaders", "export", "deploy")
+STAGES = ("tile", "segment", "pretrain", "extract", "mil", "loaders", "export", "deploy", "plan")
 STDERR_TAIL = 30  # lines of a failed stage's stderr in the report
 
 # The goals stated in DESIGN.md / the issue: (stage, description, value getter, test, threshold text)
@@ -473,6 +473,19 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
             mem.append(("dirl segment (import) process peak RSS, MiB", r.get("import_process_max_rss_mb")))
         if r.get("process_max_rss_mb") is not None:
             mem.append(("benchmark process peak RSS, MiB", r.get("process_max_rss_mb")))
+    elif stage == "plan":
+        big, base = r.get("cohort") or {}, r.get("baseline") or {}
+        rows.append(
+            (
+                f"snakemake dry run (TCGA template, SLURM profile), CPU s per slide at {big.get('slides')} slides "
+                f"({big.get('jobs')} jobs; {big.get('cpu_s')} s in all)",
+                r.get("cpu_s_per_slide"),
+                f"the same at {base.get('slides')} slides",
+                r.get("baseline_cpu_s_per_slide"),
+                r.get("per_slide_ratio"),
+            )
+        )
+        mem.append((f"dry run of {big.get('slides')} slides, peak RSS, MiB", big.get("peak_rss_mb")))
     elif stage == "deploy":
         rows.append(
             (

@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         top.parse_args(argv)  # prints usage / version / the unknown-command error
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    p = argparse.ArgumentParser(prog=f"dirl {command}", description=COMMANDS[command][1])
+    # @FILE: the arguments in FILE, one per line (the workflow's store lists: a cohort's 10,000 paths would
+    # not fit one command line)
+    p = argparse.ArgumentParser(
+        prog=f"dirl {command}", description=COMMANDS[command][1], fromfile_prefix_chars="@"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(p)
     i = argv.index(command)

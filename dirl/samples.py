@@ -97,6 +97,11 @@ def _sample(path: Path, i: int, rec: dict[str, str]) -> Sample:
                 f"{where} ({sid}): {col} {rec[col]!r} contains '{{' or '}}', which Snakemake "
                 "reads as a wildcard; rename the file or point to a link without them"
             )
+        if rec.get(col, "").startswith("@"):
+            raise ConfigError(
+                f"{where} ({sid}): {col} {rec[col]!r} starts with '@', which `dirl` reads as a file of "
+                f"arguments; write ./{rec[col]}"
+            )
     mpp = None
     if "mpp" in rec:
         try:

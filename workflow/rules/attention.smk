@@ -5,8 +5,8 @@ backbone of the same seed, on one fixed sample of tiles."""
 rule attention:
     input:
         backbones=expand(f"{RESULTS}/pretrain/{{run}}/backbone.pt", run=RUNS),
-        tiles=expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=ATTENTION_SLIDES),
-        priors=expand(f"{RESULTS}/priors/{{slide}}.zarr", slide=ATTENTION_SLIDES),
+        tiles=store_list("tiles", "attention"),
+        priors=store_list("priors", "attention"),
     output:
         json=f"{RESULTS}/analysis/attention.json",
         overlays=report(
@@ -31,6 +31,6 @@ rule attention:
         cohort=COHORT,
         settings=settings("attention"),
     shell:
-        "dirl attention {params.backbones} --untrained --tiles {input.tiles:q} --priors {input.priors:q} "
+        "dirl attention {params.backbones} --untrained --tiles @{input.tiles:q} --priors @{input.priors:q} "
         "--out {output.json:q} --overlays {output.overlays:q} --cohort {params.cohort} --threads {threads} "
         "--settings {params.settings:q} > {log:q} 2>&1"

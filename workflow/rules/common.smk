@@ -50,6 +50,7 @@ shell.prefix(
     '-m dirl.cli "$@"; }}; '
 )
 
+import dirl.atomic
 import dirl.config
 import dirl.mil.deploy
 import dirl.encoders
@@ -145,6 +146,8 @@ def settings(section, target=None, **extra):
 def slide_path(wildcards):
     """The slide file as input when it exists or a rule makes it (synthetic and demo slides); a missing
     slide is left out, so that it fails its own tile job (naming it), not the whole run at start-up."""
+    if wildcards.slide not in SAMPLES:
+        raise WorkflowError(f"{wildcards.slide} is no slide_id of {config['samples']}")
     path = SAMPLES[wildcards.slide].path
     if os.path.exists(path) or any(r.is_producer(path) for r in workflow.rules if r.name != "tile"):
         return path
@@ -276,11 +279,6 @@ def encoder_spec_arg(wildcards):
     return shlex.quote(json.dumps(spec, sort_keys=True))
 
 
-# ---- mil
-def labelled_slides():
-    return LABELLED
-
-
 # ---- probe: labelled datasets (manifests, ImageFolders) and the slides' classified regions, checked here
 PROBE = config["probe"]
 REGION_SLIDES = [s.slide_id for s in SAMPLE_LIST if s.regions] if PROBE["regions"] else []
@@ -315,3 +313,30 @@ def mil_attention_files():
         if RUN_MIL
         else []
     )
+
+
+# ---- store lists (lists.smk): how cohort-level jobs name every slide's store
+LIST_SETS = {"all": SLIDES, "labelled": LABELLED, "attention": ATTENTION_SLIDES}
+
+
+def list_kinds():
+    """Stores a list can name: {kind: path pattern under RESULTS}."""
+    kinds = {"tiles": "tiles/{slide}.zarr", "cells": "cells/{slide}.zarr", "priors": "priors/{slide}.zarr"}
+    return kinds | {f"features.{s}": f"features/{s}/{{slide}}.h5" for s in feature_sources()}
+
+
+def store_list(kind, subset="all"):
+    """The list file of every `subset` slide's `kind` store (input of the job that reads them)."""
+    return f"{RESULTS}/lists/{subset}/{kind}.txt"
+
+
+def listed_stores(wildcards):
+    return expand(f"{RESULTS}/{list_kinds()[wildcards.kind]}", slide=LIST_SETS[wildcards.subset])
+
+
+def write_list(paths, out, log):
+    """One path per line, atomically: `dirl <command> @out` reads them as arguments."""
+    with dirl.atomic.atomic_path(out) as tmp:
+        tmp.write_text("".join(f"{p}\n" for p in paths))
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    Path(log).write_text(f"{len(paths)} paths -> {out}\n")

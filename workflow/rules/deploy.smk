@@ -8,8 +8,8 @@ models were trained on (their model.json); no segmentation, pretraining or cross
 rule deploy:
     input:
         samples=config["samples"],
-        features=lambda w: expand(f"{RESULTS}/features/{w.source}/{{slide}}.h5", slide=SLIDES),
-        tiles=expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
+        features=lambda w: store_list(f"features.{w.source}"),
+        tiles=store_list("tiles"),
         trained=lambda w: deploy_inputs(w),
     output:
         predictions=f"{RESULTS}/deploy/{{source}}/{{model}}/predictions.csv",
@@ -37,7 +37,7 @@ rule deploy:
         use=config["deploy"]["use"],
         features=lambda w: f"{RESULTS}/features/{w.source}",
         out=lambda w, output: str(Path(output.metrics).parent),
-        tiles=lambda w, input: str(Path(input.tiles[0]).parent),
+        tiles=f"{RESULTS}/tiles",
     shell:
         "dirl deploy --model {params.trained:q} --use {params.use} --features {params.features:q} "
         "--samples {input.samples:q} --tiles {params.tiles:q} --out {params.out:q} > {log:q} 2>&1"

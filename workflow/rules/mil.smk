@@ -25,8 +25,8 @@ rule mil:
     input:
         samples=config["samples"],
         splits=f"{RESULTS}/mil/splits.json",
-        features=lambda w: expand(f"{RESULTS}/features/{w.source}/{{slide}}.h5", slide=labelled_slides()),
-        tiles=lambda w: expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=labelled_slides()),
+        features=lambda w: store_list(f"features.{w.source}", "labelled"),
+        tiles=store_list("tiles", "labelled"),
     output:
         metrics=f"{RESULTS}/mil/{{source}}/{{model}}/metrics.json",
         predictions=f"{RESULTS}/mil/{{source}}/{{model}}/predictions.csv",

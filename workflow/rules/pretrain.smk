@@ -8,8 +8,8 @@ starting over. The trainer itself restarts from scratch when the settings of the
 
 rule pretrain:
     input:
-        tiles=expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
-        priors=lambda w: expand(f"{RESULTS}/priors/{{slide}}.zarr", slide=SLIDES) if RUNS[w.run][0] == "dirl" else [],
+        tiles=store_list("tiles"),
+        priors=lambda w: store_list("priors") if RUNS[w.run][0] == "dirl" else [],
         failed=rules.failed_slides.output,
         init=PRETRAIN_INIT,  # a changed warm-start file reruns pretraining
     output:
@@ -36,9 +36,9 @@ rule pretrain:
         runtime=1440,
     params:
         settings=lambda w: pretrain_settings(w.run),
-        priors=lambda w, input: ("--priors " + " ".join(shlex.quote(p) for p in input.priors)) if input.priors else "",
+        priors=lambda w, input: f"--priors @{shlex.quote(input.priors)}" if input.priors else "",
         outdir=lambda w, output: str(Path(output.backbone).parent),
         launcher=pretrain_launcher,
     shell:
-        "{params.launcher} pretrain {params.outdir:q} --tiles {input.tiles:q} {params.priors} "
+        "{params.launcher} pretrain {params.outdir:q} --tiles @{input.tiles:q} {params.priors} "
         "--settings {params.settings:q} --threads {threads} --restart-on-mismatch >> {log:q} 2>&1"

@@ -30,8 +30,8 @@ rule segment:
 
 rule phenotype:
     input:
-        cells=lambda w: expand(f"{RESULTS}/cells/{{slide}}.zarr", slide=SLIDES),
-        tiles=lambda w: expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
+        cells=store_list("cells"),
+        tiles=store_list("tiles"),
         failed=rules.failed_slides.output,  # the cohort-level stages list what they skip
         cell_labels=CELL_LABELS.values(),
     output:
@@ -60,7 +60,7 @@ rule phenotype:
         settings=settings("phenotypes", "dirl.segment.phenotype:PhenotypeSettings"),
         cell_labels=" ".join(f"--cell-labels {shlex.quote(f'{sid}={path}')}" for sid, path in CELL_LABELS.items()),
     shell:
-        "dirl phenotype {input.cells:q} --tiles {input.tiles:q} --out {output.model:q} "
+        "dirl phenotype @{input.cells:q} --tiles @{input.tiles:q} --out {output.model:q} "
         "--gallery {output.gallery:q} --validation {output.validation:q} {params.cell_labels} "
         "--settings {params.settings:q} > {log:q} 2>&1"
 

@@ -44,7 +44,7 @@ rule tile:
 rule failed_slides:
     """The slides whose tiling failed under allow_failed_slides (empty when none did)."""
     input:
-        expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=SLIDES),
+        store_list("tiles"),
     output:
         report(f"{RESULTS}/failed_slides.txt", caption="../report/failed_slides.rst", category="1. Tiling"),
     log:
@@ -52,4 +52,4 @@ rule failed_slides:
     conda:
         ENV
     shell:
-        "dirl failed-slides {input:q} --out {output:q} > {log:q} 2>&1"
+        "dirl failed-slides @{input:q} --out {output:q} > {log:q} 2>&1"
