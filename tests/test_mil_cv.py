@@ -318,9 +318,14 @@ def test_final_model_records_what_applying_it_needs(cohort, abmil, tmp_path):
     assert plan.pairs == {("dirl", "meanpool"): out} and plan.specs == {"dirl": spec}
     refusals = [
         ({"from": str(root), "models": ["abmil"], "sources": ["dirl"]}, tiling, [], "has no final model"),
-        ({"from": str(root), "models": ["abmil"], "use": "folds"}, tiling, [], "records no encoder spec"),
-        ({"from": str(root), "models": ["meanpool"], "use": "folds"}, {"mpp": 0.5, "tile_px": T}, [], "at 1 µm/px"),
-        ({"from": str(root), "models": ["meanpool"], "use": "folds"}, tiling, ["stroma"], "not among the trained"),
+        ({"from": str(root), "sources": ["dirl"], "models": ["abmil"], "use": "folds"}, tiling, [], "no encoder spec"),
+        (
+            {"from": str(root), "sources": ["dirl"], "models": ["meanpool"]},
+            {"mpp": 0.5, "tile_px": T},
+            [],
+            "at 1 µm/px",
+        ),
+        ({"from": str(root), "sources": ["dirl"], "models": ["meanpool"]}, tiling, ["stroma"], "not among the trained"),
         ({"from": str(tmp_path)}, tiling, [], "not a trained cohort's results directory"),
     ]
     for section, tiles, labels, message in refusals:

@@ -22,7 +22,9 @@ def _ds(cohort, **kw):
 
 def test_items(cohort):
     ds = _ds(cohort)
-    assert len(ds) == 12 and ds.signature() == [["toy0", 6], ["toy1", 6]]
+    # per slide: id, tiles, and the write ids of its tile and priors stores (a rewritten store is new data)
+    assert len(ds) == 12 and [sig[:2] for sig in ds.signature()] == [["toy0", 6], ["toy1", 6]]
+    assert all(len(sig) == 4 and sig[2] != sig[3] for sig in ds.signature())
     assert ds._open == {}  # nothing opened until an item is read (in the worker)
     it = ds[(0, 7)]
     assert it["global"].shape == (2, 3, 32, 32) and it["local"].shape == (2, 3, 16, 16)

@@ -188,9 +188,13 @@ def test_settings_validation_and_cli_flags():
         PretrainSettings(match="nearest").validate()
     with pytest.raises(DirlError, match=r"unknown setting\(s\) \['lerning_rate'\]"):
         PretrainSettings.from_dict({"lerning_rate": 1})
-    s = PretrainSettings.from_dict({"global_crop_scale": [0.3, 1.0], "method": "dino", "epochs": "3"})
+    s = PretrainSettings.from_dict(
+        {"global_crop_scale": [0.3, 1.0], "method": "dino", "epochs": "3", "warmup_epochs": 1}
+    )
     assert s.global_crop_scale == (0.3, 1.0) and s.epochs == 3 and not s.dense
     # DINO's crop scales: wider global crops without local crops
+    with pytest.raises(DirlError, match="warmup_epochs = 10 is not below pretrain.epochs = 3"):
+        PretrainSettings.from_dict({"epochs": 3}).validate()
     assert PretrainSettings().global_scale == (0.14, 1.0)
     assert PretrainSettings(local_crops_number=8).global_scale == (0.4, 1.0)
 
