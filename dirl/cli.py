@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     # @FILE: the arguments in FILE, one per line (the workflow's store lists: a cohort's 10,000 paths would
     # not fit one command line)
-    p = argparse.ArgumentParser(
-        prog=f"dirl {command}", description=COMMANDS[command][1], fromfile_prefix_chars="@"
-    )
+    p = argparse.ArgumentParser(prog=f"dirl {command}", description=COMMANDS[command][1], fromfile_prefix_chars="@")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(p)
     i = argv.index(command)

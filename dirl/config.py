@@ -58,6 +58,9 @@ def coerce(value: Any, schema: dict[str, Any], defs: dict[str, Any] | None = Non
     if "$ref" in schema:
         schema = defs[schema["$ref"].rsplit("/", 1)[-1]]
     kinds = _types(schema)
+    if isinstance(value, str) and "null" in kinds and value in ("None", "null", "~"):
+        # a profile's `config:` reaches Snakemake as Python text: its YAML null arrives as "None"
+        return None
     if isinstance(value, str) and kinds and "string" not in kinds:
         for parse in (int, float, yaml.safe_load):  # YAML alone reads 1e-3 as a string
             try:

@@ -277,7 +277,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "tiling": (("dirl.tiling:TileSettings",), frozenset({"threads"})),
     "segmentation": (("dirl.segment.run:SegmentSettings",), frozenset({"threads"})),
     "phenotypes": (("dirl.segment.phenotype:PhenotypeSettings", "dirl.segment.priors:PriorSettings"), frozenset()),
-    "pretrain": (("dirl.ssl.settings:PretrainSettings",), frozenset({"methods", "seeds", "gpus", "threads"})),
+    "pretrain": (("dirl.ssl.settings:PretrainSettings",), frozenset({"methods", "seeds", "gpus", "nodes", "threads"})),
     "attention": (("dirl.analysis.settings:AttentionSettings",), frozenset({"slides"})),
     "extract": (("dirl.extract:ExtractSettings",), frozenset({"encoders", "gpus", "threads"})),
     "mil": (("dirl.mil.splits:SplitSettings", "dirl.mil.train:MilSettings"), frozenset({"models", "threads"})),

@@ -255,3 +255,31 @@ def test_rewritten_priors_are_not_resumed(tmp_path):
     second = torch.load(out / "backbone.pt", weights_only=True)
     assert any(not torch.equal(first[k], second[k]) for k in first)
     assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_two_nodes_agree_with_one(tmp_path, cohort, trained):
+    """`pretrain.nodes: 2` on CPU: two torchrun agents (dirl.ssl.launch, as `srun` starts one per node)
+    meeting through a c10d rendezvous, one process each, train the run one process trains."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "dirl.ssl.launch", "--nnodes", "2", "--endpoint", f"127.0.0.1:{port}"]
+    cmd = [*launch, "--rdzv-id", "test", "--", "pretrain", str(two), *cohort, *TINY, *TRAIN, "--method", "dirl"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in "ab"]
+    outs = [a.communicate(timeout=600)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), outs[0][-3000:] + outs[1][-3000:]
+    one = trained / "dirl"
+    for key in ("loss", "loss_dino", "loss_dense"):
+        assert _losses(two, key) == pytest.approx(_losses(one, key), rel=1e-4, abs=1e-5)
+    a = torch.load(one / "backbone.pt", weights_only=True)
+    b = torch.load(two / "backbone.pt", weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert (
+        json.loads((two / "backbone.json").read_text())["settings"]
+        == json.loads((one / "backbone.json").read_text())["settings"]
+    )

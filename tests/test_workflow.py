@@ -272,6 +272,24 @@ def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
     proc = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "slurm"), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    # pretraining on two nodes of four GPUs: one job of 2 nodes, a task each (srun: a torchrun agent per
+    # node), GPUs per node as generic resources
+    multi = {**CONFIG, "pretrain": {**CONFIG["pretrain"], "nodes": 2, "gpus": 4}}
+    write_cohort(tmp_path, multi)
+    site = tmp_path / "slurm" / "config.yaml"  # the site's GPU model, as a user sets it in the profile
+    site.write_text(site.read_text().replace("gpu_model: null", "gpu_model: h100"))
+    proc = snakemake(tmp_path, "-n", "-p", "--profile", str(tmp_path / "slurm"), "--until", "pretrain", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    job = out[out.index("rule pretrain:") :].split("\n\n")[0]
+    for request in ("nodes=2", "tasks=2", "mpi=srun", "gres=gpu:h100:4", "tasks_per_gpu=0", "gpu=0"):
+        assert request in job, job
+    assert "dirl_nodes 2 4 pretrain" in out
+    # the profile's `gpu_model: null` reaches the workflow as the text "None": never `--gpus=None:1`
+    site.write_text(site.read_text().replace("gpu_model: h100", "gpu_model: null"))
+    proc = snakemake(tmp_path, "-n", "-p", "--profile", str(tmp_path / "slurm"), "--until", "pretrain", check=False)
+    out = proc.stdout + proc.stderr
+    assert "gres=gpu:4," in out and "None" not in out[out.index("rule pretrain:") :].split("\n\n")[0]
 
 
 def test_default_profile_applies_to_every_run(tmp_path: Path) -> None:

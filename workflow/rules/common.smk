@@ -48,6 +48,8 @@ shell.prefix(
     f'dirl() {{{{ {_py} -m dirl.cli "$@"; }}}}; '
     f'dirl_distributed() {{{{ n=$1; shift; {_py} -m torch.distributed.run --standalone --nproc_per_node "$n" '
     '-m dirl.cli "$@"; }}; '
+    f'dirl_nodes() {{{{ n=$1; g=$2; shift 2; srun --nodes "$n" --ntasks-per-node 1 --kill-on-bad-exit=1 '
+    f'{_py} -m dirl.ssl.launch --gpus "$g" -- "$@"; }}}}; '
 )
 
 import dirl.atomic
@@ -214,11 +216,30 @@ def pretrain_settings(run):
     return settings("pretrain", method=method, seed=seed)
 
 
+def pretrain_job():
+    """A pretraining job's resources. On several nodes (`pretrain.nodes`): one SLURM job of that many nodes,
+    one task per node (`srun` in the shell command starts a torchrun agent on each: the executor plugin's
+    `mpi` resource says the command launches its own tasks), `pretrain.gpus` GPUs per node as generic
+    resources (`--gpus` would be a total that SLURM may spread unevenly)."""
+    p, site = config["pretrain"], config["slurm"]
+    r = job(p["threads"], p["gpus"])
+    if p["nodes"] > 1:
+        r |= {"nodes": p["nodes"], "tasks": p["nodes"], "mpi": "srun", "gpu": 0, "gpu_model": None}
+        if p["gpus"]:  # tasks_per_gpu 0: the plugin would otherwise read `tasks` as tasks per GPU
+            model = f"{site['gpu_model']}:" if site["gpu_model"] else ""
+            r |= {"gres": f"gpu:{model}{p['gpus']}", "tasks_per_gpu": 0}
+    return r
+
+
 def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU when a job holds several (`dirl_distributed N`, see the shell
-    prefix above); plain `dirl` otherwise."""
-    if int(resources.gpu) > 1:
-        return f"dirl_distributed {int(resources.gpu)}"
+    """`dirl_nodes N G` (srun, a torchrun agent per node, G processes each) on several nodes, torchrun
+    with one process per GPU when a job holds several (`dirl_distributed N`; both in the shell prefix
+    above), plain `dirl` otherwise."""
+    p = config["pretrain"]
+    if p["nodes"] > 1:
+        return f"dirl_nodes {p['nodes']} {p['gpus']}"
+    if p["gpus"] > 1:
+        return f"dirl_distributed {p['gpus']}"
     return "dirl"
 
 

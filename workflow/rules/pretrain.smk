@@ -31,7 +31,7 @@ rule pretrain:
         ENV
     threads: config["pretrain"]["threads"]
     resources:
-        **job(config["pretrain"]["threads"], config["pretrain"]["gpus"]),
+        **pretrain_job(),
         mem_mb=16000,
         runtime=1440,
     params:
