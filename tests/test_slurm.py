@@ -119,4 +119,65 @@ def test_cohort_runs_as_slurm_jobs_with_the_resources_the_cohort_implies(cluster
     assert "2 CPU threads (the SLURM allocation" in seg, seg[-2000:]
     assert (tmp_path / "results" / "slurm" / "features" / "dirl" / "s1.h5").exists()
     again = snakemake(cluster, tmp_path, "-n")
-    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    out = again.stdout + again.stderr  # (with groups, Snakemake prints an empty job table)
+    assert again.returncode == 0 and ("Nothing to be done" in out or re.search(r"^total\s+0$", out, re.M)), out[-2000:]
+
+
+def test_per_slide_jobs_run_in_bundles(cluster, tmp_path):
+    """Snakemake's job grouping, set in the site profile (`groups`, `group-components`): 16 slides and one
+    unreadable file in bundles of 8 submit 3 jobs per per-slide stage instead of 17, a bundle asks for the
+    CPUs its jobs run on at once (here 2: `--cores 2` stacks the rest in series), the unreadable slide still
+    fails alone (allow_failed_slides) and is listed, a second run does nothing, and every store equals the
+    ungrouped local run's."""
+    import numpy as np
+
+    from dirl import store
+
+    slides = {f"g{i:02d}": {"populations": ["lymphocyte"], "width": 512, "height": 512, "seed": i, "tissue": "full"}
+              for i in range(16)}  # fmt: skip
+    (tmp_path / "broken.svs").write_text("not a slide\n" * 50)
+    sheet = "slide_id\tpath\n" + "".join(f"{s}\tresources/synth/{s}.svs\n" for s in slides) + "bad\tbroken.svs\n"
+    config = {**CONFIG, "synth": slides, "allow_failed_slides": True, "tiling": {**CONFIG["tiling"], "mpp": 0.5}}
+    grouped, local = tmp_path / "grouped", tmp_path / "local"
+    for work in (grouped, local):
+        work.mkdir()
+        (work / "config.yaml").write_text(yaml.safe_dump(config))
+        (work / "samples.tsv").write_text(sheet)
+        shutil.copy(tmp_path / "broken.svs", work / "broken.svs")
+    profile = site_profile(grouped / "site")
+    settings = yaml.safe_load((profile / "config.yaml").read_text())
+    shipped = (ROOT / "profiles" / "slurm" / "config.yaml").read_text()
+    for key in ("cores", "groups", "group-components"):  # the shipped profile's bundling block, switched on
+        settings |= yaml.safe_load(re.search(rf"^# ({key}: .*)$", shipped, re.M)[1])
+    assert settings["group-components"] == ["bundle_tile=8", "bundle_priors=8", "bundle_export=8"]
+    bundled = ("synth", "tile", "segment")  # and two more per-slide rules this test runs
+    settings["groups"] += ["synth=bundle_synth", "segment=bundle_segment"]
+    settings["group-components"] += ["bundle_synth=8", "bundle_segment=8"]
+    (profile / "config.yaml").write_text(yaml.safe_dump(settings))
+    before = {j["id"] for j in cluster.jobs()}
+    proc = snakemake(cluster, grouped, "--cores", "2", "--until", "failed_slides", "segment")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    jobs = [j for j in cluster.jobs() if j["id"] not in before]
+    assert all(j["state"] == "COMPLETED" for j in jobs), jobs
+    per_rule = {r: sum(r in j["comment"] for j in jobs) for r in bundled}
+    assert per_rule == {"synth": 2, "tile": 3, "segment": 3}, jobs  # 16 synthetic slides; 17 to tile and segment
+    assert all(int(j["cpus"]) <= 2 for j in jobs), jobs
+    again = snakemake(cluster, grouped, "-n", "--until", "failed_slides", "segment")
+    out = again.stdout + again.stderr  # (with groups, Snakemake prints an empty job table)
+    assert again.returncode == 0 and ("Nothing to be done" in out or re.search(r"^total\s+0$", out, re.M)), out[-2000:]
+    env = {k: v for k, v in cluster.env.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    ungrouped = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"), "--cores", "2",
+         "--configfile", "config.yaml", "--until", "failed_slides", "segment"],
+        cwd=local, env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert ungrouped.returncode == 0, ungrouped.stderr[-3000:]
+    a, b = grouped / "results" / "slurm", local / "results" / "slurm"
+    assert (a / "failed_slides.txt").read_text() == (b / "failed_slides.txt").read_text()
+    assert (a / "failed_slides.txt").read_text().startswith("bad\t")
+    for sid in slides:
+        ta, tb = store.open_tiles(a / "tiles" / f"{sid}.zarr"), store.open_tiles(b / "tiles" / f"{sid}.zarr")
+        assert len(ta) == len(tb) > 0 and np.array_equal(ta.read(0, len(ta)), tb.read(0, len(tb)))
+        la = store.open_map(a / "cells" / f"{sid}.zarr", "labels", len(ta))
+        lb = store.open_map(b / "cells" / f"{sid}.zarr", "labels", len(tb))
+        assert np.array_equal(la[:], lb[:])
