@@ -11,6 +11,7 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dirl").info("%d CPU threads (the SLURM allocation%s)", cpus, asked)
         args.threads = cpus
     try:
-        if hasattr(module, "io"):  # before any work: an orphan that started earlier can no longer win
+        # before any work: an orphan that started earlier can no longer win. Under torchrun only rank 0
+        # writes, so only rank 0 claims (a later rank's ticket would void rank 0's own write)
+        if hasattr(module, "io") and os.environ.get("RANK", "0") == "0":
             from dirl.atomic import claim
 
             outputs, inputs = module.io(args)
