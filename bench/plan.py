@@ -81,10 +81,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.small:
         a.slides = 2000
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="dirl-bench-plan-"))
-    profile = site_profile(work)
-    base = dry_run(work, max(1, a.slides // 10), profile)
-    big = dry_run(work, a.slides, profile)
+    with tempfile.TemporaryDirectory(prefix="dirl-bench-plan-") as tmp:
+        work = Path(a.workdir or tmp)
+        profile = site_profile(work)
+        base = dry_run(work, max(1, a.slides // 10), profile)
+        big = dry_run(work, a.slides, profile)
     res = {
         "bench": "plan",
         "template": "config/cohorts/tcga_brca.yaml with profiles/slurm",

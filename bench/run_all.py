@@ -56,7 +56,7 @@ GOALS: list[tuple[str, str, str, str, float]] = [
     ("export", "import of typed nuclei >= the watershed stage on the same tiles", "import_over_watershed", ">=", 1.0),
 ]
 
-# A TCGA-BRCA-sized cohort on one node with 4 GPUs and 32 cores, from the measured per-core rates and,
+# A TCGA-BRCA-sized cohort on one node with 4 GPUs and 64 cores, from the measured per-core rates and,
 # where no GPU was measured, the GPU goals (marked as assumptions): 1,000 slides, 20,000 tiles each at
 # 0.5 µm/px, pretrain.tiles_per_slide 2,000 (what segmentation and priors then cover), 100 epochs per
 # method (config/cohorts/tcga_brca.yaml).
@@ -68,6 +68,25 @@ COHORT = {
     "methods": 2,
     "gpus": 4,
     "cores": 64,  # 16 per GPU: the core budget behind the loader goals (16 x 100 images/s >= 1,500)
+    "nodes": 1,
+}
+# The same recipe for 10,000 slides on 8 such nodes (issue #23): DDP across nodes assumed to scale
+# linearly; per-slide jobs spread over every node's cores and GPUs.
+CLUSTER = {**COHORT, "slides": 10000, "nodes": 8, "bundle": 8}
+# Per-slide cluster jobs of the TCGA template (qupath_export on, two feature sources), and which of them
+# profiles/slurm's commented block bundles (CPU rules only: a GPU bundle would ask a GPU per member)
+PER_SLIDE_JOBS = {"tile": 1, "segment": 1, "priors": 1, "export": 1, "extract": 2}
+BUNDLED = ("tile", "priors", "export")
+COHORT_JOBS = 14  # phenotype, pretrain x 2, attention, MIL, summary, report ... (the dry run's count)
+# Storage per tile at 224 px. Tiles: measured (CMU-1-Small-Region, 49 tiles: zstd 133 KB, JPEG 20 KB
+# per tile). Cells and priors: the 96 px stores of config/cohorts/probe_cpu.yaml (7.9 and 1.4 KB per
+# tile), scaled by area (x 5.44). Features: ViT-S/16, 384 float32 + 2 int64 coordinates.
+BYTES_PER_TILE = {
+    "tiles (zstd)": 133e3,
+    "tiles (JPEG, the template)": 20.5e3,
+    "cells (subset)": 43e3,
+    "priors (subset)": 7.7e3,
+    "features (2 sources, every tile)": 2 * (384 * 4 + 16),
 }
 GPU_ASSUMED = {"cellpose_tiles_per_s": 50.0, "pretrain_images_per_s": 1500.0, "extract_tiles_per_s": 8000.0}
 
@@ -542,7 +561,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     L = [
         "# DiRL benchmark results",
         "",
-        f"- **Date**: {report['date']}",
+        f"- **Date**: {report['date']}"
+        + (
+            f" (the stages not rerun are from {report['updated_from']['date']}: "
+            f"`{report['updated_from']['command']}`)"
+            if report.get("updated_from")
+            else ""
+        ),
         f"- **Command**: `{report['command']}` (in `{report['cwd']}`)",
         f"- **Machine**: {m.get('cpu')}; {m.get('cpu_count')} logical CPUs"
         + (f" ({m['cpus_usable']} usable)" if m.get("cpus_usable") not in (None, m.get("cpu_count")) else "")
@@ -595,20 +620,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         if mem:
             L += ["", "Peak memory: " + "; ".join(f"{k} {_fmt(v)}" for k, v in mem)]
     L += cohort_estimate(report["stages"])
+    L += cohort_estimate(report["stages"], CLUSTER)
     L += ["", f"Raw JSON of every stage: `{report['json']}`.", ""]
     return "\n".join(L)
 
 
-def cohort_estimate(stages: dict[str, dict[str, Any]]) -> list[str]:
-    """Hours per stage for COHORT on one node, from this run's rates (per core, or per GPU where one was
-    measured) and GPU_ASSUMED otherwise."""
-    c = COHORT
+def cohort_estimate(stages: dict[str, dict[str, Any]], c: dict[str, Any] = COHORT) -> list[str]:
+    """Hours per stage for the cohort `c` on its nodes, from this run's rates (per core, or per GPU where
+    one was measured) and GPU_ASSUMED otherwise; for more than one node also node-hours, cluster jobs
+    and storage."""
     res = {k: (v.get("result") or {}) for k, v in stages.items()}
     tiles_all = c["slides"] * c["tiles_per_slide"]
     subset = c["slides"] * c["subset_per_slide"]
     rows = []
 
     def add(stage: str, work: float, unit: str, rate: float | None, per: str, workers: int, source: str) -> None:
+        workers *= c["nodes"]
         hours = work / (rate * workers) / 3600 if rate else None
         rows.append((stage, f"{work:,.0f} {unit}", f"{_fmt(rate)} {unit}/s per {per}", workers, source, hours))
 
@@ -675,13 +702,18 @@ def cohort_estimate(stages: dict[str, dict[str, Any]]) -> list[str]:
     )
     ext_loader = _get(res, "loaders", "extract_tiles_per_s_per_core")
     add("  its loader", tiles_all * c["methods"], "tiles", ext_loader, "core", c["cores"], "measured")
+    where = (
+        f"one node with {c['gpus']} GPUs and {c['cores']} cores"
+        if c["nodes"] == 1
+        else f"{c['nodes']} nodes with {c['gpus']} GPUs and {c['cores']} cores each"
+    )
     L = [
         "",
-        "## A TCGA-BRCA-sized cohort on one node (estimate)",
+        f"## {c['slides']:,} slides on {where.split(' with')[0]} (estimate)",
         "",
         f"{c['slides']:,} slides x {c['tiles_per_slide']:,} tiles at 0.5 µm/px; pretrain.tiles_per_slide "
         f"{c['subset_per_slide']:,} (segmentation, priors and pretraining cover that subset); {c['epochs']} epochs "
-        f"per method; one node with {c['gpus']} GPUs and {c['cores']} cores. A stage's hours = its work / "
+        f"per method; {where}. A stage's hours = its work / "
         "(rate x workers); where no GPU figure exists yet the GPU goal stands in (marked).",
         "",
         "| stage | work | rate | workers | rate from | hours |",
@@ -712,6 +744,30 @@ def cohort_estimate(stages: dict[str, dict[str, Any]]) -> list[str]:
             "recipe, whose GPU step is also slower): on a node with fewer cores, set "
             "`pretrain.local_crops_number: 0` or accept the longer run."
         )
+    if c["nodes"] > 1:
+        L += cluster_costs(c, total)
+    return L
+
+
+def cluster_costs(c: dict[str, Any], hours: float) -> list[str]:
+    """Node-hours, the cluster jobs with and without bundles, and storage per stage."""
+    n = c["slides"]
+    plain = n * sum(PER_SLIDE_JOBS.values()) + COHORT_JOBS
+    bundled = sum(math.ceil(n / c["bundle"]) if r in BUNDLED else n * k for r, k in PER_SLIDE_JOBS.items())
+    tiles_all, subset = n * c["tiles_per_slide"], n * c["subset_per_slide"]
+    L = [
+        "",
+        f"Node-hours: {_fmt(hours * c['nodes'])} ({c['nodes']} nodes x {_fmt(hours)} h). Cluster jobs: "
+        f"{plain:,} one per slide and stage; {bundled + COHORT_JOBS:,} with the profile's bundles of "
+        f"{c['bundle']} (tile, priors, export); the GPU jobs (segment with Cellpose, extract: "
+        f"{3 * n:,}) are still one per slide.",
+        "",
+        "| stored | per tile | tiles | TB |",
+        "| --- | --- | --- | --- |",
+    ]
+    for what, b in BYTES_PER_TILE.items():
+        count = subset if "subset" in what else tiles_all
+        L.append(f"| {what} | {b / 1e3:,.1f} KB | {count:,} | {b * count / 1e12:,.2f} |")
     return L
 
 
@@ -731,8 +787,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--md", default=str(HERE / "RESULTS.md"), help="report (default bench/RESULTS.md)")
     ap.add_argument("--json", default=str(HERE / "results.json"), help="raw JSON (default bench/results.json)")
     ap.add_argument("--quiet", action="store_true", help="do not echo the benchmarks' stderr")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other stages of the existing --json (rerun only --only's stages; with --only none, "
+        "just rewrite the report)",
+    )
     a = ap.parse_args(argv)
-    a.stages = list(STAGES) if not a.only else [s.strip() for s in a.only.split(",") if s.strip()]
+    a.stages = list(STAGES) if not a.only else [s.strip() for s in a.only.split(",") if s.strip() and s.strip() != "none"]
     bad = [s for s in a.stages if s not in STAGES]
     if bad:
         ap.error(f"--only: unknown stage(s) {bad}; choose from {','.join(STAGES)}")
@@ -757,6 +819,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "stages": {},
     }
+    if a.update and Path(a.json).exists():
+        before = json.loads(Path(a.json).read_text())
+        report["stages"] = {k: v for k, v in before["stages"].items() if k not in a.stages}
+        report["updated_from"] = before.get("updated_from") or {k: before.get(k) for k in ("date", "command")}
     for stage in a.stages:
         cmd = [sys.executable, str(HERE / f"{stage}.py")] + (["--small"] if a.small else []) + a.extra.get(stage, [])
         report["stages"][stage] = run_stage(stage, cmd, a.timeout or None, echo=not a.quiet)
