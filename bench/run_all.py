@@ -563,8 +563,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- **Date**: {report['date']}"
         + (
-            f" (the stages not rerun are from {report['updated_from']['date']}: "
-            f"`{report['updated_from']['command']}`)"
+            f" (the stages not rerun are from {report['updated_from']['date']}: `{report['updated_from']['command']}`)"
             if report.get("updated_from")
             else ""
         ),
@@ -794,7 +793,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "just rewrite the report)",
     )
     a = ap.parse_args(argv)
-    a.stages = list(STAGES) if not a.only else [s.strip() for s in a.only.split(",") if s.strip() and s.strip() != "none"]
+    named = [s.strip() for s in (a.only or "").split(",")]
+    a.stages = [s for s in named if s and s != "none"] if a.only else list(STAGES)
     bad = [s for s in a.stages if s not in STAGES]
     if bad:
         ap.error(f"--only: unknown stage(s) {bad}; choose from {','.join(STAGES)}")

@@ -76,6 +76,7 @@ def test_unlabelled_cohort_with_a_broken_and_a_missing_slide(tmp_path, cmu_slide
             assert h["features"].shape[0] == 0
     assert (res / "pretrain" / "dirl" / "backbone.pt").exists()
     assert not (res / "mil").exists() and not (res / "summary.tsv").exists()
+
     # QuPath export: the good slide's tiles and nuclei; the failed ones, empty but valid
     def kinds(path: Path) -> list[str]:
         opened = gzip.open(path, "rt") if path.suffix == ".gz" else path.open()
