@@ -173,6 +173,9 @@ def test_a_cohort_runs_its_own_settings_not_the_demos(path: Path, tmp_path: Path
     from dirl.settings import command_settings
 
     template = yaml.safe_load(path.read_text())
+    prepared = [d["manifest"] for d in (template.get("probe") or {}).get("datasets", {}).values()]
+    if any(not (ROOT / m).exists() for m in prepared):  # a start-up error by design, said in the template
+        pytest.skip(f"{path.name}: its probe data is prepared locally ({', '.join(prepared)}; bench/probe_data.py)")
     sheet = ROOT / template["samples"]
     listed = sheet.read_text().splitlines()[1:] if sheet.exists() else []  # probe_cpu's sheet is prepared locally
     if not [ln for ln in listed if ln.strip() and not ln.startswith("#")]:
