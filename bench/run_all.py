@@ -701,14 +701,11 @@ def cohort_estimate(stages: dict[str, dict[str, Any]], c: dict[str, Any] = COHOR
     )
     ext_loader = _get(res, "loaders", "extract_tiles_per_s_per_core")
     add("  its loader", tiles_all * c["methods"], "tiles", ext_loader, "core", c["cores"], "measured")
-    where = (
-        f"one node with {c['gpus']} GPUs and {c['cores']} cores"
-        if c["nodes"] == 1
-        else f"{c['nodes']} nodes with {c['gpus']} GPUs and {c['cores']} cores each"
-    )
+    nodes = "one node" if c["nodes"] == 1 else f"{c['nodes']} nodes"
+    where = f"{nodes} with {c['gpus']} GPUs and {c['cores']} cores" + (" each" if c["nodes"] > 1 else "")
     L = [
         "",
-        f"## {c['slides']:,} slides on {where.split(' with')[0]} (estimate)",
+        f"## {c['slides']:,} slides on {nodes} (estimate)",
         "",
         f"{c['slides']:,} slides x {c['tiles_per_slide']:,} tiles at 0.5 µm/px; pretrain.tiles_per_slide "
         f"{c['subset_per_slide']:,} (segmentation, priors and pretraining cover that subset); {c['epochs']} epochs "
@@ -753,13 +750,14 @@ def cluster_costs(c: dict[str, Any], hours: float) -> list[str]:
     n = c["slides"]
     plain = n * sum(PER_SLIDE_JOBS.values()) + COHORT_JOBS
     bundled = sum(math.ceil(n / c["bundle"]) if r in BUNDLED else n * k for r, k in PER_SLIDE_JOBS.items())
+    unbundled = n * sum(k for r, k in PER_SLIDE_JOBS.items() if r not in BUNDLED)
     tiles_all, subset = n * c["tiles_per_slide"], n * c["subset_per_slide"]
     L = [
         "",
         f"Node-hours: {_fmt(hours * c['nodes'])} ({c['nodes']} nodes x {_fmt(hours)} h). Cluster jobs: "
         f"{plain:,} one per slide and stage; {bundled + COHORT_JOBS:,} with the profile's bundles of "
-        f"{c['bundle']} (tile, priors, export); the GPU jobs (segment with Cellpose, extract: "
-        f"{3 * n:,}) are still one per slide.",
+        f"{c['bundle']} ({', '.join(BUNDLED)}); the GPU jobs (segment with Cellpose, extract: "
+        f"{unbundled:,}) are still one per slide.",
         "",
         "| stored | per tile | tiles | TB |",
         "| --- | --- | --- | --- |",

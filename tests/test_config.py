@@ -177,9 +177,8 @@ def test_a_cohort_runs_its_own_settings_not_the_demos(path: Path, tmp_path: Path
     if any(not (ROOT / m).exists() for m in prepared):  # a start-up error by design, said in the template
         pytest.skip(f"{path.name}: its probe data is prepared locally ({', '.join(prepared)}; bench/probe_data.py)")
     sheet = ROOT / template["samples"]
-    listed = sheet.read_text().splitlines()[1:] if sheet.exists() else []  # probe_cpu's sheet is prepared locally
-    if not [ln for ln in listed if ln.strip() and not ln.startswith("#")]:
-        sheet = tmp_path / "samples.tsv"  # a template's sheet of examples only (or none): ten labelled slides
+    if not [ln for ln in sheet.read_text().splitlines()[1:] if ln.strip() and not ln.startswith("#")]:
+        sheet = tmp_path / "samples.tsv"  # a template's sheet of examples only: ten labelled slides
         rows = [f"s{i}\t/data/s{i}.svs\tP{i}\t{'AB'[i % 2]}" for i in range(10)]
         sheet.write_text("slide_id\tpath\tpatient_id\tlabel\n" + "\n".join(rows) + "\n")
     proc = subprocess.run(
