@@ -3,7 +3,7 @@
 
     python bench/run_all.py [--small] [--only tile,mil] [--stage-args 'mil=--bags 32'] [--timeout S]
 
-Each of bench/{tile,segment,pretrain,extract,mil,loaders,export,deploy,plan}.py runs as its own subprocess
+Each of bench/{tile,segment,pretrain,extract,extract_jobs,mil,loaders,export,deploy,plan}.py runs as its own subprocess
 (never two at once: they would time each other), with `--small` when given here. Its result is the last JSON object it
 prints on stdout. Writes
 
@@ -35,7 +35,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STAGES = ("tile", "segment", "pretrain", "extract", "mil", "loaders", "export", "deploy", "plan")
+STAGES = ("tile", "segment", "pretrain", "extract", "extract_jobs", "mil", "loaders", "export", "deploy", "plan")
 STDERR_TAIL = 30  # lines of a failed stage's stderr in the report
 
 # The goals stated in DESIGN.md / the issue: (stage, description, value getter, test, threshold text)
@@ -74,9 +74,10 @@ COHORT = {
 # linearly; per-slide jobs spread over every node's cores and GPUs.
 CLUSTER = {**COHORT, "slides": 10000, "nodes": 8, "bundle": 8}
 # Per-slide cluster jobs of the TCGA template (qupath_export on, two feature sources), and which of them
-# profiles/slurm's commented block bundles (CPU rules only: a GPU bundle would ask a GPU per member)
+# run in bundles: the CPU rules through profiles/slurm's commented block (Snakemake groups), extraction
+# through extract.slides_per_job (one process per bundle: a Snakemake group would ask a GPU per member)
 PER_SLIDE_JOBS = {"tile": 1, "segment": 1, "priors": 1, "export": 1, "extract": 2}
-BUNDLED = ("tile", "priors", "export")
+BUNDLED = ("tile", "priors", "export", "extract")
 COHORT_JOBS = 14  # phenotype, pretrain x 2, attention, MIL, summary, report ... (the dry run's count)
 # Storage per tile at 224 px. Tiles: measured (CMU-1-Small-Region, 49 tiles: zstd 133 KB, JPEG 20 KB
 # per tile). Cells and priors: the 96 px stores of config/cohorts/probe_cpu.yaml (7.9 and 1.4 KB per
@@ -445,6 +446,26 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
                 _ratio(r.get("read_tiles_per_s"), e),
             ),
         ]
+    elif stage == "extract_jobs":
+        rows.append(
+            (
+                f"bundle job of {r.get('slides')} slides x {r.get('tiles_per_slide')} tiles ({r.get('arch')}), "
+                "tiles/s per job",
+                r.get("bundle_job_tiles_per_s"),
+                "one job per slide",
+                r.get("per_slide_jobs_tiles_per_s"),
+                r.get("bundle_vs_per_slide"),
+            )
+        )
+        rows.append(
+            (
+                "start-up a job pays (process, imports, encoder), s",
+                r.get("startup_s_per_job"),
+                "a slide's extraction inside the bundle, s",
+                r.get("slide_s_in_bundle"),
+                _ratio(r.get("startup_s_per_job"), r.get("slide_s_in_bundle")),
+            )
+        )
     elif stage == "loaders":
         rows += [
             (
@@ -749,15 +770,15 @@ def cluster_costs(c: dict[str, Any], hours: float) -> list[str]:
     """Node-hours, the cluster jobs with and without bundles, and storage per stage."""
     n = c["slides"]
     plain = n * sum(PER_SLIDE_JOBS.values()) + COHORT_JOBS
-    bundled = sum(math.ceil(n / c["bundle"]) if r in BUNDLED else n * k for r, k in PER_SLIDE_JOBS.items())
+    bundled = sum(math.ceil(n / c["bundle"]) * k if r in BUNDLED else n * k for r, k in PER_SLIDE_JOBS.items())
     unbundled = n * sum(k for r, k in PER_SLIDE_JOBS.items() if r not in BUNDLED)
     tiles_all, subset = n * c["tiles_per_slide"], n * c["subset_per_slide"]
     L = [
         "",
         f"Node-hours: {_fmt(hours * c['nodes'])} ({c['nodes']} nodes x {_fmt(hours)} h). Cluster jobs: "
         f"{plain:,} one per slide and stage; {bundled + COHORT_JOBS:,} with the profile's bundles of "
-        f"{c['bundle']} ({', '.join(BUNDLED)}); the GPU jobs (segment with Cellpose, extract: "
-        f"{unbundled:,}) are still one per slide.",
+        f"{c['bundle']} ({', '.join(BUNDLED)}; extraction with extract.slides_per_job); Cellpose segmentation "
+        f"({unbundled:,} GPU jobs) is still one job per slide.",
         "",
         "| stored | per tile | tiles | TB |",
         "| --- | --- | --- | --- |",

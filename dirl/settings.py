@@ -279,7 +279,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "phenotypes": (("dirl.segment.phenotype:PhenotypeSettings", "dirl.segment.priors:PriorSettings"), frozenset()),
     "pretrain": (("dirl.ssl.settings:PretrainSettings",), frozenset({"methods", "seeds", "gpus", "nodes", "threads"})),
     "attention": (("dirl.analysis.settings:AttentionSettings",), frozenset({"slides"})),
-    "extract": (("dirl.extract:ExtractSettings",), frozenset({"encoders", "gpus", "threads"})),
+    "extract": (("dirl.extract:ExtractSettings",), frozenset({"encoders", "gpus", "threads", "slides_per_job"})),
     "mil": (("dirl.mil.splits:SplitSettings", "dirl.mil.train:MilSettings"), frozenset({"models", "threads"})),
     "probe": (("dirl.probe.tiles:ProbeSettings",), frozenset({"datasets", "regions"})),
 }

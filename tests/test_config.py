@@ -176,6 +176,9 @@ def test_a_cohort_runs_its_own_settings_not_the_demos(path: Path, tmp_path: Path
     prepared = [d["manifest"] for d in (template.get("probe") or {}).get("datasets", {}).values()]
     if any(not (ROOT / m).exists() for m in prepared):  # a start-up error by design, said in the template
         pytest.skip(f"{path.name}: its probe data is prepared locally ({', '.join(prepared)}; bench/probe_data.py)")
+    init = (template.get("pretrain") or {}).get("init")
+    if init and not (ROOT / init).exists():  # an experiment continuing another template's run
+        pytest.skip(f"{path.name}: pretrain.init {init} is the run of another template, not made yet")
     sheet = ROOT / template["samples"]
     if not [ln for ln in sheet.read_text().splitlines()[1:] if ln.strip() and not ln.startswith("#")]:
         sheet = tmp_path / "samples.tsv"  # a template's sheet of examples only: ten labelled slides

@@ -262,6 +262,7 @@ def test_slurm_profile_and_templates_dry_run(tmp_path: Path) -> None:
         config["mil"]["folds"] = 2  # four test slides, two patients per class
         config.setdefault("attention", {})["slides"] = []  # the template's slides are not these
         config.pop("probe", None)  # its labelled data is the template's
+        config["pretrain"].pop("init", None)  # so is the run it continues
         write_cohort(tmp_path, config)
         jobs = planned_jobs(snakemake(tmp_path, "-n"))
         runs = len(config["pretrain"]["methods"]) * len(config["pretrain"].get("seeds", [0]))
@@ -363,6 +364,29 @@ def test_the_probe_compares_every_source_and_a_label_beats_shuffled_labels(cohor
             real[proto]["balanced_accuracy"] >= 0.7
             and real[proto]["balanced_accuracy"] > fake[proto]["balanced_accuracy"] + 0.25
         )
+
+
+@pytest.mark.slow
+def test_bundled_extraction_loads_each_encoder_once_and_writes_the_same_features(cohort: Path, tmp_path: Path) -> None:
+    """`extract.slides_per_job: 3` on a copy of the finished cohort: 4 slides are 2 jobs per source (its
+    log shows one encoder load for the bundle's slides), and every feature file equals the per-slide one."""
+    work = tmp_path / "bundled"
+    shutil.copytree(cohort, work, symlinks=True)
+    config = json.loads(json.dumps(CONFIG))
+    config["extract"]["slides_per_job"] = 3
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    targets = [f"results/e2e/features/{src}/{sid}.h5" for src in ("dirl", "dino") for sid in ("a1", "a2", "b1", "b2")]
+    jobs = planned_jobs(snakemake(work, "-n", "--forcerun", *targets, "--until", *targets))
+    assert jobs == {"extract_dirl_0": 1, "extract_dirl_1": 1, "extract_dino_0": 1, "extract_dino_1": 1}, jobs
+    snakemake(work, "--forcerun", *targets, "--until", *targets)
+    for src in ("dirl", "dino"):
+        log = (work / "logs" / "e2e" / "extract" / src / "bundle-0.log").read_text()
+        assert log.count(" encoder ") == 1 and all(f"{sid}: " in log for sid in ("a1", "a2", "b1"))
+        for sid in ("a1", "a2", "b1", "b2"):
+            one, coords, _ = store.read_features(cohort / "results" / "e2e" / "features" / src / f"{sid}.h5")
+            bundled, bcoords, _ = store.read_features(work / "results" / "e2e" / "features" / src / f"{sid}.h5")
+            np.testing.assert_array_equal(coords, bcoords)
+            np.testing.assert_allclose(bundled, one, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -275,7 +275,11 @@ def encoder_spec(source):
 
 def encoder_inputs(wildcards):
     """The files a source's encoder is built from: a changed one reruns the source's extraction."""
-    spec = encoder_spec(wildcards.source)
+    return encoder_files(wildcards.source)
+
+
+def encoder_files(source):
+    spec = encoder_spec(source)
     path = spec["encoder"].removeprefix("untrained:")
     if path.endswith("backbone.pt"):
         meta = str(Path(path).with_suffix(".json"))
@@ -284,7 +288,19 @@ def encoder_inputs(wildcards):
 
 
 def encoder_args(wildcards):
-    return " ".join(shlex.quote(a) for a in dirl.encoders.spec_args(encoder_spec(wildcards.source)))
+    return encoder_command_args(wildcards.source)
+
+
+def encoder_command_args(source):
+    return " ".join(shlex.quote(a) for a in dirl.encoders.spec_args(encoder_spec(source)))
+
+
+def extract_bundles():
+    """(source, slides) of each extract job when `extract.slides_per_job` > 1: runs of the sample sheet in
+    its order, so that slides appended to the sheet change only the last bundle (a bundle whose slides
+    change reruns whole)."""
+    n = config["extract"]["slides_per_job"]
+    return [(source, SLIDES[i : i + n]) for source in feature_sources() for i in range(0, len(SLIDES), n)]
 
 
 def encoder_spec_arg(wildcards):

@@ -2,29 +2,67 @@
 
 Feature sources are the pretrained methods (`pretrain.methods`) plus any encoder named under
 `extract.encoders` (a timm model with local weights, e.g. an ImageNet or a public pathology encoder).
+
+With `extract.slides_per_job: N` > 1, one job extracts a bundle of N slides and loads the encoder once
+(on a GPU, starting Python, torch and CUDA and loading the weights costs as much as a short slide).
+Snakemake's `group:` cannot do that: a group still runs one process, and asks one GPU, per slide.
+A bundle's outputs are named file by file, so each bundle is its own rule (`extract_<source>_<k>`)
+without wildcards: Snakemake finds a file's producer by its whole path, and planning stays linear.
 """
 
+if config["extract"]["slides_per_job"] == 1:
 
-rule extract:
-    input:
-        tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
-        encoder=encoder_inputs,
-    output:
-        f"{RESULTS}/features/{{source}}/{{slide}}.h5",
-    log:
-        f"{LOGS}/extract/{{source}}/{{slide}}.log",
-    benchmark:
-        f"{BENCH}/extract/{{source}}/{{slide}}.tsv"
-    conda:
-        ENV
-    threads: config["extract"]["threads"]
-    resources:
-        **job(config["extract"]["threads"], config["extract"]["gpus"]),
-        mem_mb=8000,
-        runtime=60,
-    params:
-        encoder=encoder_args,
-        settings=settings("extract"),
-    shell:
-        "dirl extract {input.tiles:q} {params.encoder} --out {output:q} --threads {threads} "
-        "--settings {params.settings:q} > {log:q} 2>&1"
+    rule extract:
+        input:
+            tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
+            encoder=encoder_inputs,
+        output:
+            f"{RESULTS}/features/{{source}}/{{slide}}.h5",
+        log:
+            f"{LOGS}/extract/{{source}}/{{slide}}.log",
+        benchmark:
+            f"{BENCH}/extract/{{source}}/{{slide}}.tsv"
+        conda:
+            ENV
+        threads: config["extract"]["threads"]
+        resources:
+            **job(config["extract"]["threads"], config["extract"]["gpus"]),
+            mem_mb=8000,
+            runtime=60,
+        params:
+            encoder=encoder_args,
+            settings=settings("extract"),
+        shell:
+            "dirl extract {input.tiles:q} {params.encoder} --out {output:q} --threads {threads} "
+            "--settings {params.settings:q} > {log:q} 2>&1"
+
+else:
+    for source, members in extract_bundles():
+        k = SLIDES.index(members[0]) // config["extract"]["slides_per_job"]
+
+        rule:
+            name:
+                f"extract_{source}_{k}"
+            input:
+                tiles=[f"{RESULTS}/tiles/{slide}.zarr" for slide in members],
+                encoder=encoder_files(source),
+            output:
+                [f"{RESULTS}/features/{source}/{slide}.h5" for slide in members],
+            log:
+                f"{LOGS}/extract/{source}/bundle-{k}.log",
+            benchmark:
+                f"{BENCH}/extract/{source}/bundle-{k}.tsv"
+            conda:
+                ENV
+            threads: config["extract"]["threads"]
+            resources:
+                **job(config["extract"]["threads"], config["extract"]["gpus"]),
+                mem_mb=8000,
+                runtime=60 * len(members),
+            params:
+                encoder=encoder_command_args(source),
+                out=lambda w, output: os.path.dirname(output[0]),
+                settings=settings("extract"),
+            shell:
+                "dirl extract {input.tiles:q} {params.encoder} --out {params.out:q} --threads {threads} "
+                "--settings {params.settings:q} > {log:q} 2>&1"
