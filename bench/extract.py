@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from emit import emit
+from emit import add_run_arguments, emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,9 +62,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats of each; the best is kept")
-    ap.add_argument("--small", action="store_true", help="ViT-Tiny, 512 tiles: a quick CPU check")
-    ap.add_argument("--workdir")
-    ap.add_argument("--out", help="also write the JSON here")
+    add_run_arguments(ap, "ViT-Tiny, 512 tiles")
     a = ap.parse_args()
     if a.small:
         a.arch, a.tiles = "vit_tiny_patch16_224", 512

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from emit import emit
+from emit import add_run_arguments, emit
 from extract import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +44,7 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--tiles", type=int, default=256, help="tiles per slide")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--small", action="store_true", help="ViT-Tiny, 64 tiles per slide: a quick CPU check")
-    ap.add_argument("--workdir")
-    ap.add_argument("--out", help="also write the JSON here")
+    add_run_arguments(ap, "ViT-Tiny, 64 tiles per slide")
     a = ap.parse_args()
     if a.small:
         a.arch, a.tiles = "vit_tiny_patch16_224", 64
