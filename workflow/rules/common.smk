@@ -296,11 +296,11 @@ def encoder_command_args(source):
 
 
 def extract_bundles():
-    """(source, slides) of each extract job when `extract.slides_per_job` > 1: runs of the sample sheet in
-    its order, so that slides appended to the sheet change only the last bundle (a bundle whose slides
+    """(source, k, slides) of each extract job when `extract.slides_per_job` > 1: runs of the sample sheet
+    in its order, so that slides appended to the sheet change only the last bundle (a bundle whose slides
     change reruns whole)."""
     n = config["extract"]["slides_per_job"]
-    return [(source, SLIDES[i : i + n]) for source in feature_sources() for i in range(0, len(SLIDES), n)]
+    return [(source, i // n, SLIDES[i : i + n]) for source in feature_sources() for i in range(0, len(SLIDES), n)]
 
 
 def encoder_spec_arg(wildcards):

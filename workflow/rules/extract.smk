@@ -38,8 +38,7 @@ if config["extract"]["slides_per_job"] == 1:
             "--settings {params.settings:q} > {log:q} 2>&1"
 
 else:
-    for source, members in extract_bundles():
-        k = SLIDES.index(members[0]) // config["extract"]["slides_per_job"]
+    for source, k, members in extract_bundles():
 
         rule:
             name:
