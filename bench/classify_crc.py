@@ -1,12 +1,13 @@
 """The nucleus classifier (`phenotypes.source: trained`) on real H&E: ../shared/data/crc-typed-train's 70
 colorectal images (each its own slide, 500 px at 0.5 µm/px), the expert centres as QuPath typed points.
 
-Measured, in one run: the classifier's balanced accuracy and per-class recall validated by image (5-fold
-grouped, as `dirl phenotype` validates); k-means (source kmeans) against the expert types (NMI, adjusted
-Rand); and what the classifier costs: the priors stage with the trained model against the same stage with
-k-means classes (its features and prediction are the extra work), both against the segment stage.
+Measured, in one run: each classifier's (`phenotypes.classifier`: cnn, logistic) balanced accuracy and
+per-class recall validated by image (5-fold grouped, as `dirl phenotype` validates) and its fitting time;
+k-means (source kmeans) against the expert types (NMI, adjusted Rand); and what applying a classifier
+costs: the priors stage with the trained model against the same stage with k-means classes (crops and the
+CNN, or features and the regression, are the extra work), both against the segment stage.
 
-    .venv/bin/python bench/classify_crc.py [--images N]
+    .venv/bin/python bench/classify_crc.py [--images N] > bench/classify_crc.json   # ~25 min on 2 cores
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CRC = ROOT.parent / "shared" / "data" / "crc-typed-train"
+
+
+CLASSIFIERS = ("cnn", "logistic")
+
+
+def validation(model: dict) -> dict:
+    v = model["validation"]
+    return {
+        "balanced_accuracy": round(v["balanced_accuracy"], 4),
+        "macro_f1": round(v["macro_f1"], 4),
+        "per_class_recall": {k: round(x, 4) for k, x in v["per_class_recall"].items()},
+        "examples_matched": sum(s["matched"] for s in model["examples"].values()),
+        "examples": sum(s["examples"] for s in model["examples"].values()),
+    }
 
 
 def main() -> None:
@@ -59,28 +74,21 @@ def main() -> None:
             cells.append(str(c))
             tiles.append(str(t))
             labels.append(f"{n}={points_file(d / f'{n}.geojson', pts[n])}")
-        trained = d / "trained.json"
-        opts = json.dumps({"source": "trained", "min_examples": 10})
-        argv = [
-            "phenotype",
-            *cells,
-            "--tiles",
-            *tiles,
-            "--out",
-            str(trained),
-            "--cell-labels",
-            *labels,
-            "--settings",
-            opts,
-        ]
-        assert cli(argv) == 0
-        model = json.loads(trained.read_text())
+        models, t_fit = {}, {}
+        for clf in CLASSIFIERS:
+            opts = json.dumps({"source": "trained", "min_examples": 10, "classifier": clf})
+            out = d / f"trained_{clf}.json"
+            argv = ["phenotype", *cells, "--tiles", *tiles, "--out", str(out), "--cell-labels", *labels]
+            t0 = time.perf_counter()
+            assert cli([*argv, "--settings", opts, "--threads", "2"]) == 0
+            t_fit[clf] = time.perf_counter() - t0
+            models[clf] = out
         kmeans = d / "kmeans.json"
         assert cli(["phenotype", *cells, "--out", str(kmeans), "--settings", json.dumps({"k": 4})]) == 0
-        t_prior = {"trained": 0.0, "kmeans": 0.0}
+        t_prior = {**{k: 0.0 for k in models}, "kmeans": 0.0}
         truth, km_cls = [], []
         for n, t, c in zip(names, tiles, cells):
-            for kind, m in (("trained", trained), ("kmeans", kmeans)):
+            for kind, m in (*models.items(), ("kmeans", kmeans)):
                 t0 = time.perf_counter()
                 assert cli(["priors", t, c, str(m), str(d / f"{n}.{kind}.priors.zarr"), "--threads", "2"]) == 0
                 t_prior[kind] += time.perf_counter() - t0
@@ -99,25 +107,24 @@ def main() -> None:
                 if len(ts) == 1 and v in row:
                     truth.append(ts[0])
                     km_cls.append(int(cls[row[v]]))
-    v = model["validation"]
+        validated = {clf: validation(json.loads(m.read_text())) for clf, m in models.items()}
     print(
         json.dumps(
             {
                 "images": len(names),
-                "trained_validated_by_image": {
-                    "balanced_accuracy": round(v["balanced_accuracy"], 4),
-                    "macro_f1": round(v["macro_f1"], 4),
-                    "per_class_recall": {k: round(x, 4) for k, x in v["per_class_recall"].items()},
-                    "examples_matched": sum(s["matched"] for s in model["examples"].values()),
-                    "examples": sum(s["examples"] for s in model["examples"].values()),
-                },
+                "trained_validated_by_image": validated,
                 "kmeans_vs_expert_types": {
                     "nmi": round(float(normalized_mutual_info_score(truth, km_cls)), 4),
                     "ari": round(float(adjusted_rand_score(truth, km_cls)), 4),
                     "nuclei": len(truth),
                 },
-                "seconds": {"segment": round(t_seg, 2), **{f"priors_{k}": round(x, 2) for k, x in t_prior.items()}},
-                "classifier_cost_vs_segment": round((t_prior["trained"] - t_prior["kmeans"]) / t_seg, 3),
+                "seconds": {
+                    "segment": round(t_seg, 2),
+                    **{f"fit_{k}": round(x, 2) for k, x in t_fit.items()},
+                    **{f"priors_{k}": round(x, 2) for k, x in t_prior.items()},
+                },
+                # what applying each classifier adds to the segment stage (priors with it - priors with k-means)
+                "classifier_cost_vs_segment": {k: round((t_prior[k] - t_prior["kmeans"]) / t_seg, 3) for k in models},
             }
         )
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +86,43 @@ def test_the_logistic_model_is_numbers_in_json_and_predicts_what_it_learnt() -> 
     assert (trained.predict(two, x[:400]) == y[:400]).mean() > 0.95
 
 
+def test_the_cnn_learns_nuclei_from_crops_and_its_json_weights_predict_the_same() -> None:
+    """Small dark round nuclei against large pale elongated ones, drawn into 0.5 µm/px tiles: the CNN
+    learns them from crops, its weights survive model.json, and crops follow the tile's pixel size."""
+    import cv2
+
+    from dirl.segment import nucleus_cnn
+
+    rng = np.random.default_rng(0)
+
+    def tile(kind: int, n: int, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+        img = np.full((256, 256, 3), (235, 200, 220), np.uint8)
+        c = rng.uniform(20, 236, (n, 2))
+        for x, y in c:
+            r = (2.5 if kind == 0 else 5.0) * 0.5 / mpp
+            axes = (int(r), int(r)) if kind == 0 else (int(r * 1.6), int(r))
+            colour = (60, 30, 110) if kind == 0 else (150, 110, 190)
+            cv2.ellipse(img, (int(x), int(y)), axes, float(rng.uniform(0, 180)), 0, 360, colour, -1)
+        return img, c
+
+    def examples(mpp: float) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for k in (0, 1, 0, 1):
+            img, c = tile(k, 12, mpp)
+            xs.append(nucleus_cnn.crops(img, c[:, 0], c[:, 1], mpp))
+            ys += [k] * len(c)
+        return np.concatenate(xs), np.array(ys)
+
+    x, y = examples(0.5)
+    assert x.shape == (48, 32, 32, 3)
+    clf = json.loads(json.dumps(nucleus_cnn.fit(x, y, 3, epochs=5, seed=0, threads=1)))  # 3: one class unseen
+    net = nucleus_cnn.load(clf)
+    x2, y2 = examples(0.25)  # twice the pixels per µm: the crops cover the same 16 µm
+    pred = nucleus_cnn.predict(net, x2)
+    assert (pred == y2).mean() > 0.9 and 2 not in pred
+    assert (nucleus_cnn.predict(nucleus_cnn.load(clf), x2) == pred).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # start-up checks
 def test_bad_cell_labels_are_refused_at_start_up(tmp_path: Path) -> None:
@@ -160,49 +196,42 @@ def test_the_classifier_recovers_synthetic_populations_and_the_priors_paint_its_
 
 # --------------------------------------------------------------------------------------------------
 # real expert-typed colorectal nuclei
-@pytest.mark.slow
-@pytest.mark.skipif(not CRC.exists(), reason="../shared/data/crc-typed-train not present")
-def test_on_real_colorectal_nuclei_validated_by_image(tmp_path: Path, caplog) -> None:
-    """Twelve real images (each its own slide), their expert centres as QuPath typed points: validated by
-    image, the classifier is well above chance (0.25 for four types), every type recalled above chance."""
+@pytest.fixture(scope="module")
+def crc_slice(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Twelve real images (each its own slide) segmented, their expert centres as QuPath typed points."""
     from PIL import Image
 
+    if not CRC.exists():
+        pytest.skip("../shared/data/crc-typed-train not present")
+    d = tmp_path_factory.mktemp("crc")
     pts: dict[str, dict[str, list]] = {}
     with open(CRC / "nuclei.tsv") as f:
         for r in csv.DictReader(f, delimiter="\t"):
             pts.setdefault(r["image"], {}).setdefault(r["type"], []).append((float(r["x"]) + 0.5, float(r["y"]) + 0.5))
-    names = [f"img{i}" for i in (1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 13, 14) if (CRC / "images" / f"img{i}.png").exists()][
-        :12
-    ]
+    names = sorted(pts, key=lambda n: int(n[3:]))[:12]  # the first twelve images of the set
     cells, tiles, labels = [], [], []
     for n in names:
         rgb = np.asarray(Image.open(CRC / "images" / f"{n}.png").convert("RGB"))
-        t = write_tiles(tmp_path / f"{n}.zarr", rgb[None], np.array([[0, 0]]), mpp=0.5, slide_id=n)
-        c = tmp_path / f"{n}.cells.zarr"
+        t = write_tiles(d / f"{n}.zarr", rgb[None], np.array([[0, 0]]), mpp=0.5, slide_id=n)
+        c = d / f"{n}.cells.zarr"
         assert cli(["segment", str(t), str(c), "--threads", "2"]) == 0
         cells.append(str(c))
         tiles.append(str(t))
-        labels.append(f"{n}={points_file(tmp_path / f'{n}.geojson', pts[n])}")
-    out = tmp_path / "model.json"
-    settings = json.dumps({"source": "trained", "min_examples": 10})
-    with caplog.at_level(logging.INFO):
-        assert (
-            cli(
-                [
-                    "phenotype",
-                    *cells,
-                    "--tiles",
-                    *tiles,
-                    "--out",
-                    str(out),
-                    "--cell-labels",
-                    *labels,
-                    "--settings",
-                    settings,
-                ]
-            )
-            == 0
-        )
-    v = json.loads(out.read_text())["validation"]
-    assert v["folds"] == 5 and v["balanced_accuracy"] > 0.5, v
+        labels.append(f"{n}={points_file(d / f'{n}.geojson', pts[n])}")
+    return {"dir": d, "cells": cells, "tiles": tiles, "labels": labels}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("classifier", "floor"), [("cnn", 0.55), ("logistic", 0.55)])
+def test_on_real_colorectal_nuclei_validated_by_image(crc_slice: dict, classifier: str, floor: float) -> None:
+    """Validated by image (5 folds of the twelve), each classifier is well above chance (0.25 for four
+    types) and recalls every type above chance (both near 0.61 on twelve images; the CNN leads on 70)."""
+    out = crc_slice["dir"] / f"{classifier}.json"
+    settings = json.dumps({"source": "trained", "min_examples": 10, "classifier": classifier, "epochs": 10})
+    argv = ["phenotype", *crc_slice["cells"], "--tiles", *crc_slice["tiles"], "--out", str(out)]
+    assert cli([*argv, "--cell-labels", *crc_slice["labels"], "--settings", settings]) == 0
+    model = json.loads(out.read_text())
+    v = model["validation"]
+    assert model["classifier"]["kind"].startswith(classifier)
+    assert v["folds"] == 5 and v["balanced_accuracy"] > floor, v
     assert min(v["per_class_recall"].values()) > 0.3

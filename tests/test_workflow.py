@@ -389,6 +389,42 @@ def test_bundled_extraction_loads_each_encoder_once_and_writes_the_same_features
             np.testing.assert_allclose(bundled, one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_trained_cell_classes_from_typed_points_run_through_the_workflow(cohort: Path, tmp_path: Path) -> None:
+    """`phenotypes.source: trained` on a copy of the finished cohort: every other segmented nucleus of each
+    slide clicked as a QuPath typed point (its slide's population), the sample sheet's `cell_labels` naming
+    the files; the workflow fits the CNN validated by slide and the priors class each slide's nuclei."""
+    work = tmp_path / "trained"
+    shutil.copytree(cohort, work, symlinks=True)
+    results = work / "results" / "e2e"
+    sheet = ["slide_id\tpath\tpatient_id\tlabel\tcell_labels"]
+    for line in SAMPLES.splitlines()[1:]:
+        sid = line.split("\t")[0]
+        tab = store.read_nuclei(results / "cells" / f"{sid}.zarr", ["x", "y"])
+        name = "lymphocyte" if sid.startswith("a") else "tumour"
+        points = [[float(x), float(y)] for x, y in zip(tab["x"][::2], tab["y"][::2])]
+        feature = {
+            "type": "Feature",
+            "geometry": {"type": "MultiPoint", "coordinates": points},
+            "properties": {"objectType": "annotation", "classification": {"name": name}},
+        }
+        (work / f"{sid}.points.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+        sheet.append(f"{line}\t{sid}.points.geojson")
+    (work / "samples.tsv").write_text("\n".join(sheet) + "\n")
+    config = json.loads(json.dumps(CONFIG))
+    config["phenotypes"] = {**config.get("phenotypes", {}), "source": "trained", "min_examples": 10, "epochs": 5}
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    targets = [f"results/e2e/priors/{sid}.zarr" for sid in ("a1", "a2", "b1", "b2")]
+    snakemake(work, "--until", *targets)
+    model = json.loads((results / "phenotypes" / "model.json").read_text())
+    assert model["method"] == "trained" and model["classifier"]["kind"] == "cnn"
+    assert [c["description"] for c in model["classes"]] == ["lymphocyte", "tumour"]
+    assert model["validation"]["folds"] == 4 and model["validation"]["balanced_accuracy"] > 0.8, model["validation"]
+    for sid, want in (("a1", 0), ("a2", 0), ("b1", 1), ("b2", 1)):
+        cls, names = store.read_nucleus_classes(results / "priors" / f"{sid}.zarr")
+        assert names == ["lymphocyte", "tumour"] and (cls == want).mean() > 0.8, (sid, np.bincount(cls))
+
+
 # --------------------------------------------------------------------------------------------------
 # external validation: the e2e cohort's models on a second cohort
 def external_cohort(tmp_path: Path, trained: Path, cmu: Path, **deploy: object) -> Path:

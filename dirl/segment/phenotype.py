@@ -74,6 +74,15 @@ class PhenotypeSettings(Settings):
         str, ...
     ] = ()  # sources imported, trained: "type=class" ("type=-": tissue); empty: a class each
     min_examples: int = bounded(20, ge=1)  # source trained: fewest examples a class may have
+    classifier: str = field(
+        default="cnn",
+        metadata={
+            "choices": ("cnn", "logistic"),
+            "help": "source trained: a small CNN on the crop around each nucleus, or a logistic regression on "
+            "31 hand-made nucleus features",
+        },
+    )
+    epochs: int = bounded(30, ge=1)  # source trained, classifier cnn: passes over the examples per fit
     unknown_types: str = field(
         default="error",
         metadata={
@@ -92,6 +101,7 @@ class PhenotypeModel:
     std: np.ndarray
     centroids: np.ndarray  # (k, F) in standardised units
     raw: dict[str, Any]
+    _net: Any = field(default=None, repr=False)  # the trained CNN, built on first use
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PhenotypeModel:
@@ -123,10 +133,15 @@ class PhenotypeModel:
         self, image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray]
     ) -> np.ndarray:
         """Class of each row of one tile's `table` (the trained classifier: it looks around each nucleus)."""
-        from dirl.segment import nucleus_features, trained
+        from dirl.segment import nucleus_cnn, nucleus_features, trained
 
         if not len(table["label"]):
             return np.zeros(0, np.int64)
+        clf = self.raw["classifier"]
+        if clf.get("kind") == "cnn":
+            if self._net is None:
+                self._net = nucleus_cnn.load(clf)
+            return nucleus_cnn.predict(self._net, nucleus_cnn.crops(image, table["cx"], table["cy"], mpp))
         order = np.argsort(table["label"], kind="stable")
         part = {k: v[order] for k, v in table.items()}
         x = nucleus_features.matrix(image, trained.relabelled(labels, part["label"]), mpp, part)
@@ -378,6 +393,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="model.json to write")
     p.add_argument("--gallery", help="PNG of example nuclei per class")
     p.add_argument("--validation", help="PNG of the trained classifier's validation by slide")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for training the classifier")
     p.add_argument(
         "--cell-labels",
         nargs="+",
@@ -412,7 +428,16 @@ def main(args: argparse.Namespace) -> None:
 
         labels = dict(item.split("=", 1) for item in args.cell_labels)
         model, tab, src, cls = fit_trained(
-            cells, _match_tiles(cells, args.tiles), labels, s.type_classes, s.unknown_types, s.min_examples, s.seed
+            cells,
+            _match_tiles(cells, args.tiles),
+            labels,
+            s.type_classes,
+            s.unknown_types,
+            s.min_examples,
+            s.seed,
+            s.classifier,
+            s.epochs,
+            args.threads,
         )
     else:
         model, tab, src, cls = fit(cells, k=s.k, sample=s.sample, seed=s.seed, n_init=s.n_init)

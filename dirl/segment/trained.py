@@ -4,10 +4,11 @@ The examples are the sample sheet's `cell_labels` files: typed points as QuPath'
 (classified Point/MultiPoint annotations) or typed nuclei in any layout the import backend reads
 (dirl.segment.nuclei_files). A point labels the segmented nucleus that contains it; a polygon the one it
 overlaps best (at least a third of the polygon); the others are counted as unmatched and reported. Each
-matched nucleus is described by dirl.segment.nucleus_features (shape, stain, rings around it, chromatin,
-neighbourhood) and a class-balanced L2 logistic regression on standardised features is fitted — first
-validated by slide (grouped k-fold: confusion matrix, balanced accuracy, per-class recall), then fitted on
-every example. The model is a few hundred numbers in model.json: no pickle, readable anywhere.
+matched nucleus is classified from the crop around it by a small CNN trained on the fly
+(dirl.segment.nucleus_cnn, `classifier: cnn`), or from dirl.segment.nucleus_features (shape, stain, rings
+around it, chromatin, neighbourhood) by a class-balanced L2 logistic regression (`classifier: logistic`).
+Either is first validated by slide (grouped k-fold: confusion matrix, balanced accuracy, per-class recall),
+then fitted on every example. The model is numbers in model.json: no pickle, readable anywhere.
 """
 
 from __future__ import annotations
@@ -135,7 +136,44 @@ def predict(model: dict[str, Any], x: np.ndarray) -> np.ndarray:
     )
 
 
-def validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: list[str], seed: int) -> dict[str, Any]:
+def example_crops(tiles: store.TileStore, cells: Path, rows: np.ndarray) -> np.ndarray:
+    """nucleus_cnn.crops around the cells table's `rows`, tile by tile."""
+    from dirl.segment import nucleus_cnn
+
+    tab = store.read_nuclei(cells, ["tile", "cx", "cy"])
+    out = np.zeros((len(rows), nucleus_cnn.CROP_PX, nucleus_cnn.CROP_PX, 3), np.uint8)
+    t_of = tab["tile"][rows]
+    for t in np.unique(t_of).tolist():
+        js = np.flatnonzero(t_of == t)
+        out[js] = nucleus_cnn.crops(tiles.tile(t), tab["cx"][rows[js]], tab["cy"][rows[js]], tiles.mpp)
+    return out
+
+
+class Learner:
+    """How the chosen classifier is fitted and applied to the examples' inputs (crops or features)."""
+
+    def __init__(self, kind: str, n_classes: int, seed: int, epochs: int, threads: int) -> None:
+        self.kind, self.n_classes, self.seed, self.epochs, self.threads = kind, n_classes, seed, epochs, threads
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        if self.kind == "cnn":
+            from dirl.segment import nucleus_cnn
+
+            return nucleus_cnn.fit(x, y, self.n_classes, self.epochs, self.seed, self.threads)
+        return {
+            "kind": "logistic regression, class-balanced, standardised features",
+            **fit_classifier(x, y, self.n_classes, self.seed),
+        }
+
+    def predict(self, clf: dict[str, Any], x: np.ndarray) -> np.ndarray:
+        if self.kind == "cnn":
+            from dirl.segment import nucleus_cnn
+
+            return nucleus_cnn.predict(nucleus_cnn.load(clf), x)
+        return predict(clf, x)
+
+
+def validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: list[str], learner: Learner) -> dict[str, Any]:
     """Grouped k-fold (k = min(5, groups)): every example predicted by a model that saw none of its group."""
     from sklearn.model_selection import GroupKFold
 
@@ -146,7 +184,8 @@ def validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: list[str
         return {"folds": 0, "note": "one group only: no validation by slide (label two slides or more)"}
     pred = np.zeros_like(y)
     for tr, te in GroupKFold(k).split(x, y, groups):
-        pred[te] = predict(fit_classifier(x[tr], y[tr], len(classes), seed), x[te])
+        pred[te] = learner.predict(learner.fit(x[tr], y[tr]), x[te])
+        log.info("validation fold: %d examples of %d slides predicted", len(te), len(np.unique(groups[te])))
     return {"folds": k, "by": "slide", **metrics(y, pred, classes)}
 
 
@@ -158,6 +197,9 @@ def fit_trained(
     unknown_types: str,
     min_examples: int,
     seed: int,
+    classifier: str = "cnn",
+    epochs: int = 30,
+    threads: int = 2,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """The trained phenotype model (as `phenotype.fit` returns a model): (model dict, the examples' table
     rows, their store index, their class)."""
@@ -181,7 +223,8 @@ def fit_trained(
         ok = rows >= 0
         log.info("slide %s: %d examples, %d on a segmented nucleus", sid, counts["examples"], counts["matched"])
         if ok.any():
-            xs.append(example_features(ts, c, rows[ok]))
+            inputs = example_crops if classifier == "cnn" else example_features
+            xs.append(inputs(ts, c, rows[ok]))
             names += [k for k, m in zip(kinds, ok) if m]
             src.append(np.full(int(ok.sum()), i))
             rows_all.append(rows[ok])
@@ -202,8 +245,9 @@ def fit_trained(
             f"phenotypes.source trained: class(es) {few} have fewer than phenotypes.min_examples = {min_examples} "
             "examples on segmented nuclei: label more, merge them (type_classes) or lower min_examples"
         )
-    report = validate(x, y, groups, classes, seed)
-    clf = fit_classifier(x, y, len(classes), seed)
+    learner = Learner(classifier, len(classes), seed, epochs, threads)
+    report = validate(x, y, groups, classes, learner)
+    clf = learner.fit(x, y)
     rows = np.concatenate(rows_all)[keep]
     src_rows = groups
     tab = _rows_table(cells, src_rows, rows)
@@ -234,8 +278,8 @@ def fit_trained(
         "method": "trained",
         "k": len(classes),
         "seed": seed,
-        "features": list(nucleus_features.NAMES),
-        "classifier": {"kind": "logistic regression, class-balanced, standardised features", **clf},
+        "features": list(nucleus_features.NAMES) if classifier == "logistic" else [],
+        "classifier": clf,
         "mean": [],
         "std": [],
         "centroids": [[] for _ in classes],

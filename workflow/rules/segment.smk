@@ -52,8 +52,9 @@ rule phenotype:
         f"{BENCH}/phenotype.tsv"
     conda:
         ENV
+    threads: config["segmentation"]["threads"]  # the trained classifier's CNN
     resources:
-        **job(1),
+        **job(config["segmentation"]["threads"]),
         mem_mb=8000,
         runtime=60,
     params:
@@ -61,7 +62,7 @@ rule phenotype:
         cell_labels=" ".join(f"--cell-labels {shlex.quote(f'{sid}={path}')}" for sid, path in CELL_LABELS.items()),
     shell:
         "dirl phenotype @{input.cells:q} --tiles @{input.tiles:q} --out {output.model:q} "
-        "--gallery {output.gallery:q} --validation {output.validation:q} {params.cell_labels} "
+        "--gallery {output.gallery:q} --validation {output.validation:q} {params.cell_labels} --threads {threads} "
         "--settings {params.settings:q} > {log:q} 2>&1"
 
 
