@@ -113,7 +113,9 @@ def test_cohort_runs_as_slurm_jobs_with_the_resources_the_cohort_implies(cluster
     for rule, js in by_rule.items():
         for j in js:
             assert j["state"] == "COMPLETED" and j["partition"] == "cpu" and j["gres"] in ("N/A", ""), j
-            assert int(j["cpus"]) == THREADS.get(rule, 1 if rule != "priors" else THREADS["segment"]), (rule, j)
+            # priors and the phenotype fit run nucleus classifiers at the segmentation's threads
+            expected = THREADS["segment"] if rule in ("priors", "phenotype") else THREADS.get(rule, 1)
+            assert int(j["cpus"]) == expected, (rule, j)
     # each job used the CPUs SLURM gave it, not the submitting machine's single core
     seg = (tmp_path / "logs" / "slurm" / "segment" / "s1.log").read_text()
     assert "2 CPU threads (the SLURM allocation" in seg, seg[-2000:]
