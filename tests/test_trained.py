@@ -123,6 +123,25 @@ def test_the_cnn_learns_nuclei_from_crops_and_its_json_weights_predict_the_same(
     assert (nucleus_cnn.predict(nucleus_cnn.load(clf), x2) == pred).all()
 
 
+def test_cnn_crops_see_every_slide_at_one_colour_scale(tmp_path: Path) -> None:
+    """A slide scanned paler and bluer gives the CNN the same crops once each slide's colours are normalised."""
+    from dirl.segment import nucleus_cnn
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(40, 230, (2, 64, 64, 3)).astype(np.uint8)
+    pale = np.clip(img * np.array([0.7, 0.8, 0.9]) + np.array([60, 40, 30]), 0, 255).astype(np.uint8)
+    stats = [
+        nucleus_cnn.slide_colour(
+            store.open_tiles(write_tiles(tmp_path / f"{n}.zarr", x, np.array([[0, 0], [64, 0]]), mpp=0.5))
+        )
+        for n, x in (("a", img), ("b", pale))
+    ]
+    cx, cy = np.array([10.0, 40.0]), np.array([20.0, 50.0])
+    raw = [nucleus_cnn.crops(x[0], cx, cy, 0.5).astype(int) for x in (img, pale)]
+    same = [nucleus_cnn.crops(x[0], cx, cy, 0.5, c).astype(int) for x, c in zip((img, pale), stats)]
+    assert np.abs(raw[0] - raw[1]).mean() > 10 and np.abs(same[0] - same[1]).max() <= 2
+
+
 # --------------------------------------------------------------------------------------------------
 # start-up checks
 def test_bad_cell_labels_are_refused_at_start_up(tmp_path: Path) -> None:

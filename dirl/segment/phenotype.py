@@ -129,10 +129,17 @@ class PhenotypeModel:
         """Whether classifying a nucleus takes its tile's pixels (the trained classifier's context)."""
         return self.raw.get("method") == "trained"
 
+    def slide_context(self, tiles: store.TileStore) -> Any:
+        """What predict_tile needs of the whole slide: the CNN's colour statistics (None otherwise)."""
+        from dirl.segment import nucleus_cnn
+
+        return nucleus_cnn.slide_colour(tiles) if self.raw["classifier"].get("kind") == "cnn" else None
+
     def predict_tile(
-        self, image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray]
+        self, image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray], context: Any = None
     ) -> np.ndarray:
-        """Class of each row of one tile's `table` (the trained classifier: it looks around each nucleus)."""
+        """Class of each row of one tile's `table` (the trained classifier: it looks around each nucleus);
+        `context`: slide_context of the tile's slide."""
         from dirl.segment import nucleus_cnn, nucleus_features, trained
 
         if not len(table["label"]):
@@ -141,7 +148,7 @@ class PhenotypeModel:
         if clf.get("kind") == "cnn":
             if self._net is None:
                 self._net = nucleus_cnn.load(clf)
-            return nucleus_cnn.predict(self._net, nucleus_cnn.crops(image, table["cx"], table["cy"], mpp))
+            return nucleus_cnn.predict(self._net, nucleus_cnn.crops(image, table["cx"], table["cy"], mpp, context))
         order = np.argsort(table["label"], kind="stable")
         part = {k: v[order] for k, v in table.items()}
         x = nucleus_features.matrix(image, trained.relabelled(labels, part["label"]), mpp, part)

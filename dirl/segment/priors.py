@@ -127,8 +127,10 @@ def make_priors(
     bounds = np.searchsorted(tab["tile"], np.arange(n + 1))
     if model.needs_pixels:  # the trained classifier looks at each nucleus' surroundings: per tile, below
         cls = np.full(len(tab["tile"]), -1, np.int64)
+        context = model.slide_context(tiles)
     else:
         cls = model.predict(tab, store.map_attrs(cells_path, "labels").get("type_names"))
+        context = None
     n_classes = store.prior_value(model.k)
     names = store.prior_class_names([c["description"] for c in model.raw["classes"]])
     attrs = {
@@ -153,7 +155,7 @@ def make_priors(
         def one(img: np.ndarray, lab: np.ndarray, t: int) -> np.ndarray:
             a, b = bounds[t], bounds[t + 1]
             if model.needs_pixels and b > a:
-                cls[a:b] = model.predict_tile(img, lab, mpp, {k: v[a:b] for k, v in tab.items()})
+                cls[a:b] = model.predict_tile(img, lab, mpp, {k: v[a:b] for k, v in tab.items()}, context)
             return paint(img, lab, _lut(tab["label"][a:b], store.prior_value(cls[a:b])), mpp, s)
 
         for idx in store.rows_by_shard(rows):  # whole shards: write_rows writes each once

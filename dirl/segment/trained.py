@@ -143,9 +143,10 @@ def example_crops(tiles: store.TileStore, cells: Path, rows: np.ndarray) -> np.n
     tab = store.read_nuclei(cells, ["tile", "cx", "cy"])
     out = np.zeros((len(rows), nucleus_cnn.CROP_PX, nucleus_cnn.CROP_PX, 3), np.uint8)
     t_of = tab["tile"][rows]
+    colour = nucleus_cnn.slide_colour(tiles)
     for t in np.unique(t_of).tolist():
         js = np.flatnonzero(t_of == t)
-        out[js] = nucleus_cnn.crops(tiles.tile(t), tab["cx"][rows[js]], tab["cy"][rows[js]], tiles.mpp)
+        out[js] = nucleus_cnn.crops(tiles.tile(t), tab["cx"][rows[js]], tab["cy"][rows[js]], tiles.mpp, colour)
     return out
 
 
