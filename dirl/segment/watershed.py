@@ -39,13 +39,19 @@ from dirl.settings import bounded
 
 
 @dataclasses.dataclass(frozen=True)
-class WatershedParams(CommonParams):
-    diameter_um: float = bounded(8.0, gt=0)  # typical nucleus diameter: sets seed spacing
+class ForegroundParams(CommonParams):
+    """The hematoxylin foreground (steps 1-5), shared with the unet backend's outlines."""
+
     background_um: float = bounded(8.0, ge=0)  # background-subtraction radius (0 = off)
     sigma_um: float = bounded(0.75, ge=0)  # Gaussian smoothing of the hematoxylin OD
     threshold: float | None = None  # fixed OD threshold; None = per-tile Otsu clamped to the band below
     threshold_min: float = bounded(0.10, ge=0)  # low enough for large pale nuclei (bench/nuclei_crc.py)
     threshold_max: float = bounded(0.60, gt=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class WatershedParams(ForegroundParams):
+    diameter_um: float = bounded(8.0, gt=0)  # typical nucleus diameter: sets seed spacing
     split_h_um: float = bounded(0.15, ge=0)  # h of the distance-transform h-maxima: lower splits more
     split_sigma_um: float = bounded(0.25, ge=0)  # smoothing of the distance transform before seeding
     split_intensity: float = bounded(3.0, ge=0)  # px of distance added per unit of hematoxylin OD when seeding
@@ -104,11 +110,10 @@ def _fill_holes(fg: np.ndarray) -> np.ndarray:
     return fg | ~keep[bg] & (bg > 0)
 
 
-def segment_tile(rgb: np.ndarray, mpp: float, p: WatershedParams) -> np.ndarray:
-    """Instance labels (T, T) int32 of one RGB uint8 tile."""
+def foreground(rgb: np.ndarray, mpp: float, p: ForegroundParams) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-5: (nuclear foreground, bool; smoothed background-subtracted hematoxylin OD, float32)."""
     import cv2
     from scipy import ndimage
-    from skimage.segmentation import watershed
 
     h, _ = stain_od(rgb)
     if p.background_um > 0:
@@ -131,16 +136,27 @@ def segment_tile(rgb: np.ndarray, mpp: float, p: WatershedParams) -> np.ndarray:
         tissue = (lo < 220) & ~black  # not glass
         t = float(np.clip(_otsu(hs[tissue], p.threshold_max), p.threshold_min, p.threshold_max))
     fg = (hs > t) & ~black
+    if fg.any():
+        fg = _fill_holes(fg)
+        fg = cv2.morphologyEx(fg.view(np.uint8), cv2.MORPH_OPEN, _disk(1).astype(np.uint8)).view(bool)
+    return fg, hs
+
+
+def segment_tile(rgb: np.ndarray, mpp: float, p: WatershedParams) -> np.ndarray:
+    """Instance labels (T, T) int32 of one RGB uint8 tile."""
+    import cv2
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    fg, hs = foreground(rgb, mpp, p)
     if not fg.any():
         return np.zeros(fg.shape, dtype=np.int32)
-    fg = _fill_holes(fg)
-    fg8 = cv2.morphologyEx(fg.view(np.uint8), cv2.MORPH_OPEN, _disk(1).astype(np.uint8))
+    fg8 = fg.view(np.uint8)
     # scipy, not OpenCV, for the distance and the blurs: OpenCV's SIMD paths give results that differ in
     # the last bit with the buffers' alignment, enough to move a watershed line between runs
     dist = ndimage.distance_transform_edt(np.pad(fg8, 1, mode="edge"))[1:-1, 1:-1].astype(np.float32)
     if p.split_sigma_um > 0:
         dist = ndimage.gaussian_filter(dist, p.split_sigma_um / mpp, truncate=3.0)
-    fg = fg8.astype(bool)
     if p.split_intensity > 0:  # darker centres help split a dark nucleus lying on a paler one
         dist = dist + np.float32(p.split_intensity) * np.where(fg, hs, 0).astype(np.float32)
     hpx = max(0.25, p.split_h_um / mpp)
