@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+import zarr
 from helpers_workflow import tiny_stages
 
 from dirl import store
@@ -148,6 +149,14 @@ def test_command_line_overrides_are_typed_by_the_schema(tmp_path):
             "pretrain.img_size = 100 is not a multiple of the patch size 16 of vit_tiny_patch16_224",
         ),
         ({"tiling": {"mpp": float("nan")}}, "config tiling.mpp = nan: must be a finite number"),
+        (
+            {"segmentation": {"backend": "unet", "weights": "/nowhere/w.npz"}},
+            "segmentation.weights '/nowhere/w.npz': no such file",
+        ),
+        (
+            {"segmentation": {"backend": "unet", "weights": "samples.tsv"}},
+            "segmentation.weights 'samples.tsv': not U-Net weights written by dirl",
+        ),
     ],
 )
 def test_bad_settings_are_refused_at_start_up(tmp_path, config, message):
@@ -196,3 +205,17 @@ def test_imported_nuclei_feed_segmentation_and_priors(tmp_path, cmu_slide):
     proc = dry_run(cohort(tmp_path / "bad2", sheet, phenotypes=pheno))  # imported classes, watershed nuclei
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "set segmentation.backend: import" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_a_cohort_segmented_by_the_unet_backend(tmp_path, cmu_slide):
+    """`segmentation.backend: unet` as a user runs it: the shipped weights are an input of each segment job,
+    the cells store names them, and the nuclei feed the classes and the priors."""
+    work = cohort(tmp_path, f"slide_id\tpath\ncmu\t{cmu_slide}\n", segmentation={"backend": "unet"})
+    proc = run_as_user(work, "--until", "priors")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = work / "results" / "c"
+    attrs = zarr.open_group(str(res / "cells" / "cmu.zarr"), mode="r").attrs
+    assert attrs["backend"] == "unet" and attrs["model"] == "unet-centres:unet_crc.npz", dict(attrs)
+    assert store.nucleus_count(res / "cells" / "cmu.zarr") > 100
+    assert (res / "priors" / "cmu.zarr").is_dir()

@@ -29,6 +29,7 @@ from dirl.settings import bounded
 # name -> "module:Class"; imported only when chosen (the cellpose backend pulls torch).
 BACKENDS: dict[str, str] = {
     "watershed": "dirl.segment.watershed:WatershedBackend",
+    "unet": "dirl.segment.unet:UNetBackend",
     "cellpose": "dirl.segment.cellpose_backend:CellposeBackend",
     "import": "dirl.segment.imported:ImportBackend",
 }

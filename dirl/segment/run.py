@@ -169,6 +169,7 @@ def _segment_settings() -> type[Settings]:
     parameters (their Params dataclasses hold the defaults; a backend takes the fields it has)."""
     from dirl.segment.cellpose_backend import CellposeParams
     from dirl.segment.imported import ImportParams
+    from dirl.segment.unet import UNetParams
     from dirl.segment.watershed import WatershedParams
 
     fields: dict[str, tuple] = {
@@ -180,7 +181,7 @@ def _segment_settings() -> type[Settings]:
             ),
         )
     }
-    for params in (WatershedParams, CellposeParams, ImportParams):
+    for params in (WatershedParams, UNetParams, CellposeParams, ImportParams):
         hints = typing.get_type_hints(params)
         for f in dataclasses.fields(params):
             if f.name == "threads":  # the job's CPUs: `--threads`, not a setting

@@ -59,6 +59,7 @@ import dirl.encoders
 import dirl.probe.data
 import dirl.runs
 import dirl.segment.examples
+import dirl.segment.unet
 import dirl.ssl.init
 import dirl.samples
 import dirl.settings
@@ -90,6 +91,14 @@ if _no_nuclei:
         f"segmentation.backend import reads each slide's typed nuclei from the sample sheet's `nuclei` column; "
         f"{config['samples']} names none for {_no_nuclei}"
     )
+# backend unet: its weights, an input of every segment job (checked here: a missing or foreign file would
+# fail each job)
+SEGMENT_WEIGHTS = []
+if config["segmentation"]["backend"] == "unet":
+    try:
+        SEGMENT_WEIGHTS = [str(dirl.segment.unet.weights_file(config["segmentation"]["weights"]))]
+    except DirlError as e:
+        raise WorkflowError(str(e)) from None
 # phenotypes.source trained: the slides' typed examples (sample sheet column cell_labels), checked here
 TRAINED = config["phenotypes"]["source"] == "trained"
 CELL_LABELS = {s.slide_id: s.cell_labels for s in SAMPLE_LIST if s.cell_labels} if TRAINED else {}

@@ -5,6 +5,7 @@ rule segment:
     input:
         tiles=f"{RESULTS}/tiles/{{slide}}.zarr",
         nuclei=nuclei_file,
+        weights=SEGMENT_WEIGHTS,  # backend unet: its network
     output:
         cells=directory(f"{RESULTS}/cells/{{slide}}.zarr"),
     log:
