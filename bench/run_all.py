@@ -359,6 +359,18 @@ def rows_for(stage: str, r: dict[str, Any]) -> tuple[list[Row], list[tuple[str, 
                         _ratio(v, base),
                     )
                 )
+        u = r.get("unet") or {}
+        if u:
+            ws_rate = u.get("watershed_tiles_per_s")
+            for label, key in (("unet backend", "unet_tiles_per_s"), ("unet network", "unet_network_tiles_per_s")):
+                v = u.get(key)
+                rows.append((f"{label}, tiles/s", v, "watershed, same tiles", ws_rate, _ratio(v, ws_rate)))
+        for k, v in sorted((r.get("unet_stage") or {}).items()):
+            if k.startswith("stage_threads") and k.endswith("_tiles_per_s"):
+                th = k[len("stage_threads") : -len("_tiles_per_s")]
+                ws_stage = (r.get("watershed_stage") or {}).get(k)
+                label = f"dirl segment stage (unet), threads={th}, tiles/s"
+                rows.append((label, v, "same stage, watershed", ws_stage, _ratio(v, ws_stage)))
         c = r.get("cellpose") or {}
         if "skipped" in c:
             rows.append(("cellpose", "skipped: " + str(c["skipped"]), "", None, None))

@@ -6,6 +6,8 @@
 - watershed: tiles/s of `WatershedBackend.segment` on blocks of tiles with a thread pool, against the
   same code called one tile at a time on one thread; plus the whole `dirl segment` stage (read,
   segment, per-nucleus table, write) on a tile store.
+- unet: tiles/s of the unet backend (its network alone beside) against the watershed on the same tiles,
+  and its whole stage; the ratio is what choosing it costs on this CPU.
 - cellpose: a randomly initialised Cellpose-SAM network (no weights are downloaded), on the GPU in
   bf16 when there is one, else fp32 on the CPU with a handful of tiles: the pipelined backend
   (`stream`: batched network, masks in a thread pool overlapping the next batch) against
@@ -76,11 +78,33 @@ def bench_watershed(tiles: np.ndarray, threads: int, mpp: float) -> dict:
     return res
 
 
-def bench_stage(tiles: np.ndarray, threads: int, mpp: float) -> dict:
+def bench_unet(tiles: np.ndarray, threads: int, mpp: float) -> dict:
+    """The unet backend (network + outlines) against the watershed on the same tiles, same run."""
+    from dirl.segment import base
+
+    n = len(tiles)
+    res: dict = {"tiles": n}
+    for name in ("watershed", "unet"):
+        with base.create(name, {"threads": threads}) as b:
+            b.segment(tiles[:threads], mpp)  # warm-up
+            res[f"{name}_tiles_per_s"] = n / timed(lambda b=b: b.segment(tiles, mpp))
+            if name == "unet":  # where its time goes: the network alone
+                res["unet_network_tiles_per_s"] = n / timed(lambda b=b: unet_maps(b, tiles))
+    res["unet_vs_watershed_time"] = res["watershed_tiles_per_s"] / res["unet_tiles_per_s"]
+    return res
+
+
+def unet_maps(backend, tiles: np.ndarray) -> np.ndarray:
+    from dirl.segment import unet
+
+    return unet.centre_maps(backend.net, tiles)
+
+
+def bench_stage(tiles: np.ndarray, threads: int, mpp: float, backend: str = "watershed") -> dict:
     """The whole `dirl segment` stage on a tile store (read + segment + table + atomic write)."""
     from dirl import store
+    from dirl.segment import base
     from dirl.segment.run import segment_store
-    from dirl.segment.watershed import WatershedBackend, WatershedParams
 
     with tempfile.TemporaryDirectory() as d:
         tp = tiles.shape[1]
@@ -93,10 +117,10 @@ def bench_stage(tiles: np.ndarray, threads: int, mpp: float) -> dict:
             for s in range(0, n, w.shard):
                 w.write(s, tiles[s : s + w.shard])
         out = {}
-        with WatershedBackend(WatershedParams(threads=1)) as b:  # warm-up: first imports and codecs
+        with base.create(backend, {"threads": 1}) as b:  # warm-up: first imports and codecs
             segment_store(Path(d) / "t.zarr", Path(d) / "warm.zarr", b, threads=1)
         for th in sorted({1, threads}):
-            with WatershedBackend(WatershedParams(threads=th)) as b:
+            with base.create(backend, {"threads": th}) as b:
                 t = time.perf_counter()
                 r = segment_store(Path(d) / "t.zarr", Path(d) / f"c{th}.zarr", b, threads=th)
                 out[f"stage_threads{th}_tiles_per_s"] = n / (time.perf_counter() - t)
@@ -192,6 +216,8 @@ def main() -> None:
     result["watershed"] = bench_watershed(tiles, a.threads, mpp)
     result["watershed_stage"] = bench_stage(tiles, a.threads, mpp)
     result["peak_rss_mb_after_watershed"] = rss_mb()
+    result["unet"] = bench_unet(tiles, a.threads, mpp)
+    result["unet_stage"] = bench_stage(tiles, a.threads, mpp, "unet")
     if not a.no_cellpose:
         try:
             import torch
