@@ -8,6 +8,10 @@ costs: the priors stage with the trained model against the same stage with k-mea
 CNN, or features and the regression, are the extra work), both against the segment stage.
 
     .venv/bin/python bench/classify_crc.py [--images N] > bench/classify_crc.json   # ~25 min on 2 cores
+    .venv/bin/python bench/classify_crc.py --backend unet --fold-weights /tmp/unet-folds > bench/classify_crc_unet.json
+
+(--fold-weights: the networks `python -m dirl.segment.unet_train --fold-weights` kept, so that no image is
+segmented by a network trained on its nuclei.)
 """
 
 from __future__ import annotations
@@ -54,7 +58,14 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=70)
+    p.add_argument("--backend", default="watershed", help="segmentation backend")
+    p.add_argument("--fold-weights", type=Path, help="unet: each image segmented by the fold network that never saw it")
     args = p.parse_args()
+    weights: dict[str, str] = {}
+    if args.fold_weights:
+        from dirl.segment.unet_train import held_out_weights
+
+        weights = held_out_weights(args.fold_weights)
     pts: dict[str, dict[str, list]] = {}
     with open(CRC / "nuclei.tsv") as f:
         for r in csv.DictReader(f, delimiter="\t"):
@@ -69,7 +80,8 @@ def main() -> None:
             t = write_tiles(d / f"{n}.zarr", rgb[None], np.array([[0, 0]]), mpp=0.5, slide_id=n)
             c = d / f"{n}.cells.zarr"
             t0 = time.perf_counter()
-            assert cli(["segment", str(t), str(c), "--threads", "2"]) == 0
+            extra = ["--weights", weights[n]] if n in weights else []
+            assert cli(["segment", str(t), str(c), "--threads", "2", "--backend", args.backend, *extra]) == 0
             t_seg += time.perf_counter() - t0
             cells.append(str(c))
             tiles.append(str(t))
@@ -112,6 +124,7 @@ def main() -> None:
         json.dumps(
             {
                 "images": len(names),
+                "segmentation": args.backend + (" (fold networks, validated by image)" if weights else ""),
                 "trained_validated_by_image": validated,
                 "kmeans_vs_expert_types": {
                     "nmi": round(float(normalized_mutual_info_score(truth, km_cls)), 4),

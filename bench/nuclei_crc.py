@@ -6,12 +6,19 @@ compared with the expert centres:
   are what a classical segmenter misses);
 - F1 at 6 px: segmented centroids matched one-to-one to expert centres within 6 px (Hungarian); as only
   ~75 % of the nuclei are typed, precision is a lower bound;
-- merges: share of segmented nuclei holding two or more expert centres.
+- merges: share of segmented nuclei holding two or more expert centres;
+- splits: share of expert centres with two or more segmented centroids within 4 µm (a nucleus cut in two).
 
     .venv/bin/python bench/nuclei_crc.py [--images img1 img2 ...] [--settings JSON]
 
 Prints one JSON line (with the same-run time per image). Not a test: the figures are measured here and
 quoted in bench/RESULTS.md and the README.
+
+The unet backend's shipped network was trained on these images: measure it with `--fold-weights DIR`, the
+networks `python -m dirl.segment.unet_train ... --fold-weights DIR` kept, each image segmented by the one
+that never saw it (validated by image):
+
+    .venv/bin/python bench/nuclei_crc.py --backend unet --fold-weights /tmp/unet-folds
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "crc-typed-train"
 MPP = 0.5
+SPLIT_UM = 4.0  # two segmented centroids this close to one expert centre: one nucleus cut in two
 
 
 def load(root: Path = SHARED, images: list[str] | None = None) -> list[tuple[str, np.ndarray, np.ndarray, list[str]]]:
@@ -59,6 +67,7 @@ def match(centroids: np.ndarray, truth: np.ndarray, radius: float = 6.0) -> int:
 
 def evaluate(labels: np.ndarray, xy: np.ndarray, types: list[str]) -> dict[str, object]:
     from scipy import ndimage
+    from scipy.spatial import cKDTree
 
     h, w = labels.shape
     ix = np.clip(np.floor(xy[:, 0]).astype(int), 0, w - 1)
@@ -69,12 +78,14 @@ def evaluate(labels: np.ndarray, xy: np.ndarray, types: list[str]) -> dict[str, 
         np.array(ndimage.center_of_mass(np.ones_like(labels), labels, ids))[:, ::-1] if len(ids) else np.zeros((0, 2))
     )
     per = Counter(hit[hit > 0].tolist())
+    near = cKDTree(cents).query_ball_point(xy, SPLIT_UM / MPP, return_length=True) if len(cents) else np.zeros(len(xy))
     return {
         "inside": int((hit > 0).sum()),
         "n_true": len(xy),
         "n_seg": len(ids),
         "matched": match(cents, xy),
         "merged": sum(1 for v in per.values() if v >= 2),
+        "split": int((np.asarray(near) >= 2).sum()),
         "by_type": {
             t: (int(((hit > 0) & (np.array(types) == t)).sum()), int((np.array(types) == t).sum())) for t in set(types)
         },
@@ -88,27 +99,39 @@ def main() -> None:
     p.add_argument("--images", nargs="*")
     p.add_argument("--backend", default="watershed")
     p.add_argument("--settings", default="{}", help="backend parameters as JSON")
+    p.add_argument("--fold-weights", type=Path, help="unet: per-fold networks (fold*.npz), each image by its fold's")
     args = p.parse_args()
     data = load(images=args.images)
     opts = {"threads": 2, **json.loads(args.settings)}
+    weights: dict[str, str] = {}  # image -> its fold's weights file (none: the settings')
+    if args.fold_weights:
+        from dirl.segment.unet_train import held_out_weights
+
+        weights = held_out_weights(args.fold_weights)
     tot: Counter = Counter()
     by_type: dict[str, list[int]] = {}
     t0 = time.perf_counter()
-    with base.create(args.backend, opts) as backend:
-        for _, rgb, xy, types in data:
-            h, w = rgb.shape[:2]
-            side = max(h, w)
-            tile = np.full((side, side, 3), 255, np.uint8)
-            tile[:h, :w] = rgb
-            lab = backend.segment(tile[None], MPP)[0][:h, :w]
-            r = evaluate(lab, xy, types)
-            for k in ("inside", "n_true", "n_seg", "matched", "merged"):
-                tot[k] += r[k]
-            for t, (a, b) in r["by_type"].items():
-                by_type.setdefault(t, [0, 0])
-                by_type[t][0] += a
-                by_type[t][1] += b
+    backends: dict[str, base.Backend] = {}
+    for name, rgb, xy, types in data:
+        w_file = weights.get(name, "")
+        if w_file not in backends:
+            backends[w_file] = base.create(args.backend, {**opts, **({"weights": w_file} if w_file else {})})
+        backend = backends[w_file]
+        h, w = rgb.shape[:2]
+        side = max(h, w)
+        tile = np.full((side, side, 3), 255, np.uint8)
+        tile[:h, :w] = rgb
+        lab = backend.segment(tile[None], MPP)[0][:h, :w]
+        r = evaluate(lab, xy, types)
+        for k in ("inside", "n_true", "n_seg", "matched", "merged", "split"):
+            tot[k] += r[k]
+        for t, (a, b) in r["by_type"].items():
+            by_type.setdefault(t, [0, 0])
+            by_type[t][0] += a
+            by_type[t][1] += b
     dt = time.perf_counter() - t0
+    for b in backends.values():
+        b.close()
     precision = tot["matched"] / max(tot["n_seg"], 1)
     recall6 = tot["matched"] / max(tot["n_true"], 1)
     print(
@@ -123,6 +146,7 @@ def main() -> None:
                 "precision_6px_lower_bound": round(precision, 4),
                 "recall_6px": round(recall6, 4),
                 "merged_fraction": round(tot["merged"] / max(tot["n_seg"], 1), 4),
+                "split_fraction": round(tot["split"] / max(tot["n_true"], 1), 4),
                 "seconds_per_image": round(dt / len(data), 3),
             }
         )
