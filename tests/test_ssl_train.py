@@ -42,6 +42,16 @@ def _losses(out: Path, key="loss"):
     return [json.loads(line)[key] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+def _same_backbone(one: Path, two: Path) -> None:
+    """The backbones of two runs agree to float32 summation order: gradients all-reduced over processes add
+    up in another order than one process's, ~1e-5 after these steps (CPU-dependent), while one AdamW step
+    moves a weight by ~lr = 1.6e-2, so a run that trained on other data or skipped a sync is far off."""
+    a = torch.load(one / "backbone.pt", weights_only=True)
+    b = torch.load(two / "backbone.pt", weights_only=True)
+    diff = {k: float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()}
+    assert max(diff.values()) <= 1e-4, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+
+
 def test_schedules():
     assert schedules.cosine(0, 10, 1.0, 0.0, 2, 0.0) == 0.0
     assert schedules.cosine(1, 10, 1.0, 0.0, 2, 0.0) == 0.5
@@ -229,9 +239,7 @@ def test_two_processes_agree_with_one(tmp_path, cohort, trained):
     assert r.returncode == 0, r.stderr[-3000:]
     for key in ("loss", "loss_dino", "loss_dense"):
         assert _losses(two, key) == pytest.approx(_losses(one, key), rel=1e-4, abs=1e-5)
-    a = torch.load(one / "backbone.pt", weights_only=True)
-    b = torch.load(two / "backbone.pt", weights_only=True)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    _same_backbone(one, two)
 
 
 def test_rewritten_priors_are_not_resumed(tmp_path):
@@ -276,9 +284,7 @@ def test_two_nodes_agree_with_one(tmp_path, cohort, trained):
     one = trained / "dirl"
     for key in ("loss", "loss_dino", "loss_dense"):
         assert _losses(two, key) == pytest.approx(_losses(one, key), rel=1e-4, abs=1e-5)
-    a = torch.load(one / "backbone.pt", weights_only=True)
-    b = torch.load(two / "backbone.pt", weights_only=True)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    _same_backbone(one, two)
     assert (
         json.loads((two / "backbone.json").read_text())["settings"]
         == json.loads((one / "backbone.json").read_text())["settings"]
