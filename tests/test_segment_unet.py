@@ -90,6 +90,15 @@ def test_tiles_at_another_pixel_size_are_seen_at_the_networks():
     assert inside(c, xy[keep] * 2) >= inside(a, xy[keep]) - 0.05
 
 
+def test_the_inference_network_paints_the_trained_ones_map():
+    """BatchNorm folded into the convolutions for speed: the same centre map to float rounding."""
+    net, _ = unet.load(unet.SHIPPED)
+    ((_, rgb, _),) = crc(("img83",))
+    tiles = np.stack([rgb[:96, :96], rgb[200:296, 300:396]])
+    a, b = unet.centre_maps(net, tiles), unet.centre_maps(unet.for_inference(net), tiles)
+    assert a.max() > 0.5 and np.abs(a - b).max() < 1e-4
+
+
 def test_glass_gives_nothing():
     glass = np.full((2, 96, 96, 3), 242, np.uint8)
     glass[1] = (230, 150, 200)  # flat pink: eosin only

@@ -16,7 +16,7 @@ or untyped points of your tissue with the same command and name the file in `seg
 
 Measured by image on those 70 images against the watershed, same run (bench/NUCLEI.md): expert centres
 inside a nucleus 0.944 vs 0.812 (epithelial 0.923 vs 0.731), nuclei holding two centres 1.3 % vs 5.0 %;
-on 13 MoNuSeg images of other organs, detection F1 at IoU 0.5 0.587 vs 0.532; 2.2-3.4x the time.
+on 13 MoNuSeg images of other organs, detection F1 at IoU 0.5 0.587 vs 0.532; 2.3-3.2x the time.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dirl.settings import bounded
 
 NET_MPP = 0.5  # the network sees tiles at this pixel size (20x), whatever the slide's
 SHIPPED = Path(__file__).with_name("models") / "unet_crc.npz"
-CHUNK = 16  # tiles per forward pass: bounds activation memory (~0.2 GB at 224 px)
+CHUNK = 2  # tiles per forward pass: small batches stay in the CPU caches (16 ran at 0.6x the speed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +135,24 @@ def load(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return net.eval(), meta
 
 
+def for_inference(net: Any) -> Any:
+    """A copy of an eval-mode network with each BatchNorm folded into the conv before it (~1.3x faster)."""
+    import copy
+
+    import torch.nn as nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(net).eval()
+    for name, seq in list(net.named_children()):
+        if isinstance(seq, nn.Sequential):
+            mods, out = list(seq), []
+            while mods:
+                m = mods.pop(0)
+                out.append(fuse_conv_bn_eval(m, mods.pop(0)) if mods and isinstance(mods[0], nn.BatchNorm2d) else m)
+            setattr(net, name, nn.Sequential(*out))
+    return net
+
+
 def centre_maps(net: Any, tiles: np.ndarray) -> np.ndarray:
     """Centre probability maps (B, H, W) float32 of RGB uint8 tiles at NET_MPP."""
     import torch
@@ -184,7 +202,8 @@ class UNetBackend(Backend):
         import torch
 
         self._path = weights_file(params.weights)
-        self.net, self.meta = load(self._path)
+        net, self.meta = load(self._path)
+        self.net = for_inference(net)
         torch.set_num_threads(max(1, params.threads))
         self._pool = ThreadPoolExecutor(max(1, params.threads))
 
