@@ -36,6 +36,7 @@ from dirl.settings import bounded
 
 NET_MPP = 0.5  # the network sees tiles at this pixel size (20x), whatever the slide's
 SHIPPED = Path(__file__).with_name("models") / "unet_crc.npz"
+WIDTH = 16  # channels of the first scale (then 32, 64, 64): ~210 k weights
 CHUNK = 2  # tiles per forward pass: small batches stay in the CPU caches (16 ran at 0.6x the speed)
 
 
@@ -48,7 +49,7 @@ class UNetParams(ForegroundParams):
     core_um: float = bounded(2.0, ge=0)  # disc kept around a centre the hematoxylin foreground misses
 
 
-def network(width: int = 16):
+def network(width: int = WIDTH):
     """The U-Net: two 3x3 conv-BN-ReLU per scale, four scales (1, 1/2, 1/4, 1/8), nearest upsampling, skips."""
     import torch
     import torch.nn as nn

@@ -126,7 +126,7 @@ def unmarked_nuclei(rgb: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return (lab > 0) & ~np.isin(lab, held[held > 0])
 
 
-def fit(data: list[tuple[str, np.ndarray, np.ndarray]], steps: int, seed: int = 0, width: int = 16) -> Any:
+def fit(data: list[tuple[str, np.ndarray, np.ndarray]], steps: int, seed: int = 0, width: int = unet.WIDTH) -> Any:
     """The network trained on `data` (read_points) for `steps` batches of random crops (eval mode)."""
     import torch
     import torch.nn.functional as F
@@ -226,13 +226,13 @@ def main(argv: list[str] | None = None) -> None:
             unet.save(
                 net,
                 a.fold_weights / f"fold{k}.npz",
-                {"width": 16, "mpp": unet.NET_MPP, "held_out": folds[-1]["images"]},
+                {"width": unet.WIDTH, "mpp": unet.NET_MPP, "held_out": folds[-1]["images"]},
             )
         log.info("fold %d: %s", k, {k2: round(v, 4) for k2, v in folds[-1].items() if isinstance(v, float)})
     t0 = time.perf_counter()
     net = fit(data, a.steps, a.seed)
     meta: dict[str, Any] = {
-        "width": 16,
+        "width": unet.WIDTH,
         "mpp": unet.NET_MPP,
         "images": len(data),
         "centres": int(sum(len(d[2]) for d in data)),
