@@ -93,8 +93,10 @@ def as_input(rgb: np.ndarray):
 
 
 def save(net: Any, path: str | Path, meta: dict[str, Any]) -> None:
-    """Weights as float32 arrays named by the state dict, plus `meta` (JSON): an .npz readable without pickle."""
+    """Weights as float32 arrays named by the state dict, plus `meta` (JSON) with the network's width and
+    pixel size added: an .npz readable without pickle."""
     arrays = {k: v.detach().float().numpy() for k, v in net.state_dict().items() if v.dtype.is_floating_point}
+    meta = {"width": net.e1[0].out_channels, "mpp": NET_MPP, **meta}
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays, __meta__=np.array(json.dumps(meta)))
 

@@ -126,7 +126,7 @@ def unmarked_nuclei(rgb: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return (lab > 0) & ~np.isin(lab, held[held > 0])
 
 
-def fit(data: list[tuple[str, np.ndarray, np.ndarray]], steps: int, seed: int = 0, width: int = unet.WIDTH) -> Any:
+def fit(data: list[tuple[str, np.ndarray, np.ndarray]], steps: int, seed: int = 0) -> Any:
     """The network trained on `data` (read_points) for `steps` batches of random crops (eval mode)."""
     import torch
     import torch.nn.functional as F
@@ -139,7 +139,7 @@ def fit(data: list[tuple[str, np.ndarray, np.ndarray]], steps: int, seed: int = 
     ignore = [unmarked_nuclei(d[1], d[2]) for d in data]
     if any(min(m.shape) < CROP for m in maps):
         raise ConfigError(f"every image must be at least {CROP} px at {unet.NET_MPP} µm/px")
-    net = unet.network(width)
+    net = unet.network()
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
     pos = torch.tensor(POS_WEIGHT)
@@ -223,17 +223,11 @@ def main(argv: list[str] | None = None) -> None:
         folds.append({**score(net, test), "images": [d[0] for d in test], "seconds": time.perf_counter() - t0})
         if a.fold_weights:  # for measuring the whole backend on images its network never saw (bench/nuclei_crc.py)
             a.fold_weights.mkdir(parents=True, exist_ok=True)
-            unet.save(
-                net,
-                a.fold_weights / f"fold{k}.npz",
-                {"width": unet.WIDTH, "mpp": unet.NET_MPP, "held_out": folds[-1]["images"]},
-            )
+            unet.save(net, a.fold_weights / f"fold{k}.npz", {"held_out": folds[-1]["images"]})
         log.info("fold %d: %s", k, {k2: round(v, 4) for k2, v in folds[-1].items() if isinstance(v, float)})
     t0 = time.perf_counter()
     net = fit(data, a.steps, a.seed)
     meta: dict[str, Any] = {
-        "width": unet.WIDTH,
-        "mpp": unet.NET_MPP,
         "images": len(data),
         "centres": int(sum(len(d[2]) for d in data)),
         "source": a.images.resolve().parent.name,
