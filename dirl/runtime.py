@@ -72,3 +72,26 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def fold_batchnorm(net: Any) -> Any:
+    """An eval-mode copy of `net` with each BatchNorm that follows a conv inside an nn.Sequential (at any
+    depth) folded into that conv: the same outputs, one pass over the activations less per layer on CPU."""
+    import copy
+
+    import torch.nn as nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    def fold(m: nn.Module) -> nn.Module:
+        for name, child in list(m.named_children()):
+            setattr(m, name, fold(child))
+        if not isinstance(m, nn.Sequential):
+            return m
+        mods, out = list(m), []
+        while mods:
+            x = mods.pop(0)
+            fuse = isinstance(x, nn.Conv2d) and mods and isinstance(mods[0], nn.BatchNorm2d)
+            out.append(fuse_conv_bn_eval(x, mods.pop(0)) if fuse else x)
+        return nn.Sequential(*out)
+
+    return fold(copy.deepcopy(net).eval())

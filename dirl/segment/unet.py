@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dirl.errors import ConfigError
+from dirl.runtime import fold_batchnorm
 from dirl.segment.base import Backend
 from dirl.segment.watershed import ForegroundParams, foreground
 from dirl.settings import bounded
@@ -138,24 +139,6 @@ def load(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return net.eval(), meta
 
 
-def for_inference(net: Any) -> Any:
-    """A copy of an eval-mode network with each BatchNorm folded into the conv before it (~1.3x faster)."""
-    import copy
-
-    import torch.nn as nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    net = copy.deepcopy(net).eval()
-    for name, seq in list(net.named_children()):
-        if isinstance(seq, nn.Sequential):
-            mods, out = list(seq), []
-            while mods:
-                m = mods.pop(0)
-                out.append(fuse_conv_bn_eval(m, mods.pop(0)) if mods and isinstance(mods[0], nn.BatchNorm2d) else m)
-            setattr(net, name, nn.Sequential(*out))
-    return net
-
-
 def centre_maps(net: Any, tiles: np.ndarray) -> np.ndarray:
     """Centre probability maps (B, H, W) float32 of RGB uint8 tiles at NET_MPP."""
     import torch
@@ -206,7 +189,7 @@ class UNetBackend(Backend):
 
         self._path = weights_file(params.weights)
         net, self.meta = load(self._path)
-        self.net = for_inference(net)
+        self.net = fold_batchnorm(net)
         torch.set_num_threads(max(1, params.threads))
         self._pool = ThreadPoolExecutor(max(1, params.threads))
 
