@@ -148,7 +148,8 @@ class PhenotypeModel:
         if clf.get("kind") == "cnn":
             if self._net is None:
                 self._net = nucleus_cnn.load(clf)
-            return nucleus_cnn.predict(self._net, nucleus_cnn.crops(image, table["cx"], table["cy"], mpp, context))
+            x = nucleus_cnn.crops(image, table["cx"], table["cy"], mpp, context, float(clf["crop_um"]))
+            return nucleus_cnn.predict(self._net, x)
         order = np.argsort(table["label"], kind="stable")
         part = {k: v[order] for k, v in table.items()}
         x = nucleus_features.matrix(image, trained.relabelled(labels, part["label"]), mpp, part)
