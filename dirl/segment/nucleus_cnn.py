@@ -165,8 +165,8 @@ def predict(net, x: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.int64)
     out = []
     with torch.inference_mode():
-        for s in range(0, len(x), 256):
-            t = _tensor(x[s : s + 256])
+        for s in range(0, len(x), 32):  # 4 x 32 crops a forward pass: fastest on CPU (smaller: overhead, larger: cache)
+            t = _tensor(x[s : s + 32])
             p = net(torch.cat([t, t.flip(3), t.flip(2), t.flip((2, 3))])).softmax(1)
             out.append(p.view(4, len(t), -1).sum(0).argmax(1).numpy())
     return np.concatenate(out)

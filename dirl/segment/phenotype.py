@@ -18,6 +18,8 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,38 +132,52 @@ class PhenotypeModel:
         return self.raw.get("method") == "trained"
 
     def slide_context(self, tiles: store.TileStore) -> Any:
-        """What predict_tile needs of the whole slide: the CNN's colour statistics (None otherwise)."""
+        """What predict_tiles needs of the whole slide: the CNN's colour statistics (None otherwise)."""
         from dirl.segment import nucleus_cnn
 
         return nucleus_cnn.slide_colour(tiles) if self.raw["classifier"].get("kind") == "cnn" else None
 
-    def predict_tile(
-        self, image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray], context: Any = None
-    ) -> np.ndarray:
-        """Class of each row of one tile's `table` (the trained classifier: it looks around each nucleus);
-        `context`: slide_context of the tile's slide."""
+    def predict_tiles(
+        self,
+        images: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray],
+        mpp: float,
+        tables: Sequence[dict[str, np.ndarray]],
+        context: Any = None,
+        pool: Executor | None = None,
+    ) -> list[np.ndarray]:
+        """Class of each row of each tile's `tables` (the trained classifier: it looks around each nucleus);
+        `context`: slide_context of the tiles' slide; `pool` maps the per-tile work (crops, features). The
+        CNN takes a block of tiles' nuclei in one batch: one tile's few dozen make small, slow batches."""
         from dirl.segment import nucleus_cnn, nucleus_features, trained
 
-        if not len(table["label"]):
-            return np.zeros(0, np.int64)
+        run = pool.map if pool is not None else map
         clf = self.raw["classifier"]
         if clf.get("kind") == "cnn":
             if self._net is None:
                 self._net = nucleus_cnn.load(clf)
-            x = nucleus_cnn.crops(image, table["cx"], table["cy"], mpp, context, float(clf["crop_um"]))
-            return nucleus_cnn.predict(self._net, x)
-        order = np.argsort(table["label"], kind="stable")
-        part = {k: v[order] for k, v in table.items()}
-        x = nucleus_features.matrix(image, trained.relabelled(labels, part["label"]), mpp, part)
-        out = np.empty(len(order), np.int64)
-        out[order] = trained.predict(self.raw["classifier"], x)
-        return out
+            um = float(clf["crop_um"])
+            xs = list(run(lambda im, t: nucleus_cnn.crops(im, t["cx"], t["cy"], mpp, context, um), images, tables))
+            if not xs:
+                return []
+            return np.split(nucleus_cnn.predict(self._net, np.concatenate(xs)), np.cumsum([len(x) for x in xs])[:-1])
+
+        def one(image: np.ndarray, lab: np.ndarray, table: dict[str, np.ndarray]) -> np.ndarray:
+            order = np.argsort(table["label"], kind="stable")
+            part = {k: v[order] for k, v in table.items()}
+            out = np.empty(len(order), np.int64)
+            if len(order):
+                x = nucleus_features.matrix(image, trained.relabelled(lab, part["label"]), mpp, part)
+                out[order] = trained.predict(clf, x)
+            return out
+
+        return list(run(one, images, labels, tables))
 
     def predict(self, table: dict[str, np.ndarray], type_names: list[str] | None = None) -> np.ndarray:
         """Class 0..k-1 of every row: nearest centroid in standardised space, or with imported types
         (`type_names`: the cells store's) the class of the row's type, -1 for a dropped type."""
         if self.needs_pixels:
-            raise DirlError("the trained nucleus classifier needs the tiles' pixels: use predict_tile")
+            raise DirlError("the trained nucleus classifier needs the tiles' pixels: use predict_tiles")
         if self.raw.get("method") == "imported":
             from dirl.segment.typed_classes import imported_classes
 

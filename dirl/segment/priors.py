@@ -154,12 +154,14 @@ def make_priors(
 
         def one(img: np.ndarray, lab: np.ndarray, t: int) -> np.ndarray:
             a, b = bounds[t], bounds[t + 1]
-            if model.needs_pixels and b > a:
-                cls[a:b] = model.predict_tile(img, lab, mpp, {k: v[a:b] for k, v in tab.items()}, context)
             return paint(img, lab, _lut(tab["label"][a:b], store.prior_value(cls[a:b])), mpp, s)
 
         for idx in store.rows_by_shard(rows):  # whole shards: write_rows writes each once
             imgs, labs = tiles.take(idx), store.read_rows(labels, idx)
+            if model.needs_pixels:
+                parts = [{k: v[bounds[t] : bounds[t + 1]] for k, v in tab.items()} for t in idx.tolist()]
+                for t, c in zip(idx.tolist(), model.predict_tiles(imgs, labs, mpp, parts, context, pool)):
+                    cls[bounds[t] : bounds[t + 1]] = c
             block = np.stack(list(pool.map(one, imgs, labs, idx.tolist())))
             if subset:
                 store.write_rows(arr, idx, block)
