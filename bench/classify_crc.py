@@ -5,10 +5,16 @@ Measured, in one run: each classifier's (`phenotypes.classifier`: cnn, logistic)
 per-class recall validated by image (5-fold grouped, as `dirl phenotype` validates) and its fitting time;
 k-means (source kmeans) against the expert types (NMI, adjusted Rand); and what applying a classifier
 costs: the priors stage with the trained model against the same stage with k-means classes (crops and the
-CNN, or features and the regression, are the extra work), both against the segment stage.
+CNN, or features and the regression, are the extra work), both against the segment stage, on one slide of
+280 tiles of 224 px cut from the same images (a cohort's slides hold hundreds of tiles: the one-tile
+slides the classifiers are validated on would measure each stage's start-up instead).
 
     .venv/bin/python bench/classify_crc.py [--images N] > bench/classify_crc.json   # ~25 min on 2 cores
     .venv/bin/python bench/classify_crc.py --backend unet --fold-weights /tmp/unet-folds > bench/classify_crc_unet.json
+    .venv/bin/python bench/classify_crc.py --apply-only > bench/classify_crc_apply.json   # ~2 min
+
+(--apply-only: only the cost of applying each classifier, with models fitted in one epoch on 3 images: what
+a network's weights are does not change its cost.)
 
 (--fold-weights: the networks `python -m dirl.segment.unet_train --fold-weights` kept, so that no image is
 segmented by a network trained on its nuclei.)
@@ -60,7 +66,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=70)
     p.add_argument("--backend", default="watershed", help="segmentation backend")
     p.add_argument("--fold-weights", type=Path, help="unet: each image segmented by the fold network that never saw it")
+    p.add_argument("--apply-only", action="store_true", help="only what applying each classifier costs")
     args = p.parse_args()
+    if args.apply_only:
+        args.images = 3
     weights: dict[str, str] = {}
     if args.fold_weights:
         from dirl.segment.unet_train import held_out_weights
@@ -88,7 +97,8 @@ def main() -> None:
             labels.append(f"{n}={points_file(d / f'{n}.geojson', pts[n])}")
         models, t_fit = {}, {}
         for clf in CLASSIFIERS:
-            opts = json.dumps({"source": "trained", "min_examples": 10, "classifier": clf})
+            quick = {"epochs": 1} if args.apply_only else {}
+            opts = json.dumps({"source": "trained", "min_examples": 10, "classifier": clf, **quick})
             out = d / f"trained_{clf}.json"
             argv = ["phenotype", *cells, "--tiles", *tiles, "--out", str(out), "--cell-labels", *labels]
             t0 = time.perf_counter()
@@ -97,6 +107,10 @@ def main() -> None:
             models[clf] = out
         kmeans = d / "kmeans.json"
         assert cli(["phenotype", *cells, "--out", str(kmeans), "--settings", json.dumps({"k": 4})]) == 0
+        if args.apply_only:
+            per_tile = stage_times(d, sorted(pts, key=lambda s: int(s[3:])), models, kmeans, args.backend)
+            print(json.dumps({"slide_of_224px_tiles": per_tile, "classifier_cost_vs_segment": cost(per_tile, models)}))
+            return
         t_prior = {**{k: 0.0 for k in models}, "kmeans": 0.0}
         truth, km_cls = [], []
         for n, t, c in zip(names, tiles, cells):
@@ -120,6 +134,7 @@ def main() -> None:
                     truth.append(ts[0])
                     km_cls.append(int(cls[row[v]]))
         validated = {clf: validation(json.loads(m.read_text())) for clf, m in models.items()}
+        per_tile = stage_times(d, names, models, kmeans, args.backend)
     print(
         json.dumps(
             {
@@ -136,11 +151,54 @@ def main() -> None:
                     **{f"fit_{k}": round(x, 2) for k, x in t_fit.items()},
                     **{f"priors_{k}": round(x, 2) for k, x in t_prior.items()},
                 },
-                # what applying each classifier adds to the segment stage (priors with it - priors with k-means)
-                "classifier_cost_vs_segment": {k: round((t_prior[k] - t_prior["kmeans"]) / t_seg, 3) for k in models},
+                "slide_of_224px_tiles": per_tile,
+                "classifier_cost_vs_segment": cost(per_tile, models),
             }
         )
     )
+
+
+def cost(per_tile: dict, models: dict) -> dict[str, float]:
+    """What applying each classifier adds to the segment stage: (priors with it - priors with k-means) / segment."""
+    base, seg = per_tile["priors_kmeans_s"], per_tile["segment_s"]
+    return {k: round((per_tile[f"priors_{k}_s"] - base) / seg, 3) for k in models}
+
+
+def stage_times(d: Path, names: list[str], models: dict[str, Path], kmeans: Path, backend: str) -> dict:
+    """Seconds of the segment stage and of the priors stage with each model on one slide of 224 px tiles
+    (2 x 2 from each 500 px image), best of 2 runs each (the first also warms the caches)."""
+    import sys
+
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers_segment import write_tiles
+
+    from dirl.cli import main as cli
+
+    side = 224
+    imgs, coords = [], []
+    for i, n in enumerate(names):
+        rgb = np.asarray(Image.open(CRC / "images" / f"{n}.png").convert("RGB"))
+        for y in (0, side):
+            for x in (0, side):
+                imgs.append(rgb[y : y + side, x : x + side])
+                coords.append((i * 500 + x, y))
+    t = str(write_tiles(d / "slide.zarr", np.stack(imgs), np.array(coords), mpp=0.5, slide_id="slide"))
+    c = str(d / "slide.cells.zarr")
+
+    def best(argv: list[str]) -> float:
+        out = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            assert cli(argv) == 0
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    res = {"tiles": len(imgs), "segment_s": best(["segment", t, c, "--threads", "2", "--backend", backend])}
+    for kind, m in (*models.items(), ("kmeans", kmeans)):
+        res[f"priors_{kind}_s"] = best(["priors", t, c, str(m), str(d / f"slide.{kind}.priors.zarr"), "--threads", "2"])
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
 
 
 if __name__ == "__main__":

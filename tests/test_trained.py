@@ -117,7 +117,7 @@ def test_the_cnn_learns_nuclei_from_crops_and_its_json_weights_predict_the_same(
     assert x.shape == (48, 32, 32, 3)
     clf = json.loads(json.dumps(nucleus_cnn.fit(x, y, 3, epochs=5, seed=0, threads=1)))  # 3: one class unseen
     net = nucleus_cnn.load(clf)
-    x2, y2 = examples(0.25)  # twice the pixels per µm: the crops cover the same 16 µm
+    x2, y2 = examples(0.25)  # twice the pixels per µm: the crops cover the same 24 µm
     pred = nucleus_cnn.predict(net, x2)
     assert (pred == y2).mean() > 0.9 and 2 not in pred
     assert (nucleus_cnn.predict(nucleus_cnn.load(clf), x2) == pred).all()
