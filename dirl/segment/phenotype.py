@@ -148,7 +148,8 @@ class PhenotypeModel:
     ) -> list[np.ndarray]:
         """Class of each row of each tile's `tables` (the trained classifier: it looks around each nucleus);
         `context`: slide_context of the tiles' slide; `pool` maps the per-tile work (crops, features). The
-        CNN takes a block of tiles' nuclei in one batch: one tile's few dozen make small, slow batches."""
+        CNN takes the block's nuclei in this thread with torch's own threads (pool threads each calling torch
+        would run threads x threads on the cores)."""
         from dirl.segment import nucleus_cnn, nucleus_features, trained
 
         run = pool.map if pool is not None else map
