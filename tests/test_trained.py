@@ -118,9 +118,11 @@ def test_the_cnn_learns_nuclei_from_crops_and_its_json_weights_predict_the_same(
     clf = json.loads(json.dumps(nucleus_cnn.fit(x, y, 3, epochs=5, seed=0, threads=1)))  # 3: one class unseen
     net = nucleus_cnn.load(clf)
     x2, y2 = examples(0.25)  # twice the pixels per µm: the crops cover the same 24 µm
-    pred = nucleus_cnn.predict(net, x2)
+    probs = nucleus_cnn.proba(net, x2)
+    pred = probs.argmax(1)
+    assert probs.shape == (48, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (pred == y2).mean() > 0.9 and 2 not in pred
-    assert (nucleus_cnn.predict(nucleus_cnn.load(clf), x2) == pred).all()
+    assert np.allclose(nucleus_cnn.proba(nucleus_cnn.load(clf), x2), probs, atol=1e-6)
 
 
 def test_the_inference_network_folds_batchnorm_and_keeps_the_outputs() -> None:
@@ -278,3 +280,34 @@ def test_on_real_colorectal_nuclei_validated_by_image(crc_slice: dict, classifie
     assert model["classifier"]["kind"].startswith(classifier)
     assert v["folds"] == 5 and v["balanced_accuracy"] > floor, v
     assert min(v["per_class_recall"].values()) > 0.3
+
+
+def test_the_context_of_a_nucleus_is_the_mean_of_its_neighbours_in_its_tile() -> None:
+    """Hand-made: A and B 10 µm apart see each other; C, 100 µm away, has no neighbour (its own
+    probabilities stand in); the same positions in another tile are not neighbours."""
+    from dirl.segment import context
+
+    probs = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    x, y = np.array([0.0, 10.0, 100.0]), np.zeros(3)
+    f = context.features(probs, x, y, radius_um=30)
+    eps = context.EPS
+    assert np.allclose(f[:, :2], np.log(probs + eps))
+    assert np.allclose(f[:, 2:4], np.log(np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]) + eps))
+    assert np.allclose(f[:, 4], np.log1p([1, 1, 0]))
+    two = context.by_tile(np.r_[probs, probs], np.array([7, 7, 7, 3, 3, 3]), np.r_[x, x], np.r_[y, y], 30)
+    assert np.allclose(two, np.r_[f, f])
+
+
+def test_a_context_model_reads_a_nucleus_with_its_neighbours() -> None:
+    """A context model that weighs only the neighbours' mean: an isolated nucleus keeps its likeliest class,
+    two neighbours take each other's."""
+    from dirl.segment import context, trained
+
+    k = 2
+    coef = np.zeros((k, 2 * k + 1))
+    coef[:, k : 2 * k] = np.eye(k)  # logit of class c = log of the neighbours' mean probability of c
+    ctx = {"radius_um": context.RADIUS_UM, "mean": [0.0] * 5, "std": [1.0] * 5, "coef": coef.tolist(), "bias": [0, 0]}
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    x, y = np.array([0.0, 5.0, 500.0]), np.zeros(3)
+    assert trained.classes({}, probs, x, y).tolist() == [0, 1, 1]
+    assert trained.classes({"context": ctx}, probs, x, y).tolist() == [1, 0, 1]

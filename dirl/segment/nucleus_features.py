@@ -114,3 +114,33 @@ def matrix(image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, n
     """(n, len(NAMES)): the table's columns, then `context`."""
     base = np.stack([np.asarray(table[c], np.float64) for c in TABLE], 1).astype(np.float32)
     return np.concatenate([base, context(image, labels, mpp, table)], 1)
+
+
+def relabelled(lab: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The label map with label ids[i] renumbered i + 1 (and ids not listed cleared)."""
+    lut = np.zeros(int(max(lab.max(), ids.max(initial=0))) + 1, np.int32)
+    lut[np.asarray(ids, np.int64)] = np.arange(1, len(ids) + 1)
+    return lut[lab]
+
+
+def of_rows(tiles, cells, rows: np.ndarray) -> np.ndarray:
+    """`matrix` of the cells table's `rows` (a TileStore, a cells store), computed tile by tile."""
+    from dirl import store
+
+    tab = store.read_nuclei(cells)
+    labels = store.open_map(cells, "labels", len(tiles))
+    out = np.zeros((len(rows), len(NAMES)), np.float32)
+    by_tile: dict[int, list[int]] = {}
+    for j, r in enumerate(np.asarray(rows).tolist()):
+        by_tile.setdefault(int(tab["tile"][r]), []).append(j)
+    for t, js in by_tile.items():
+        sel = np.flatnonzero(tab["tile"] == t)
+        part = {k: v[sel] for k, v in tab.items()}
+        order = np.argsort(part["label"])
+        part = {k: v[order] for k, v in part.items()}
+        lab = np.asarray(labels[t])
+        f = matrix(tiles.tile(t), relabelled(lab, part["label"]), tiles.mpp, part)
+        pos = {int(lab_id): i for i, lab_id in enumerate(part["label"])}
+        for j in js:
+            out[j] = f[pos[int(tab["label"][rows[j]])]]
+    return out
