@@ -112,3 +112,13 @@ def match_iou(gt: np.ndarray, pred: np.ndarray, thr: float = 0.5) -> tuple[int, 
     ga, pa = np.bincount(g, minlength=ng + 1), np.bincount(p, minlength=npr + 1)
     iou = inter / np.maximum(ga[:, None] + pa[None, :] - inter, 1)
     return int((iou[1:, 1:] > thr).sum()), len(ug), len(up)
+
+
+def nuclei_around(tiles, cells) -> dict[str, np.ndarray]:
+    """Every nucleus's cells-table columns and what surrounds it (the k-means features need the pixels)."""
+    from dirl import store
+    from dirl.segment import nucleus_features
+
+    tab = store.read_nuclei(cells)
+    x = nucleus_features.of_rows(store.open_tiles(tiles), cells, np.arange(len(tab["tile"])))
+    return {**tab, **dict(zip(nucleus_features.NAMES, x.T))}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_segment import nuclei_around
 from skimage.draw import polygon as fill_polygon
 
 from dirl import store
@@ -91,7 +92,7 @@ def test_tiles_in_level0_pixels(run):
 def test_nuclei_outline_their_label_masks_with_their_class(run):
     ts = store.open_tiles(run["tiles"])
     scale = ts.attrs["tile_px_level0"] / ts.tile_px
-    tab = store.read_nuclei(run["cells"])
+    tab = nuclei_around(run["tiles"], run["cells"])
     labels = np.asarray(store.open_map(run["cells"], "labels")[:])
     nuclei = _features(run["nuclei"], "detection")
     assert len(nuclei) == len(tab["tile"]) == store.nucleus_count(run["cells"]) > 50

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers_segment import synth_tiles
+from helpers_segment import nuclei_around, synth_tiles
 
 from dirl import store
 from dirl.cli import main as cli
@@ -70,7 +70,9 @@ def test_two_populations_are_separated(slides, tmp_path):
     )
     model = PhenotypeModel.load(out)
     assert model.k == 2 and model.centroids.shape == (2, len(phenotype.FEATURES))
-    pred = np.concatenate([model.predict(store.read_nuclei(c)) for c in cells])
+    with pytest.raises(DirlError, match="use predict_tiles"):  # the table alone lacks what surrounds a nucleus
+        model.predict(store.read_nuclei(cells[0]))
+    pred = np.concatenate([model.predict(nuclei_around(t, c)) for t, c in zip(tiles, cells)])
     pop = np.concatenate(truth)
     ok = pop >= 0
     # class 0 is the smaller nuclei: lymphocytes; class 1 the tumour nuclei
@@ -87,8 +89,8 @@ def test_two_populations_are_separated(slides, tmp_path):
 
 
 def test_k4_classes_are_pure(slides):
-    cells, _, truth = slides
-    model, tab, src, cls = phenotype.fit(cells, k=4, seed=0)
+    cells, tiles, truth = slides
+    model, tab, src, cls = phenotype.fit(cells, tiles, k=4, seed=0)
     pred = np.concatenate(
         [
             PhenotypeModel(
@@ -98,8 +100,8 @@ def test_k4_classes_are_pure(slides):
                 np.array(model["std"]),
                 np.array(model["centroids"]),
                 model,
-            ).predict(store.read_nuclei(c))
-            for c in cells
+            ).predict(nuclei_around(t, c))
+            for t, c in zip(tiles, cells)
         ]
     )
     pop = np.concatenate(truth)

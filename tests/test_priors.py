@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_segment import REAL_SLIDE, real_tiles, synth_tiles, write_tiles
+from helpers_segment import REAL_SLIDE, nuclei_around, real_tiles, synth_tiles, write_tiles
 
 from dirl import store
 from dirl.cli import main as cli
@@ -91,7 +91,7 @@ def test_priors_end_to_end_synthetic(tmp_path):
     assert p.max() <= 3 + 1
     # every nucleus pixel carries its class; classes come from the model
     model = PhenotypeModel.load(model_path)
-    t = store.read_nuclei(cells)
+    t = nuclei_around(tiles, cells)
     cls = model.predict(t) + 2
     for r in range(0, len(t["tile"]), max(1, len(t["tile"]) // 30)):
         m = lab[t["tile"][r]] == t["label"][r]

@@ -3,7 +3,8 @@
 `priors` uint8 (N, T, T), row-aligned with the tiles: 0 background (glass), 1 non-nuclear tissue,
 2..K+1 the class of the nucleus covering the pixel (class c -> c + 2, see model.json).
 
-- Each nucleus gets the class of its nearest centroid (standardised features, `PhenotypeModel.predict`).
+- Each nucleus gets its class from the phenotype model: the nearest k-means centroid (standardised features,
+  some read from the tile around it), its imported type, or the trained classifier (`PhenotypeModel`).
 - `dilate_um` > 0 grows every nucleus by that many µm without overwriting its neighbours
   (`skimage.segmentation.expand_labels`), so small nuclei still cover whole tokens at 16-px patches.
 - Glass vs tissue, per pixel: after a `smooth_um` box blur, a pixel is glass when it is bright
@@ -125,7 +126,7 @@ def make_priors(
     order = np.lexsort((tab["label"], tab["tile"])) if len(tab["tile"]) else np.zeros(0, np.int64)
     tab = {k: v[order] for k, v in tab.items()}  # by tile, then label: each tile's rows in one run
     bounds = np.searchsorted(tab["tile"], np.arange(n + 1))
-    if model.needs_pixels:  # the trained classifier looks at each nucleus' surroundings: per tile, below
+    if model.needs_pixels:  # the model looks at each nucleus's surroundings: per tile, below
         cls = np.full(len(tab["tile"]), -1, np.int64)
         context = model.slide_context(tiles)
     else:

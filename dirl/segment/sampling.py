@@ -28,8 +28,9 @@ def sample_nuclei(
     cells: list[Path], n: int, seed: int, columns: list[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """A uniform random sample of at most n nuclei over all stores; nuclei cut by a tile edge are left
-    out while at least min(n, a quarter of all nuclei) others exist. Returns the columns, the store index
-    of each row, and the total number of nuclei. Memory: one slide's columns at a time."""
+    out while at least min(n, a quarter of all nuclei) others exist. Returns the columns (column "row": each
+    nucleus's row in its store), the store index of each row, and the total number of nuclei. Memory: one
+    slide's columns at a time."""
     rng = np.random.default_rng(seed)
     n_all, n_inner = [], []
     for p in cells:  # pass 1: counts only
@@ -48,9 +49,9 @@ def sample_nuclei(
         sel = pick[(pick >= offsets[i]) & (pick < offsets[i + 1])] - offsets[i]
         if len(sel) == 0:
             continue
-        t = store.read_nuclei(p, sorted(set(columns) | {"border"}))
+        t = store.read_nuclei(p, sorted((set(columns) - {"row"}) | {"border"}))
         rows = np.flatnonzero(t["border"] == 0)[sel] if inner_only else sel
-        parts.append({c: t[c][rows] for c in columns})
+        parts.append({c: rows if c == "row" else t[c][rows] for c in columns})
         src.append(np.full(len(rows), i))
     if not parts:
         return {c: np.zeros(0) for c in columns}, np.zeros(0, int), total
