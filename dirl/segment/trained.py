@@ -189,8 +189,8 @@ class Examples:
 def validate(ex: Examples, classes: list[str], learner: Learner) -> tuple[dict[str, Any], np.ndarray | None]:
     """Grouped k-fold by slide (k = min(5, slides)): every nucleus of a slide's example tiles is given class
     probabilities by a network that saw none of its slide's examples; the context model is validated on those
-    with the same folds. (report, the examples' out-of-fold context features: None without validation or
-    context)."""
+    with the same folds, and kept only where it validates at least as well. (report, the examples' out-of-fold
+    context features: None without validation or context)."""
     from sklearn.model_selection import GroupKFold
 
     from dirl.probe.protocols import metrics
@@ -214,6 +214,9 @@ def validate(ex: Examples, classes: list[str], learner: Learner) -> tuple[dict[s
     for tr, te in folds:
         pred[te] = predict(fit_classifier(feats[tr], ex.y[tr], len(classes)), feats[te])
     report = {"folds": k, "by": "slide", **metrics(ex.y, pred, classes)}
+    if report["balanced_accuracy"] < alone["balanced_accuracy"]:  # e.g. two slides of other tissue: not applied
+        note = f"the nuclei around validated lower ({report['balanced_accuracy']:.3f}): not used"
+        return {"folds": k, "by": "slide", **alone, "context": note}, None
     report["without_context"] = {m: alone[m] for m in ("balanced_accuracy", "macro_f1", "per_class_recall")}
     return report, feats
 
