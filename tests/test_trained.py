@@ -311,3 +311,29 @@ def test_a_context_model_reads_a_nucleus_with_its_neighbours() -> None:
     x, y = np.array([0.0, 5.0, 500.0]), np.zeros(3)
     assert trained.classes({}, probs, x, y).tolist() == [0, 1, 1]
     assert trained.classes({"context": ctx}, probs, x, y).tolist() == [1, 0, 1]
+
+
+def test_nucleus_features_asked_by_name_are_those_columns_of_the_whole_matrix(tmp_path: Path) -> None:
+    """k-means reads five of the features around a nucleus: computed alone, they are the same numbers as in
+    the matrix of all 31, in the order asked, for rows in any order; a name that is no feature is an error."""
+    from PIL import Image
+
+    from dirl.segment import nucleus_features as nf
+
+    if not CRC.exists():
+        pytest.skip("../shared/data/crc-typed-train not present")
+    rgb = np.asarray(Image.open(CRC / "images" / "img1.png").convert("RGB"))
+    t = write_tiles(tmp_path / "t.zarr", rgb[None], np.array([[0, 0]]), mpp=0.5, slide_id="img1")
+    c = tmp_path / "c.zarr"
+    assert cli(["segment", str(t), str(c), "--threads", "1"]) == 0
+    tiles = store.open_tiles(t)
+    rows = np.random.default_rng(0).permutation(store.nucleus_count(c))
+    whole = nf.of_rows(tiles, c, rows)
+    assert whole.shape == (len(rows), len(nf.NAMES)) and len(rows) > 50 and np.isfinite(whole).all()
+    some = ["neighbours30", "h_p90", "minor_um", "ring3_b"]
+    assert np.array_equal(nf.of_rows(tiles, c, rows, some), whole[:, [nf.NAMES.index(s) for s in some]])
+    assert np.array_equal(nf.of_rows(tiles, c, rows[::-1], ["ring8_e"]), whole[::-1, [nf.NAMES.index("ring8_e")]])
+    tab = store.read_nuclei(c)
+    assert np.allclose(whole[:, nf.NAMES.index("area_um2")], tab["area_um2"][rows])
+    with pytest.raises(ValueError, match="not nucleus context features"):
+        nf.context(tiles.tile(0), np.asarray(store.open_map(c, "labels")[0]), 0.5, tab, ["ring5_h"])

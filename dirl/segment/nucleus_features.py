@@ -10,6 +10,8 @@ logistic regression on the six k-means features reaches balanced accuracy 0.50, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 TABLE = (
@@ -27,6 +29,7 @@ TABLE = (
 )
 RINGS_UM = (3.0, 8.0)
 NEIGHBOURS_UM = (15.0, 30.0)
+NEIGHBOUR_NAMES = (*(f"neighbours{r:g}" for r in NEIGHBOURS_UM), "nearest_um", "third_nearest_um", "neighbour_area_um2")
 CONTEXT = (
     *(f"ring{r:g}_{c}" for r in RINGS_UM for c in ("h", "e", "r", "g", "b")),
     "h_p10",
@@ -34,86 +37,123 @@ CONTEXT = (
     "h_p90",
     "e_std",
     "h_edge",
-    *(f"neighbours{r:g}" for r in NEIGHBOURS_UM),
-    "nearest_um",
-    "third_nearest_um",
-    "neighbour_area_um2",
+    *NEIGHBOUR_NAMES,
 )
 NAMES = TABLE + CONTEXT
 
 
-def context(image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray]) -> np.ndarray:
-    """(n, len(CONTEXT)) features of the labels 1..n of one tile (`table`: that tile's rows, label i at
-    row i - 1, as `dirl.segment.features.tile_features` returns them)."""
-    import cv2
-    from scipy import ndimage
-    from scipy.spatial import cKDTree
-
-    from dirl.segment.features import stain_od
-
+def context(
+    image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray], names: Sequence[str] = CONTEXT
+) -> np.ndarray:
+    """(n, len(names)) features `names` (of CONTEXT) of the labels 1..n of one tile (`table`: that tile's rows,
+    label i at row i - 1, as `dirl.segment.features.tile_features` returns them). Only the groups `names` asks
+    for are computed (k-means reads five of them: about half the work)."""
+    unknown = sorted(set(names) - set(CONTEXT))
+    if unknown:
+        raise ValueError(f"not nucleus context features: {unknown}")
     lab = np.asarray(labels, np.int32)
     n = int(lab.max()) if lab.size else 0
-    if n == 0:
-        return np.zeros((0, len(CONTEXT)), np.float32)
-    h, e = stain_od(image)
-    channels = (
-        h,
-        e,
-        image[..., 0].astype(np.float32),
-        image[..., 1].astype(np.float32),
-        image[..., 2].astype(np.float32),
-    )
-    cols = []
-    # rings: every pixel outside the nuclei belongs to its nearest nucleus, up to r µm away (one distance
-    # transform for both radii; a dilation per radius costs ten times more at 8 µm)
+    if n == 0 or not len(names):
+        return np.zeros((n, len(names)), np.float32)
+    want = set(names)
+    cols: dict[str, np.ndarray] = {}
+    if want - set(NEIGHBOUR_NAMES):
+        from dirl.segment.features import stain_od
+
+        h, e = stain_od(image)
+        channels = {"h": h, "e": e, **{c: image[..., i].astype(np.float32) for i, c in enumerate("rgb")}}
+        cols.update(_rings(lab, n, mpp, channels, want))
+        cols.update(_chromatin(lab, n, mpp, h, e, want))
+    if want & set(NEIGHBOUR_NAMES):
+        cols.update(_neighbours(table, mpp))
+    return np.stack([cols[c] for c in names], 1).astype(np.float32)
+
+
+def _rings(lab: np.ndarray, n: int, mpp: float, channels: dict[str, np.ndarray], want: set[str]) -> dict:
+    """Mean stain and colour of the rings around each nucleus: every pixel outside the nuclei belongs to its
+    nearest nucleus, up to r µm away (one distance transform for both radii; a dilation per radius costs ten
+    times more at 8 µm)."""
+    import cv2
+
+    radii = [r for r in RINGS_UM if any(f"ring{r:g}_{c}" in want for c in channels)]
+    if not radii:
+        return {}
     outside = (lab == 0).astype(np.uint8)
     dist, nearest = cv2.distanceTransformWithLabels(outside, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
     inside = lab > 0
     owner_of = np.zeros(int(nearest.max()) + 1, np.int64)
     owner_of[nearest[inside]] = lab[inside]
     owner = owner_of[nearest]
-    for r_um in RINGS_UM:
+    out = {}
+    for r_um in radii:
         ring = (dist > 0) & (dist <= r_um / mpp)
         rid = owner[ring]
         cnt = np.maximum(np.bincount(rid, minlength=n + 1)[1:], 1)
-        cols += [np.bincount(rid, weights=c[ring], minlength=n + 1)[1:] / cnt for c in channels]
+        for c, v in channels.items():
+            if f"ring{r_um:g}_{c}" in want:
+                out[f"ring{r_um:g}_{c}"] = np.bincount(rid, weights=v[ring], minlength=n + 1)[1:] / cnt
+    return out
+
+
+def _chromatin(lab: np.ndarray, n: int, mpp: float, h: np.ndarray, e: np.ndarray, want: set[str]) -> dict:
+    """Hematoxylin percentiles, eosin spread and hematoxylin edge strength inside each nucleus."""
     fg = lab > 0
-    ids, hv, ev = lab[fg], h[fg].astype(np.float64), e[fg].astype(np.float64)
-    order = np.lexsort((hv, ids))  # each nucleus' pixels by hematoxylin: percentiles by position
-    ids_s, hv_s = ids[order], hv[order]
-    start = np.searchsorted(ids_s, np.arange(1, n + 1))
+    ids = lab[fg]
     size = np.bincount(ids, minlength=n + 1)[1:]
-    for q in (0.1, 0.5, 0.9):
-        at = start + np.minimum((q * np.maximum(size - 1, 0)).round().astype(np.int64), np.maximum(size - 1, 0))
-        cols.append(np.where(size > 0, hv_s[np.minimum(at, len(hv_s) - 1)], 0.0))
     safe = np.maximum(size, 1)
-    e_mean = np.bincount(ids, weights=ev, minlength=n + 1)[1:] / safe
-    cols.append(np.sqrt(np.maximum(np.bincount(ids, weights=ev * ev, minlength=n + 1)[1:] / safe - e_mean**2, 0)))
-    hs = ndimage.gaussian_filter(h, max(0.5, 0.5 / mpp))
-    gy, gx = np.gradient(hs)
-    cols.append(np.bincount(ids, weights=np.hypot(gx, gy)[fg], minlength=n + 1)[1:] / safe)
+    out = {}
+    if want & {"h_p10", "h_p50", "h_p90"}:
+        hv = h[fg].astype(np.float64)
+        order = np.lexsort((hv, ids))  # each nucleus' pixels by hematoxylin: percentiles by position
+        hv_s = hv[order]
+        start = np.searchsorted(ids[order], np.arange(1, n + 1))
+        last = np.maximum(size - 1, 0)
+        for q in (0.1, 0.5, 0.9):
+            at = start + np.minimum((q * last).round().astype(np.int64), last)
+            out[f"h_p{round(q * 100)}"] = np.where(size > 0, hv_s[np.minimum(at, len(hv_s) - 1)], 0.0)
+    if "e_std" in want:
+        ev = e[fg].astype(np.float64)
+        e_mean = np.bincount(ids, weights=ev, minlength=n + 1)[1:] / safe
+        out["e_std"] = np.sqrt(np.maximum(np.bincount(ids, weights=ev * ev, minlength=n + 1)[1:] / safe - e_mean**2, 0))
+    if "h_edge" in want:
+        from scipy import ndimage
+
+        gy, gx = np.gradient(ndimage.gaussian_filter(h, max(0.5, 0.5 / mpp)))
+        out["h_edge"] = np.bincount(ids, weights=np.hypot(gx, gy)[fg], minlength=n + 1)[1:] / safe
+    return out
+
+
+def _neighbours(table: dict[str, np.ndarray], mpp: float) -> dict:
+    """Nuclei within 15 and 30 µm, the nearest and third nearest's distance, the mean area of those within
+    30 µm (its own where none)."""
+    from scipy.spatial import cKDTree
+
     xy = np.stack([table["cx"], table["cy"]], 1).astype(np.float64) * mpp  # µm
     tree = cKDTree(xy)
     area = np.asarray(table["area_um2"], np.float64)
     m = len(xy)
+    out = {}
     for r_um in NEIGHBOURS_UM:  # pairs closer than r, both ways: counts (and, at the last radius, areas)
         pairs = tree.query_pairs(r_um, output_type="ndarray")
-        ends = np.concatenate([pairs[:, 0], pairs[:, 1]]) if len(pairs) else np.zeros(0, np.int64)
-        others = np.concatenate([pairs[:, 1], pairs[:, 0]]) if len(pairs) else np.zeros(0, np.int64)
+        ends = np.r_[pairs[:, 0], pairs[:, 1]]
+        others = np.r_[pairs[:, 1], pairs[:, 0]]
         count = np.bincount(ends, minlength=m).astype(np.float64)
-        cols.append(count)
+        out[f"neighbours{r_um:g}"] = count
     d, _ = tree.query(xy, k=4)
     d = np.where(np.isfinite(d), d, 50.0)  # fewer than three neighbours in the tile: far
-    cols += [d[:, 1], d[:, 3]]
+    out["nearest_um"], out["third_nearest_um"] = d[:, 1], d[:, 3]
     near_area = np.bincount(ends, weights=area[others], minlength=m)
-    cols.append(np.where(count > 0, near_area / np.maximum(count, 1), area))
-    return np.stack(cols, 1).astype(np.float32)
+    out["neighbour_area_um2"] = np.where(count > 0, near_area / np.maximum(count, 1), area)
+    return out
 
 
-def matrix(image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray]) -> np.ndarray:
-    """(n, len(NAMES)): the table's columns, then `context`."""
-    base = np.stack([np.asarray(table[c], np.float64) for c in TABLE], 1).astype(np.float32)
-    return np.concatenate([base, context(image, labels, mpp, table)], 1)
+def matrix(
+    image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray], names: Sequence[str] = NAMES
+) -> np.ndarray:
+    """(n, len(names)) of NAMES: the table's columns as they are, the others `context`'s."""
+    around = [c for c in names if c in CONTEXT]
+    ctx = dict(zip(around, context(image, labels, mpp, table, around).T)) if around else {}
+    return np.stack([np.asarray(table[c], np.float64) if c in TABLE else ctx[c] for c in names], 1).astype(np.float32)
 
 
 def relabelled(lab: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -123,24 +163,29 @@ def relabelled(lab: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return lut[lab]
 
 
-def of_rows(tiles, cells, rows: np.ndarray) -> np.ndarray:
+def of_tile(
+    image: np.ndarray, labels: np.ndarray, mpp: float, table: dict[str, np.ndarray], names: Sequence[str] = NAMES
+) -> np.ndarray:
+    """`matrix` of one tile's nuclei, in the order of its `table` rows (any order; a label map's ids)."""
+    order = np.argsort(table["label"], kind="stable")
+    out = np.zeros((len(order), len(names)), np.float32)
+    if len(order):
+        part = {k: v[order] for k, v in table.items()}
+        out[order] = matrix(image, relabelled(labels, part["label"]), mpp, part, names)
+    return out
+
+
+def of_rows(tiles, cells, rows: np.ndarray, names: Sequence[str] = NAMES) -> np.ndarray:
     """`matrix` of the cells table's `rows` (a TileStore, a cells store), computed tile by tile."""
     from dirl import store
 
     tab = store.read_nuclei(cells)
     labels = store.open_map(cells, "labels", len(tiles))
-    out = np.zeros((len(rows), len(NAMES)), np.float32)
-    by_tile: dict[int, list[int]] = {}
-    for j, r in enumerate(np.asarray(rows).tolist()):
-        by_tile.setdefault(int(tab["tile"][r]), []).append(j)
-    for t, js in by_tile.items():
+    rows = np.asarray(rows, np.int64)
+    out = np.zeros((len(rows), len(names)), np.float32)
+    for t in np.unique(tab["tile"][rows]).tolist():
         sel = np.flatnonzero(tab["tile"] == t)
-        part = {k: v[sel] for k, v in tab.items()}
-        order = np.argsort(part["label"])
-        part = {k: v[order] for k, v in part.items()}
-        lab = np.asarray(labels[t])
-        f = matrix(tiles.tile(t), relabelled(lab, part["label"]), tiles.mpp, part)
-        pos = {int(lab_id): i for i, lab_id in enumerate(part["label"])}
-        for j in js:
-            out[j] = f[pos[int(tab["label"][rows[j]])]]
+        f = of_tile(tiles.tile(t), np.asarray(labels[t]), tiles.mpp, {k: v[sel] for k, v in tab.items()}, names)
+        js = np.flatnonzero(tab["tile"][rows] == t)
+        out[js] = f[np.searchsorted(sel, rows[js])]
     return out

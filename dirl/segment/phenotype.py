@@ -175,20 +175,15 @@ class PhenotypeModel:
             probs = np.split(nucleus_cnn.proba(self._net, np.concatenate(xs)), np.cumsum([len(x) for x in xs])[:-1])
             return [trained.classes(clf, p, t["cx"] * mpp, t["cy"] * mpp) for p, t in zip(probs, tables)]
 
-        def features(image: np.ndarray, lab: np.ndarray, table: dict[str, np.ndarray]) -> np.ndarray:
-            order = np.argsort(table["label"], kind="stable")
-            part = {k: v[order] for k, v in table.items()}
-            out = np.zeros((len(order), len(nucleus_features.NAMES)))
-            if len(order):
-                out[order] = nucleus_features.matrix(image, nucleus_features.relabelled(lab, part["label"]), mpp, part)
-            return out
-
-        xs = list(run(features, images, labels, tables))
-        if self.raw.get("method") == "trained":
+        if self.raw.get("method") == "trained":  # the logistic regression, on the features it was fitted on
+            names = self.raw["features"]
+            xs = run(lambda im, lab, t: nucleus_features.of_tile(im, lab, mpp, t, names), images, labels, tables)
             return [
                 trained.classes(clf, trained.proba(clf, x), t["cx"] * mpp, t["cy"] * mpp) for x, t in zip(xs, tables)
             ]
-        return [self.predict(dict(zip(nucleus_features.NAMES, x.T))) for x in xs]
+        around = pixel_columns(self.spec)  # k-means: only the features it reads (the others are in the table)
+        xs = run(lambda im, lab, t: nucleus_features.of_tile(im, lab, mpp, t, around), images, labels, tables)
+        return [self.predict({**t, **dict(zip(around, x.T))}) for x, t in zip(xs, tables)]
 
     def predict(self, table: dict[str, np.ndarray], type_names: list[str] | None = None) -> np.ndarray:
         """Class 0..k-1 of every row: nearest centroid in standardised space, or with imported types
@@ -253,13 +248,14 @@ def fit(
             "check the segmentation (overlays) or lower k"
         )
     tiles = _match_tiles(cells, None) if tiles is None and pixel_columns(features) else tiles
-    around = np.zeros((m, len(nucleus_features.NAMES)), np.float32)
-    for i in np.unique(src).tolist() if pixel_columns(features) else []:
+    pixels = pixel_columns(features)
+    around = np.zeros((m, len(pixels)), np.float32)
+    for i in np.unique(src).tolist() if pixels else []:
         if tiles is None or tiles[i] is None:
             raise DirlError(f"phenotypes: k-means reads the pixels around each nucleus, and {cells[i]} has no tiles")
         sel = src == i
-        around[sel] = nucleus_features.of_rows(store.open_tiles(tiles[i]), cells[i], tab["row"][sel])
-    tab.update({c: around[:, j] for j, c in enumerate(nucleus_features.NAMES) if c in nucleus_features.CONTEXT})
+        around[sel] = nucleus_features.of_rows(store.open_tiles(tiles[i]), cells[i], tab["row"][sel], pixels)
+    tab.update(dict(zip(pixels, around.T)))
     x = feature_matrix(tab, features)
     mean, std = x.mean(0), x.std(0)
     std = np.where(std > 1e-9, std, 1.0)

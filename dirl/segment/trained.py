@@ -148,11 +148,13 @@ def example_crops(tiles: store.TileStore, cells: Path, rows: np.ndarray) -> np.n
 class Learner:
     """How the chosen classifier is fitted and applied to the examples' inputs (crops or features)."""
 
+    # read with the nuclei around (dirl.segment.context): the CNN only, the logistic regression's features
+    # already describe the neighbourhood (with context, validated by image on crc: 0.635 -> 0.627)
+    WITH_CONTEXT = ("cnn",)
+
     def __init__(self, kind: str, n_classes: int, seed: int, epochs: int, threads: int) -> None:
         self.kind, self.n_classes, self.seed, self.epochs, self.threads = kind, n_classes, seed, epochs, threads
-        # read with the nuclei around (dirl.segment.context): the CNN only, the logistic regression's features
-        # already describe the neighbourhood (with context, validated by image on crc: 0.635 -> 0.627)
-        self.context = kind == "cnn"
+        self.context = kind in self.WITH_CONTEXT
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         if self.kind == "cnn":
@@ -174,8 +176,8 @@ class Learner:
 
 @dataclasses.dataclass
 class Examples:
-    """Every nucleus of the tiles that hold a typed example (its neighbours are the context), and which of them
-    are the examples."""
+    """The examples' nuclei (with a context model: every nucleus of the tiles that hold an example, its
+    neighbours), and which of them are the examples."""
 
     x: np.ndarray  # the classifier's input of each nucleus (crops or features)
     slide: np.ndarray  # index of its slide
@@ -258,7 +260,10 @@ def fit_trained(
         log.info("slide %s: %d examples, %d on a segmented nucleus", sid, counts["examples"], counts["matched"])
         if ok.any():
             tab = store.read_nuclei(c, ["tile", "cx", "cy"])
-            near = np.flatnonzero(np.isin(tab["tile"], tab["tile"][rows[ok]]))  # every nucleus of those tiles
+            if classifier in Learner.WITH_CONTEXT:  # every nucleus of those tiles: the examples' neighbours
+                near = np.flatnonzero(np.isin(tab["tile"], tab["tile"][rows[ok]]))
+            else:
+                near = np.unique(rows[ok])
             inputs = example_crops if classifier == "cnn" else nucleus_features.of_rows
             xs.append(inputs(ts, c, near))
             slide.append(np.full(len(near), i))
