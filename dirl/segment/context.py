@@ -7,8 +7,11 @@ Sirinukunwattana et al. 2016, it costs next to nothing once the crops are classi
 Neighbours are looked for within the nucleus's own tile, when the model is fitted and when it is applied
 alike. Offline on crc-typed-train (validated by image, 5 folds, the 24 µm CNN's out-of-fold probabilities,
 labelled neighbours only): balanced accuracy 0.734 without; radius 10/15/20/30/45/60 µm: 0.733/0.739/0.745/
-0.748/0.745/0.739. In the pipeline (every segmented neighbour, bench/classify_crc.json): 0.745 against 0.734
-in the same run. The logistic regression's features already describe the neighbourhood: there it lost
+0.748/0.745/0.739. In the pipeline (every segmented neighbour, bench/classify_crc.json): 0.744 against 0.734
+in the same run. Tried on the pipeline's out-of-fold probabilities of another run, none kept: the means
+within 15 and 30 µm together 0.745 against 0.742 for 30 µm alone (even/odd images 0.759/0.728 against
+0.757/0.726), the 31 nucleus features added 0.744, a gradient-boosted model in place of the logistic
+regression 0.723. The logistic regression's features already describe the neighbourhood: there it lost
 (0.635 -> 0.627), so only the CNN uses it.
 """
 
