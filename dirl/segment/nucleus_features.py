@@ -183,9 +183,13 @@ def of_rows(tiles, cells, rows: np.ndarray, names: Sequence[str] = NAMES) -> np.
     labels = store.open_map(cells, "labels", len(tiles))
     rows = np.asarray(rows, np.int64)
     out = np.zeros((len(rows), len(names)), np.float32)
-    for t in np.unique(tab["tile"][rows]).tolist():
-        sel = np.flatnonzero(tab["tile"] == t)
+    # one sort, not a scan of the whole table per tile (a slide holds thousands of tiles)
+    by_tile = np.argsort(tab["tile"], kind="stable")
+    bounds = np.searchsorted(tab["tile"][by_tile], np.arange(len(tiles) + 1))
+    asked = np.argsort(tab["tile"][rows], kind="stable")
+    for js in np.split(asked, np.flatnonzero(np.diff(tab["tile"][rows][asked])) + 1) if len(rows) else []:
+        t = int(tab["tile"][rows[js[0]]])
+        sel = by_tile[bounds[t] : bounds[t + 1]]  # the tile's rows, ascending
         f = of_tile(tiles.tile(t), np.asarray(labels[t]), tiles.mpp, {k: v[sel] for k, v in tab.items()}, names)
-        js = np.flatnonzero(tab["tile"][rows] == t)
         out[js] = f[np.searchsorted(sel, rows[js])]
     return out
